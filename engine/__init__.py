@@ -1,0 +1,17 @@
+"""Strata's inference engine: `LLM` for offline batches, `AsyncEngine` for servers."""
+from engine.config import EngineConfig
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput, StreamDelta
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "StreamDelta", "EngineStats"]
+
+
+def __getattr__(name):  # keep `import engine` light: torch loads only when an engine is built
+    if name == "LLM":
+        from engine.llm import LLM
+        return LLM
+    if name == "AsyncEngine":
+        from engine.async_engine import AsyncEngine
+        return AsyncEngine
+    raise AttributeError(name)

@@ -1,0 +1,44 @@
+"""Engine options: one pydantic model shared by `LLM(...)`, `AsyncEngine`, the CLI and the cluster config."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EngineConfig(BaseModel):
+    """Everything one engine replica needs to know. Field names match vLLM's engine arguments."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("smollm2-135m-instruct", description="Local HF directory, built-in name, or HF repo id.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory (default: the model's).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (CPU ranks) per pipeline stage.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight/activation dtype; auto = checkpoint's torch_dtype on CUDA, float32 on CPU.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length cap (default: the model's).")
+    max_num_seqs: int = Field(256, ge=1, description="Most requests in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget per step (default: 8192 on CUDA, 2048 on CPU).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available.")
+    seed: int = Field(0, description="Seed for weights-free randomness (sampling without a per-request seed).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV-cache byte budget; default on CPU 1 GiB, on CUDA derived from gpu_memory_utilization.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="Force the KV-cache size in blocks (tests, debugging).")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="auto = Triton on CUDA, torch reference on CPU.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
+    max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
+    revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size must be a power of two, got {v}")
+        return v

@@ -1,0 +1,166 @@
+"""EngineCore: one replica's step loop — schedule, execute on the model, detokenize, report deltas."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import BatchInput, NewSequence
+from engine.model_setup import ModelSetup
+from engine.outputs import EngineStats, StreamDelta
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger("strata")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.setup = setup = ModelSetup.from_config(config)
+        self.tokenizer = setup.tokenizer
+        self.executor = setup.make_executor()
+        num_blocks = setup.size_kv_cache(self.executor)
+        self.executor.allocate_kv_cache(num_blocks)
+        self.max_model_len = min(setup.max_model_len, num_blocks * config.block_size)
+        if self.max_model_len < setup.max_model_len:
+            logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
+                           num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, setup.max_num_batched_tokens,
+                                   config.scheduling_policy)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self._unsent: list[NewSequence] = []
+        self._prompt_logprobs: dict[str, list] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.steps = 0
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s: %s, %d KV blocks of %d tokens, max_model_len %d", self.startup_seconds,
+                    setup.model_dir.name, num_blocks, config.block_size, self.max_model_len)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Queue a request (its n sequences). Returns the prompt token ids. Raises ValueError for bad input."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        stop_ids = [] if params.ignore_eos else sorted(self.setup.eos_token_ids)
+        seqs, parent = [], None
+        for i in range(params.n):
+            req = Request(f"{request_id}#{i}", ids, params, self.setup.eos_token_ids, max_tokens, index=i, parent=parent)
+            parent = parent or req
+            seqs.append(req)
+            self.detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params)
+            self._unsent.append(NewSequence(req.request_id, ids, params, req.seed, stop_ids + params.stop_token_ids))
+            self.scheduler.add(req)
+        self.groups[request_id] = seqs
+        self.prompt_tokens += len(ids)
+        return ids
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "shorten the prompt or raise max_model_len")
+        vocab = self.setup.hf_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for n, name in ((params.logprobs, "logprobs"), (params.prompt_logprobs, "prompt_logprobs")):
+            if n is not None and n > self.config.max_logprobs:
+                raise ValueError(f"{name}={n} is above max_logprobs={self.config.max_logprobs}")
+
+    def abort(self, request_id: str) -> bool:
+        seqs = self.groups.pop(request_id, None)
+        if seqs is None:
+            return False
+        for req in seqs:
+            self.scheduler.finish(req.request_id, "abort")
+            self.detokenizers.pop(req.request_id, None)
+            self._prompt_logprobs.pop(req.request_id, None)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        sched = self.scheduler.schedule()
+        batch = BatchInput(new_sequences=self._unsent, finished_ids=sched.finished_ids)
+        self._unsent = []
+        for s in sched.scheduled:
+            req = s.req
+            batch.req_ids.append(req.request_id)
+            batch.token_ids.append(req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
+            batch.start_positions.append(req.num_computed_tokens)
+            batch.block_tables.append(req.block_ids)
+            batch.sample.append(s.sample)
+        result = self.executor.execute(batch)
+        self.steps += 1
+        self.scheduler.update(sched, {rid: r.token_id for rid, r in result.sampled.items()})
+        for rid, (start, lps) in result.prompt_logprobs.items():
+            self._prompt_logprobs.setdefault(rid, [None])[start + 1: start + 1 + len(lps)] = lps
+        deltas = []
+        for s in sched.scheduled:
+            req = s.req
+            sample = result.sampled.get(req.request_id)
+            if not s.sample or sample is None or req.request_id not in self.detokenizers:
+                continue
+            deltas.append(self._delta(req, sample))
+        return deltas
+
+    def _delta(self, req: Request, sample) -> StreamDelta:
+        self.generation_tokens += 1
+        detok = self.detokenizers[req.request_id]
+        text, stop = detok.add([sample.token_id])
+        if stop is not None:
+            self.scheduler.finish(req.request_id, "stop", stop)
+        elif req.is_finished:
+            text += detok.flush()
+        first = len(req.output_token_ids) == 1
+        delta = StreamDelta(request_id=req.request_id.rpartition("#")[0], index=req.index, token_ids=[sample.token_id],
+                            text=text, finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                            logprobs=[sample.logprobs] if sample.logprobs is not None else None,
+                            prompt_token_ids=req.prompt_token_ids if first else None,
+                            num_cached_tokens=req.num_cached_tokens,
+                            prompt_logprobs=self._prompt_logprobs.pop(req.request_id, None) if first else None)
+        if req.is_finished:
+            self._forget(req)
+        return delta
+
+    def _forget(self, req: Request) -> None:
+        self.detokenizers.pop(req.request_id, None)
+        self._prompt_logprobs.pop(req.request_id, None)
+        group_id = req.request_id.rpartition("#")[0]
+        seqs = self.groups.get(group_id)
+        if seqs is not None and all(r.is_finished for r in seqs):
+            del self.groups[group_id]
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(waiting=len(s.waiting), running=len(s.running), kv_blocks_used=self.kv.num_used,
+                           kv_blocks_total=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
+                           prefix_cache_hits=self.kv.prefix_hits, preemptions=s.num_preemptions,
+                           prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
+                           steps=self.steps, cached_block_hashes=self.kv.cached_hashes())
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,27 @@
+"""One model shard in this process (tensor_parallel_size = pipeline_parallel_size = 1)."""
+from __future__ import annotations
+
+from engine.model_runner import BatchInput, ModelRunner, StepOutput
+
+
+class LocalExecutor:
+    def __init__(self, runner_kwargs: dict):
+        self.runner = ModelRunner(**runner_kwargs)
+
+    def kv_block_bytes(self) -> int:
+        return self.runner.kv_block_bytes()
+
+    def profile(self, num_tokens: int) -> list[int]:
+        return [self.runner.profile(num_tokens)]
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, batch: BatchInput) -> StepOutput:
+        return self.runner.execute(batch)
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""Runs one model shard on one device: turns a step's batch into tensors, runs the forward pass, samples."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.layers.attention import AttentionMetadata
+from engine.models.loader import load_model
+from engine.parallel_state import TPGroup
+from engine.sampler import SampleResult, Sampler, SamplingState, top_logprobs
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("strata")
+
+
+@dataclass
+class NewSequence:
+    """Sent to the worker once, the first time a sequence is scheduled."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    stop_ids: list[int]
+
+
+@dataclass
+class BatchInput:
+    """One step, in plain picklable lists: what each scheduled sequence computes, and where its KV lives."""
+
+    req_ids: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # tokens whose KV this step computes
+    start_positions: list[int] = field(default_factory=list)  # position of each sequence's first new token
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    new_sequences: list[NewSequence] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    sampled: dict[str, SampleResult] = field(default_factory=dict)
+    # req id -> (first position, logprobs of the prompt tokens after each computed position of this chunk)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
+                 block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None):
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.max_model_len = max_model_len
+        self.hf_config = hf_config
+        torch.manual_seed(seed)
+        self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
+        self.sampler = Sampler(hf_config.vocab_size, device, seed)
+        self.states: dict[str, SamplingState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # -- KV cache -------------------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def profile(self, num_tokens: int) -> int:
+        """Run a forward pass as large as one step can be; return the peak bytes it used on CUDA (0 on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        lens, left = [], num_tokens
+        while left > 0:
+            lens.append(min(left, self.max_model_len))
+            left -= lens[-1]
+        batch = BatchInput(req_ids=[f"profile-{i}" for i in range(len(lens))], token_ids=[[0] * n for n in lens],
+                           start_positions=[0] * len(lens), block_tables=[[] for _ in lens], sample=[True] * len(lens))
+        ids, positions, meta, _ = self._prepare(batch)
+        hidden = self._forward(ids, positions, meta)
+        if self.model.is_last:
+            self.model.logits(hidden[meta.query_start_loc[1:] - 1])
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []
+        for attn in self.model.attention_layers():
+            cache = torch.zeros(2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype,
+                                device=self.device)
+            attn.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _prepare(self, batch: BatchInput):
+        bs = self.block_size
+        ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
+        for tokens, start, table in zip(batch.token_ids, batch.start_positions, batch.block_tables):
+            n = len(tokens)
+            ids.extend(tokens)
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos) if table else slots.extend([-1] * n)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+        width = max((len(t) for t in batch.block_tables), default=0) or 1
+        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        dev = self.device
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+                meta, qsl)
+
+    def _forward(self, ids, positions, meta, hidden=None, residual=None):
+        hidden, residual = self.model(ids, positions, meta, hidden, residual)
+        return hidden
+
+    def update_states(self, batch: BatchInput) -> None:
+        for req_id in batch.finished_ids:
+            self.states.pop(req_id, None)
+        for seq in batch.new_sequences:
+            gen = None
+            if seq.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(seq.seed)
+            self.states[seq.req_id] = SamplingState(seq.params, seq.prompt_token_ids, seq.stop_ids, gen)
+
+    @torch.inference_mode()
+    def execute(self, batch: BatchInput) -> StepOutput:
+        self.update_states(batch)
+        out = StepOutput()
+        if not batch.req_ids:
+            return out
+        ids, positions, meta, qsl = self._prepare(batch)
+        hidden = self._forward(ids, positions, meta)
+        rows = [i for i, s in enumerate(batch.sample) if s]
+        if rows:
+            logits = self.model.logits(hidden[[qsl[i + 1] - 1 for i in rows]])
+            states = [self.states[batch.req_ids[i]] for i in rows]
+            for i, result in zip(rows, self.sampler(logits, states)):
+                out.sampled[batch.req_ids[i]] = result
+        self._prompt_logprobs(batch, hidden, qsl, out)
+        return out
+
+    def _prompt_logprobs(self, batch: BatchInput, hidden: torch.Tensor, qsl: list[int], out: StepOutput) -> None:
+        """Logprob of each next prompt token (plus the top-N) at the positions this step computed."""
+        for i, req_id in enumerate(batch.req_ids):
+            state = self.states.get(req_id)
+            if state is None or state.params.prompt_logprobs is None:
+                continue
+            prompt = state.prompt_token_ids
+            start = batch.start_positions[i]
+            n = min(len(batch.token_ids[i]), len(prompt) - 1 - start)
+            if n <= 0:
+                continue
+            logprobs = torch.log_softmax(self.model.logits(hidden[qsl[i]: qsl[i] + n]).float(), dim=-1)
+            out.prompt_logprobs[req_id] = (start, [top_logprobs(logprobs[j], prompt[start + j + 1],
+                                                                state.params.prompt_logprobs) for j in range(n)])

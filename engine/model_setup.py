@@ -1,0 +1,108 @@
+"""Resolve a config into concrete choices: model directory, device, dtype, lengths, executor, KV-cache size."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.model_source import resolve_model
+from engine.models import model_class
+from engine.models.loader import load_hf_config, weight_files
+from engine.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger("strata")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class ModelSetup:
+    config: EngineConfig
+    model_dir: Path
+    hf_config: object
+    tokenizer: object
+    eos_token_ids: set[int]
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_batched_tokens: int
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ModelSetup:
+        model_dir = resolve_model(config.model, config.revision)
+        hf_config = load_hf_config(model_dir)
+        model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
+        weight_files(model_dir)  # and on missing weights
+        tokenizer = load_tokenizer(resolve_model(config.tokenizer) if config.tokenizer else model_dir)
+        device = _device(config.device)
+        dtype = _dtype(config.dtype, hf_config, device)
+        max_len = _max_model_len(config, hf_config)
+        budget = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device, dtype,
+                   max_len, budget)
+
+    def runner_kwargs(self) -> dict:
+        return dict(model_dir=self.model_dir, hf_config=self.hf_config, dtype=self.dtype, device=self.device,
+                    max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed)
+
+    def make_executor(self):
+        c = self.config
+        if c.tensor_parallel_size * c.pipeline_parallel_size > 1:
+            from engine.executor.ray import RayExecutor
+            return RayExecutor(self)
+        from engine.executor.local import LocalExecutor
+        return LocalExecutor(self.runner_kwargs())
+
+    def size_kv_cache(self, executor) -> int:
+        """Blocks that fit the memory budget after a profiling pass at the largest step size."""
+        c = self.config
+        peaks = executor.profile(self.max_num_batched_tokens)
+        block_bytes = executor.kv_block_bytes()
+        if c.num_kv_blocks:
+            return c.num_kv_blocks
+        if self.device.type == "cuda" and not c.kv_cache_memory_bytes:
+            free, total = torch.cuda.mem_get_info(self.device)
+            non_torch = total - free - torch.cuda.memory_reserved(self.device)
+            budget = int(total * c.gpu_memory_utilization) - max(peaks) - max(non_torch, 0)
+            if budget < block_bytes:
+                raise RuntimeError(f"no GPU memory left for the KV cache after loading the model (peak {max(peaks)} "
+                                   "bytes): raise gpu_memory_utilization, lower max_num_batched_tokens, or use more GPUs")
+        else:
+            budget = c.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # more blocks than this never get used
+        return max(1, min(budget // block_bytes, useful))
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    ckpt = DTYPES.get(str(ckpt).removeprefix("torch."), torch.bfloat16)
+    return ckpt if ckpt != torch.float32 else torch.bfloat16
+
+
+def _max_model_len(config: EngineConfig, hf_config) -> int:
+    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if config.max_model_len and config.max_model_len > model_max:
+        raise ValueError(f"max_model_len={config.max_model_len} is above the model's max_position_embeddings "
+                         f"({model_max})")
+    max_len = config.max_model_len or model_max
+    window = getattr(hf_config, "sliding_window", None)
+    if window and window < max_len and getattr(hf_config, "use_sliding_window", True):
+        logger.warning("the model attends over a sliding window of %d tokens; max_model_len capped to it", window)
+        max_len = window
+    return max_len

@@ -1,0 +1,16 @@
+"""Model architectures the engine serves, by their Hugging Face `architectures` name."""
+from engine.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(architectures: list[str] | None):
+    for arch in architectures or []:
+        if arch in MODEL_REGISTRY:
+            return arch, MODEL_REGISTRY[arch]
+    raise ValueError(f"unsupported model architecture {architectures}; supported: {', '.join(MODEL_REGISTRY)}")

@@ -1,0 +1,143 @@
+"""The Llama family (Llama, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm) as one module tree."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.activation import silu_and_mul
+from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                  VocabParallelEmbedding)
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.parallel_state import TPGroup
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+        super().__init__()
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads = cfg.num_attention_heads // tp.size
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, _qkv_bias(cfg, arch), tp, dtype)
+        self.num_kv_heads = self.qkv_proj.shard_sizes["k"] // self.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
+                                        getattr(cfg, "attention_bias", False), tp, dtype)
+        self.rotary = RotaryEmbedding(cfg, self.head_dim, max_len)
+        self.qk_norm = arch == "Qwen3ForCausalLM"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(list(self.qkv_proj.shard_sizes.values()), dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+
+def _qkv_bias(cfg, arch: str) -> bool:
+    return arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)], bias, tp, dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias, tp, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, arch, tp, dtype, max_len)
+        self.mlp = LlamaMLP(cfg, tp, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits."""
+
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+              "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
+    def __init__(self, cfg, arch: str, dtype: torch.dtype, max_len: int, tp: TPGroup | None = None,
+                 layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        tp = tp or TPGroup()
+        self.cfg = cfg
+        self.layer_range = layer_range or (0, cfg.num_hidden_layers)
+        self.is_first = self.layer_range[0] == 0
+        self.is_last = self.layer_range[1] == cfg.num_hidden_layers
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, arch, tp, dtype, max_len)
+                                     for i in range(*self.layer_range)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
+        self.lm_head = None
+        if self.is_last:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
+            if cfg.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Returns (hidden, residual); on the last stage `hidden` is already normed, ready for `logits`."""
+        if self.is_first:
+            hidden = self.embed_tokens(input_ids)
+        for layer in self.layers.values():
+            hidden, residual = layer(positions, hidden, residual, meta)
+        if self.is_last:
+            hidden, _ = self.norm(hidden, residual)
+        return hidden, residual
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers.values()]
+
+    def param_for(self, ckpt_name: str) -> tuple[nn.Module, nn.Parameter, str | None] | None:
+        """Map a checkpoint tensor name to (owning module, parameter, shard id); None if not on this shard."""
+        name = ckpt_name.removeprefix("model.")
+        if name.startswith("layers."):
+            idx = name.split(".")[1]
+            if idx not in self.layers:
+                return None
+        shard = None
+        for frag, (ours, shard_id) in self.packed.items():
+            if f".{frag}." in name:
+                name, shard = name.replace(frag, ours), shard_id
+                break
+        if name == "lm_head.weight" and self.lm_head is not None and self.lm_head.weight is getattr(
+                self.embed_tokens, "weight", None):
+            return None  # tied: the embedding already loaded it
+        module_path, _, param_name = name.rpartition(".")
+        try:
+            module = self.get_submodule(module_path)
+        except AttributeError:
+            return None
+        if module is None or not hasattr(module, param_name):
+            return None
+        param = getattr(module, param_name)
+        return (module, param, shard) if isinstance(param, nn.Parameter) else None

@@ -1,0 +1,155 @@
+"""Phase-less token-budget scheduler (continuous batching, chunked prefill, preemption by recompute).
+
+Every step spends `max_num_batched_tokens` on running requests first (one token for a decode, a
+chunk for an unfinished prompt), then admits waiting ones. A request whose known tokens all have KV
+after the step is sampled. When the pool runs out of blocks, the last running request in priority
+order (the newest, under FCFS) is preempted: its blocks are freed and it recomputes later, often
+from its own blocks still sitting in the prefix cache.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    req: Request
+    num_new_tokens: int
+    sample: bool  # the step computes the last known token, so it yields the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # ended since the last step (the worker drops their state)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs"):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.waiting: list[Request] = []  # sorted by _order
+        self.running: list[Request] = []  # sorted by _order: the last one is preempted first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._arrivals = itertools.count()
+        self._finished_ids: list[str] = []
+
+    def _order(self, req: Request) -> tuple:
+        return (req.params.priority if self.policy == "priority" else 0, req.arrival_seq, req.index)
+
+    def add(self, req: Request) -> None:
+        req.arrival_seq = req.parent.arrival_seq if req.parent else next(self._arrivals)
+        self.requests[req.request_id] = req
+        bisect.insort(self.waiting, req, key=self._order)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
+                budget -= n
+                i += 1
+        if preempted:  # no room for newcomers this step
+            return out
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[j]
+            if req.parent is not None and not self._parent_ready(req.parent):
+                j += 1  # a sibling waits until the shared prompt is computed
+                continue
+            if not req.block_ids:
+                first_time = req.num_cached_tokens == 0 and not req.output_token_ids
+                if req.parent is not None and req.parent.block_ids and not req.parent.is_finished:
+                    cached = self.kv.share_prefix(req, req.parent)
+                else:
+                    cached = self.kv.admit_cached_prefix(req, count_stats=first_time)
+                req.num_computed_tokens = cached
+                if first_time:
+                    req.num_cached_tokens = cached
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate(req, n):
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                break
+            self.waiting.pop(j)
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=self._order)
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
+            budget -= n
+        return out
+
+    @staticmethod
+    def _parent_ready(parent: Request) -> bool:
+        return bool(parent.output_token_ids) or parent.is_finished
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=self._order)
+        self.num_preemptions += 1
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance scheduled requests past this step; append sampled tokens. Returns requests that finished."""
+        finished = []
+        for s in out.scheduled:
+            req = s.req
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            if s.sample:
+                token = sampled[req.request_id]
+                req.output_token_ids.append(token)
+                if req.check_stop_token(token):
+                    finished.append(req)
+            self.kv.cache_computed_blocks(req)
+        for req in finished:
+            self._release(req)
+        return finished
+
+    def finish(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> Request | None:
+        """End a request early (stop string, abort). Returns it, or None if unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        req.finish(reason, stop_reason)
+        self._release(req)
+        return req
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)

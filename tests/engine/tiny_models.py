@@ -1,0 +1,45 @@
+"""Tiny random checkpoints of each supported architecture, saved the way Hugging Face saves real ones."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from engine.builtin_models import build_demo
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=512, rms_norm_eps=1e-6)
+
+CONFIGS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(num_key_value_heads=2, tie_word_embeddings=False,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+                   rope_theta=500000.0)),
+    "llama_tied_mha": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                       dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(num_key_value_heads=1, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)),
+}
+
+
+def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """A random model of `kind` with the demo byte-level tokenizer (its ids fit the 512-token vocab)."""
+    config_cls, model_cls, extra = CONFIGS[kind]
+    config = config_cls(**COMMON, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():  # random init is small; widen it so greedy decoding isn't a flat argmax tie
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    demo = out_dir.parent / f"{out_dir.name}-demo-tokenizer"
+    build_demo(demo)
+    transformers.AutoTokenizer.from_pretrained(demo).save_pretrained(out_dir)
+    return out_dir
