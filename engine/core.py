@@ -58,6 +58,10 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.validate(ids, params)
+        self.add_validated(request_id, ids, params)
+        return ids
+
+    def add_validated(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
         stop_ids = [] if params.ignore_eos else sorted(self.setup.eos_token_ids)
         seqs, parent = [], None
@@ -70,7 +74,6 @@ class EngineCore:
             self.scheduler.add(req)
         self.groups[request_id] = seqs
         self.prompt_tokens += len(ids)
-        return ids
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

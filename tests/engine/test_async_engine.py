@@ -1,0 +1,69 @@
+"""AsyncEngine: streams, aborts that free blocks, concurrent requests, stats and health."""
+import asyncio
+
+import pytest
+
+from engine import AsyncEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = AsyncEngine(model=str(tiny_model_dir("llama")))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine, rid, prompt, params):
+    return [d async for d in engine.add_request(rid, prompt, params)]
+
+
+def test_stream_matches_offline_generation(engine, tiny_llm):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = tiny_llm.generate(["Hello there"], params, use_tqdm=False)[0].outputs[0]
+    deltas = asyncio.run(collect(engine, "a", "Hello there", params))
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert "".join(d.text for d in deltas) == expected.text
+    assert deltas[0].prompt_token_ids == engine.tokenizer.encode("Hello there")
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_concurrent_requests_with_n(engine):
+    async def main():
+        return await asyncio.gather(*[collect(engine, f"c{i}", [3 + i] * (5 + i),
+                                              SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=i))
+                                      for i in range(6)])
+    for deltas in asyncio.run(main()):
+        assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1]
+        assert sum(len(d.token_ids) for d in deltas) == 16
+
+
+def test_closing_a_stream_aborts_and_frees_its_blocks(engine):
+    async def main():
+        stream = engine.add_request("long", [7] * 40, SamplingParams(max_tokens=500, ignore_eos=True))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            s = engine.stats()
+            if s.running == 0 and s.kv_blocks_used == 0:
+                return s
+        return engine.stats()
+    stats = asyncio.run(main())
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_blocks_used == 0
+
+
+def test_bad_input_raises_before_streaming(engine):
+    async def main():
+        with pytest.raises(ValueError, match="empty"):
+            engine.add_request("bad", [], SamplingParams())
+    asyncio.run(main())
+    engine.check_health()
+
+
+def test_stats_count_tokens(engine):
+    s = engine.stats()
+    assert s.prompt_tokens > 0 and s.generation_tokens > 0 and s.kv_blocks_total > 0

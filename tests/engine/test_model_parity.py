@@ -1,0 +1,50 @@
+"""Our engine against transformers on the same weights: greedy tokens and prompt logprobs."""
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+from tiny_models import CONFIGS
+
+PROMPT_LENS = (5, 17, 33, 64)
+
+
+def random_prompts(seed=1, lens=PROMPT_LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_greedy_tokens_and_prompt_logprobs_match_transformers(kind, tiny_model_dir):
+    path = tiny_model_dir(kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), max_num_seqs=8)
+    prompts = random_prompts()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=0,
+                                                logprobs=2), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
+        assert out.outputs[0].finish_reason == "length"
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        assert out.prompt_logprobs[0] is None
+        for pos in range(1, len(prompt)):
+            ours = out.prompt_logprobs[pos][prompt[pos]]
+            assert ours == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=2e-4)
+        # Sampled-token logprobs come with the top 2; the greedy token is the most likely one.
+        first = out.outputs[0].logprobs[0]
+        assert max(first, key=first.get) == out.outputs[0].token_ids[0]
+        assert first[out.outputs[0].token_ids[0]] == pytest.approx(ref_next_logprob(hf, prompt, out), abs=2e-4)
+
+
+def ref_next_logprob(hf, prompt, out):
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].float()
+    return torch.log_softmax(logits, -1)[out.outputs[0].token_ids[0]].item()

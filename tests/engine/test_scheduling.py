@@ -1,0 +1,104 @@
+"""Scheduling must never change what is generated: chunked prefill, preemption, prefix hits, n > 1, priority."""
+import pytest
+
+from engine import LLM, SamplingParams
+from test_model_parity import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm):
+    prompts = random_prompts(seed=2, lens=(7, 40, 61, 90, 23))
+    outs = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    return prompts, [o.outputs[0].token_ids for o in outs]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, reference):
+    prompts, expected = reference
+    llm = LLM(str(tiny_model_dir("llama")), max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    # 221 prompt tokens at 16 per step take at least 14 steps of prefill before the last prompt samples.
+    assert llm.stats().steps >= 221 // 16 + GREEDY.max_tokens
+
+
+def test_preemption_under_a_tiny_kv_cache_gives_the_same_tokens(tiny_model_dir, reference):
+    prompts, expected = reference
+    llm = LLM(str(tiny_model_dir("llama")), num_kv_blocks=9, block_size=16)  # 144 tokens for ~350 needed
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    stats = llm.stats()
+    assert stats.preemptions > 0
+    assert stats.kv_blocks_used == 0
+
+
+def test_preemption_with_prefix_caching_off(tiny_model_dir, reference):
+    prompts, expected = reference
+    llm = LLM(str(tiny_model_dir("llama")), num_kv_blocks=9, enable_prefix_caching=False)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    assert llm.stats().preemptions > 0
+
+
+def test_shared_prefixes_hit_the_cache_and_give_the_same_tokens(tiny_model_dir):
+    system = random_prompts(seed=3, lens=(50,))[0]
+    prompts = [system + tail for tail in random_prompts(seed=4, lens=(3, 9, 20))]
+    cold = LLM(str(tiny_model_dir("llama")), enable_prefix_caching=False)
+    expected = tokens(cold.generate(prompts, GREEDY, use_tqdm=False))
+    warm = LLM(str(tiny_model_dir("llama")))
+    first = warm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    rest = warm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert tokens(first + rest) == expected
+    assert all(o.num_cached_tokens == 48 for o in rest)  # three full blocks of the 50-token system prompt
+    stats = warm.stats()
+    assert stats.prefix_cache_hits == 96 and stats.prefix_cache_queries == sum(map(len, prompts))
+    assert stats.kv_blocks_used == 0
+
+
+def test_a_fully_cached_prompt_still_samples(tiny_llm):
+    prompt = random_prompts(seed=5, lens=(32,))[0]  # exactly two blocks
+    a = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    b = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert b.num_cached_tokens == 16  # the last block is recomputed to get logits
+
+
+def test_n_completions_share_the_prompt_blocks(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), enable_prefix_caching=False)
+    prompt = random_prompts(seed=6, lens=(40,))[0]
+    greedy = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    core = llm.engine
+    core.add_request("fan", prompt, SamplingParams(n=3, temperature=0, max_tokens=24, ignore_eos=True))
+    shared = None
+    outputs = {0: [], 1: [], 2: []}
+    while core.has_work:
+        for d in core.step():
+            outputs[d.index] += d.token_ids
+        seqs = [r for r in core.scheduler.running if r.request_id.startswith("fan#")]
+        if len(seqs) == 3 and shared is None:
+            shared = [r.block_ids[:2] for r in seqs]
+    assert shared[0] == shared[1] == shared[2]  # the prompt's two full blocks, held once
+    assert all(outputs[i] == greedy for i in range(3))
+    assert core.stats().kv_blocks_used == 0
+
+
+def test_n_seeded_samples_differ_and_reproduce(tiny_llm):
+    p = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    a = tiny_llm.generate(["Once upon a time"], p, use_tqdm=False)[0]
+    b = tiny_llm.generate(["Once upon a time"], p, use_tqdm=False)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) == 3
+
+
+def test_priority_policy_runs_urgent_requests_first(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), max_num_seqs=1, scheduling_policy="priority")
+    core = llm.engine
+    core.add_request("late", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True, priority=5))
+    core.add_request("urgent", [8, 9, 10], SamplingParams(max_tokens=4, ignore_eos=True, priority=-1))
+    finished = []
+    while core.has_work:
+        finished += [d.request_id for d in core.step() if d.finish_reason]
+    assert finished == ["urgent", "late"]
