@@ -27,6 +27,7 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
     Built-in names ("demo", "smollm2-135m-instruct", case-insensitive) are built once into `cache_dir()`;
     an existing directory is returned as is; anything else is downloaded from the Hugging Face hub.
     """
+    name_or_path = str(name_or_path)
     name = builtin_name(name_or_path)
     if name is not None:
         return _build_cached(name)

@@ -1,0 +1,75 @@
+"""Write a random-weight checkpoint of a real model's shape (safetensors + a byte-level tokenizer), for benchmarks.
+
+    python benchmarks/make_random_model.py --shape llama3-8b --out /tmp/llama3-8b-random
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+
+def tensors_of_layer(i: int, s: dict) -> dict[str, tuple[int, ...]]:
+    h, inter, hd = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * hd
+    p = f"model.layers.{i}."
+    return {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,)}
+
+
+def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu"):
+    s = SHAPES[shape]
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight_map, shards = {}, []
+    groups = [{"model.embed_tokens.weight": (s["vocab_size"], s["hidden_size"])}]
+    groups += [tensors_of_layer(i, s) for i in range(s["num_hidden_layers"])]
+    groups += [{"model.norm.weight": (s["hidden_size"],), "lm_head.weight": (s["vocab_size"], s["hidden_size"])}]
+    for n, group in enumerate(tqdm(groups, desc=f"Writing {shape}", unit="shard")):
+        name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for key, shp in group.items():
+            if len(shp) == 1:
+                tensors[key] = torch.ones(shp, dtype=dtype)
+            else:  # scaled so activations stay O(1) through the layers
+                t = torch.randn(shp, generator=gen, device=device, dtype=torch.float32) * (shp[1] ** -0.5)
+                tensors[key] = t.to(dtype).cpu()
+            weight_map[key] = name
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, hidden_act="silu",
+                  tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, **s)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    from engine.builtin_models import build_demo  # its byte-level tokenizer: ids fit any vocab above 512
+    tok_dir = out / "_tok"
+    build_demo(tok_dir)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.rename(out / f.name)
+    shutil.rmtree(tok_dir)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    print(make(args.shape, args.out))

@@ -1,0 +1,136 @@
+"""Offline throughput on the shared workloads (W1 batch-1 decode, W2 nano-vllm, W3 ShareGPT-like), with
+`transformers` generate on the same prompts as the baseline.
+
+    python benchmarks/throughput.py --model demo --device cpu                 # CPU smoke run
+    python benchmarks/throughput.py --model /tmp/llama3-8b-random --workloads W1 W2 W3
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import write_result  # noqa: E402
+from benchmarks.workloads import WORKLOADS  # noqa: E402
+
+
+def load_workload(name: str, vocab: int, limit: int | None):
+    prompts, out_lens = WORKLOADS[name]()
+    folded = vocab < 10000  # tiny models: keep the lengths, fold the ids into their vocab
+    if folded:
+        prompts = [[t % vocab for t in p] for p in prompts]
+    if limit:
+        prompts, out_lens = prompts[:limit], out_lens[:limit]
+    return prompts, out_lens, folded
+
+
+def run_engine(llm, prompts, out_lens) -> dict:
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    _sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    _sync()
+    seconds = time.perf_counter() - t0
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(out_lens), "every request must produce exactly its fixed output length"
+    return {"seconds": seconds, "output_tokens": produced, "output_tok_s": produced / seconds,
+            "total_tok_s": (produced + sum(map(len, prompts))) / seconds}
+
+
+def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, dtype, device) -> dict:
+    """Padded batches (left padding) generating the batch's longest output; only requested tokens count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    useful = 0
+    _sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch, outs = prompts[i:i + batch_size], out_lens[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(batch):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with torch.no_grad():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(outs),
+                           min_new_tokens=max(outs), do_sample=False, pad_token_id=0, eos_token_id=None)
+        useful += sum(outs)
+    _sync()
+    seconds = time.perf_counter() - t0
+    del model
+    return {"seconds": seconds, "output_tokens": useful, "output_tok_s": useful / seconds, "batch_size": batch_size,
+            "num_prompts": len(prompts)}
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3"], choices=list(WORKLOADS))
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each workload")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--hf-baseline", type=int, default=64, metavar="N",
+                    help="run transformers on the first N prompts of each workload (0: skip)")
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from engine import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend)
+    start_s = time.perf_counter() - t0
+    setup = llm.engine.setup
+    print(f"engine ready in {start_s:.1f} s ({setup.device}, {setup.dtype})")
+    vocab = setup.hf_config.vocab_size
+    warm, _, _ = load_workload("W1", vocab, None)
+    llm.generate([warm[0][:32]], __import__("engine").SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+    figures = {"engine_start_seconds": start_s}
+    for name in args.workloads:
+        prompts, out_lens, folded = load_workload(name, vocab, args.limit)
+        res = run_engine(llm, prompts, out_lens)
+        if name == "W1":
+            res["ms_per_token"] = 1000 * res["seconds"] / res["output_tokens"]
+        if args.hf_baseline:
+            n = min(args.hf_baseline, len(prompts))
+            bs = 1 if name == "W1" else args.hf_batch_size
+            hf = run_transformers(setup.model_dir, prompts[:n], out_lens[:n], bs, setup.dtype, setup.device)
+            res["transformers"] = hf
+            res["speedup_vs_transformers"] = res["output_tok_s"] / hf["output_tok_s"]
+        res.update(num_prompts=len(prompts), ids_folded_into_vocab=folded)
+        figures[name] = res
+        line = f"{name}: {res['output_tok_s']:.1f} output tok/s over {len(prompts)} prompts"
+        if "speedup_vs_transformers" in res:
+            line += f" ({res['speedup_vs_transformers']:.2f}x transformers at {res['transformers']['output_tok_s']:.1f})"
+        print(line)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(resolved_device=str(setup.device), resolved_dtype=str(setup.dtype),
+                    max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
+                    kv_blocks=llm.engine.kv.pool.num_blocks, block_size=setup.config.block_size)
+    path = write_result("throughput", settings, figures, args.out_dir)
+    print(f"wrote {path}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
