@@ -29,12 +29,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(name: str, settings: dict, figures: dict, out_dir: Path | None = None) -> Path:
+def write_result(name: str, settings: dict, figures: dict, out_dir: Path | None = None,
+                 path: Path | None = None) -> Path:
+    """Write (or, given `path`, rewrite) one run's record."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {"benchmark": name, "device": device_name(), "commit": git_commit(), "time": stamp,
               "settings": settings, "figures": figures}
-    path = out_dir / f"{name}-{stamp}.json"
+    path = path or out_dir / f"{name}-{stamp}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -70,6 +70,31 @@ def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, dtype,
             "num_prompts": len(prompts)}
 
 
+def _cprofile(llm, prompts, out_lens) -> None:
+    """Where a batch-1 decode step spends its host time (printed, not recorded)."""
+    import cProfile
+    import pstats
+
+    from engine import SamplingParams
+
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate([prompts[0]], SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+    _sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def _free_cuda():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _sync():
     import torch
 
@@ -91,43 +116,58 @@ def main(argv=None) -> dict:
                     help="run transformers on the first N prompts of each workload (0: skip)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--cprofile", action="store_true", help="print a host-side profile of 64 batch-1 decode steps")
     args = ap.parse_args(argv)
 
-    from engine import LLM
+    from engine import LLM, SamplingParams
+    from engine.model_setup import ModelSetup
+    from engine.config import EngineConfig
+
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          attention_backend=args.attention_backend)
+    setup = ModelSetup.from_config(config)
+    vocab = setup.hf_config.vocab_size
+    workloads = {name: load_workload(name, vocab, args.limit) for name in args.workloads}
+    baselines = {}
+    if args.hf_baseline:  # first, while the GPU is still free of our KV cache
+        for name, (prompts, out_lens, _) in workloads.items():
+            n = min(args.hf_baseline, len(prompts))
+            bs = 1 if name == "W1" else args.hf_batch_size
+            baselines[name] = run_transformers(setup.model_dir, prompts[:n], out_lens[:n], bs, setup.dtype,
+                                               setup.device)
+            print(f"{name}: transformers {baselines[name]['output_tok_s']:.1f} output tok/s on {n} prompts", flush=True)
+        _free_cuda()
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend)
+    llm = LLM(**config.model_dump())
     start_s = time.perf_counter() - t0
-    setup = llm.engine.setup
     print(f"engine ready in {start_s:.1f} s ({setup.device}, {setup.dtype})")
-    vocab = setup.hf_config.vocab_size
-    warm, _, _ = load_workload("W1", vocab, None)
-    llm.generate([warm[0][:32]], __import__("engine").SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    warm = workloads.get("W1", load_workload("W1", vocab, None))[0]
+    llm.generate([warm[0][:32]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     figures = {"engine_start_seconds": start_s}
-    for name in args.workloads:
-        prompts, out_lens, folded = load_workload(name, vocab, args.limit)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(resolved_device=str(setup.device), resolved_dtype=str(setup.dtype),
+                    max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
+                    kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size)
+    path = None
+    for name, (prompts, out_lens, folded) in workloads.items():
+        if args.cprofile and name == "W1":
+            _cprofile(llm, prompts, out_lens)
         res = run_engine(llm, prompts, out_lens)
         if name == "W1":
             res["ms_per_token"] = 1000 * res["seconds"] / res["output_tokens"]
-        if args.hf_baseline:
-            n = min(args.hf_baseline, len(prompts))
-            bs = 1 if name == "W1" else args.hf_batch_size
-            hf = run_transformers(setup.model_dir, prompts[:n], out_lens[:n], bs, setup.dtype, setup.device)
-            res["transformers"] = hf
-            res["speedup_vs_transformers"] = res["output_tok_s"] / hf["output_tok_s"]
+        if name in baselines:
+            res["transformers"] = baselines[name]
+            res["speedup_vs_transformers"] = res["output_tok_s"] / baselines[name]["output_tok_s"]
         res.update(num_prompts=len(prompts), ids_folded_into_vocab=folded)
         figures[name] = res
         line = f"{name}: {res['output_tok_s']:.1f} output tok/s over {len(prompts)} prompts"
         if "speedup_vs_transformers" in res:
-            line += f" ({res['speedup_vs_transformers']:.2f}x transformers at {res['transformers']['output_tok_s']:.1f})"
-        print(line)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(resolved_device=str(setup.device), resolved_dtype=str(setup.dtype),
-                    max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
-                    kv_blocks=llm.engine.kv.pool.num_blocks, block_size=setup.config.block_size)
-    path = write_result("throughput", settings, figures, args.out_dir)
+            line += f" ({res['speedup_vs_transformers']:.2f}x transformers)"
+        print(line, flush=True)
+        path = write_result("throughput", settings, figures, args.out_dir, path)  # rewritten after each workload
     print(f"wrote {path}")
     return figures
 

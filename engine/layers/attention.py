@@ -1,11 +1,23 @@
 """Paged attention over the KV cache: write the step's keys/values by slot, then attend over each context."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class TorchAttentionPlan:
+    """Per-step index tensors for the torch path, built once per step rather than once per layer."""
+
+    decode_rows: torch.Tensor | None = None  # [D] rows of single-token decodes
+    decode_tables: torch.Tensor | None = None  # [D, blocks] their block tables, cut to the longest context
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, ctx] True where a key position is inside the context
+    decode_ctx: int = 0
+    chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    # (start row, q_len, ctx, block table or None for a fresh prompt, causal mask or None)
 
 
 @dataclass
@@ -20,6 +32,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    torch_plan: TorchAttentionPlan | None = None
 
 
 class Attention(nn.Module):
@@ -38,42 +51,56 @@ class Attention(nn.Module):
 
 
 def write_kv(k, v, key_cache, value_cache, slot_mapping) -> None:
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = k[valid]
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = v[valid]
+    """Store the step's keys/values at their slots (the torch path never pads, so every slot is real)."""
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def plan_torch_attention(meta: AttentionMetadata, block_size: int, device: torch.device) -> TorchAttentionPlan:
+    plan = TorchAttentionPlan()
+    starts = [0]
+    for n in meta.query_lens_cpu:
+        starts.append(starts[-1] + n)
+    decodes = [i for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)) if n == 1 and ctx > 1]
+    if decodes:
+        ctx = max(meta.seq_lens_cpu[i] for i in decodes)
+        idx = torch.tensor(decodes, device=device)
+        plan.decode_rows = torch.tensor([starts[i] for i in decodes], device=device)
+        plan.decode_tables = meta.block_tables[idx, :-(-ctx // block_size)].long()
+        plan.decode_mask = (torch.arange(ctx, device=device)[None, :] < meta.seq_lens[idx][:, None])[:, None, None, :]
+        plan.decode_ctx = ctx
+    is_decode = set(decodes)
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if i in is_decode:
+            continue
+        table = mask = None
+        if ctx != q_len:
+            table = meta.block_tables[i, :-(-ctx // block_size)].long()
+            pos_q = torch.arange(ctx - q_len, ctx, device=device)
+            mask = (torch.arange(ctx, device=device)[None, :] <= pos_q[:, None])[None, None]
+        plan.chunks.append((starts[i], q_len, ctx, table, mask))
+    return plan
 
 
 def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Reference path on CPU and CUDA. Prompts without a cached prefix attend over their own new k/v;
     decodes are batched over a padded gather of their blocks; other chunks gather their context."""
+    if meta.torch_plan is None:
+        meta.torch_plan = plan_torch_attention(meta, key_cache.shape[1] if key_cache is not None else 1, q.device)
+    plan = meta.torch_plan
     out = torch.empty_like(q)
-    block_size = key_cache.shape[1] if key_cache is not None else 0
-    decodes = [i for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)) if n == 1 and ctx > 1]
-    starts = meta.query_start_loc.tolist() if len(decodes) < len(meta.query_lens_cpu) else None
-    if decodes:
-        idx = torch.tensor(decodes, device=q.device)
-        rows = meta.query_start_loc[idx].long()
-        ctx = max(meta.seq_lens_cpu[i] for i in decodes)
-        n_blocks = -(-ctx // block_size)
-        tables = meta.block_tables[idx, :n_blocks].long()
-        keys = key_cache[tables].flatten(1, 2)[:, :ctx]  # [B, ctx, Hk, D]
-        values = value_cache[tables].flatten(1, 2)[:, :ctx]
-        mask = torch.arange(ctx, device=q.device)[None, :] < meta.seq_lens[idx][:, None]
-        out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, mask[:, None, None, :], scale).squeeze(1)
-    for i, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if q_len == 1 and ctx > 1:
-            continue
-        s = starts[i]
-        if ctx == q_len:
-            keys, values, mask = k[s:s + q_len][None], v[s:s + q_len][None], None
+    if plan.decode_rows is not None:
+        rows, ctx = plan.decode_rows, plan.decode_ctx
+        keys = key_cache[plan.decode_tables].flatten(1, 2)[:, :ctx]  # [D, ctx, Hk, Dh]
+        values = value_cache[plan.decode_tables].flatten(1, 2)[:, :ctx]
+        out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, plan.decode_mask, scale).squeeze(1)
+    for s, q_len, ctx, table, mask in plan.chunks:
+        if table is None:
+            keys, values = k[s:s + q_len][None], v[s:s + q_len][None]
         else:
-            table = meta.block_tables[i, :-(-ctx // block_size)].long()
             keys = key_cache[table].flatten(0, 1)[:ctx][None]
             values = value_cache[table].flatten(0, 1)[:ctx][None]
-            pos_q = torch.arange(ctx - q_len, ctx, device=q.device)
-            mask = (torch.arange(ctx, device=q.device)[None, :] <= pos_q[:, None])[None, None]
-        out[s:s + q_len] = _sdpa(q[s:s + q_len][None], keys, values, mask, scale, causal=mask is None)[0]
+        out[s:s + q_len] = _sdpa(q[s:s + q_len][None], keys, values, mask, scale, causal=table is None)[0]
     return out
 
 
