@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -15,10 +16,12 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} x{__import__('os').cpu_count()}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def git_commit() -> str:
+    if os.environ.get("STRATA_COMMIT"):  # device runs carry the tree without .git
+        return os.environ["STRATA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
