@@ -70,6 +70,10 @@ class AsyncEngine:
         started = self._step_started
         if started is not None and time.monotonic() - started > stall_seconds:
             raise EngineDeadError(f"engine loop stalled: one step has run for {time.monotonic() - started:.0f} s")
+        try:
+            self.core.executor.check_health()
+        except Exception as e:  # noqa: BLE001 - any worker failure makes the replica unhealthy
+            raise EngineDeadError(str(e)) from e
 
     def shutdown(self) -> None:
         self._stopped = True

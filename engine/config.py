@@ -15,6 +15,12 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer directory (default: the model's).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (CPU ranks) per pipeline stage.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages.")
+    pipeline_layer_split: list[int] | None = Field(
+        None, description="Decoder layers per pipeline stage (default: even, first stages take the remainder).")
+    placement_strategy: Literal["PACK", "STRICT_PACK"] = Field(
+        "PACK", description="Ray placement of the tp x pp workers: PACK may span nodes, STRICT_PACK keeps one node.")
+    distributed_init_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds for all ranks to join; also bounds every collective and a stuck step.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weight/activation dtype; auto = checkpoint's torch_dtype on CUDA, float32 on CPU.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")

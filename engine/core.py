@@ -1,6 +1,7 @@
 """EngineCore: one replica's step loop — schedule, execute on the model, detokenize, report deltas."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -39,6 +40,8 @@ class EngineCore:
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._unsent: list[NewSequence] = []
         self._prompt_logprobs: dict[str, list] = {}
+        self.pipeline_depth = config.pipeline_parallel_size  # steps kept in flight so no stage waits
+        self.in_flight: collections.deque = collections.deque()
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
@@ -100,11 +103,29 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.in_flight)
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
-        sched = self.scheduler.schedule()
+        """Run one step (with pipeline parallelism: keep up to pp steps in flight and finish the oldest)."""
+        if self.pipeline_depth == 1:
+            sched = self.scheduler.schedule()
+            return self._finish_step(sched, self.executor.execute(self._batch(sched)))
+        while len(self.in_flight) < self.pipeline_depth:
+            sched = self.scheduler.schedule()
+            if not sched.scheduled and self.in_flight:
+                self.scheduler.requeue_finished_ids(sched)
+                break
+            for s in sched.scheduled:
+                s.req.in_flight = True
+            self.in_flight.append((sched, self.executor.execute_async(self._batch(sched))))
+        sched, handle = self.in_flight.popleft()
+        result = self.executor.wait(handle)
+        for s in sched.scheduled:
+            s.req.in_flight = False
+        return self._finish_step(sched, result)
+
+    def _batch(self, sched) -> BatchInput:
         batch = BatchInput(new_sequences=self._unsent, finished_ids=sched.finished_ids)
         self._unsent = []
         for s in sched.scheduled:
@@ -112,9 +133,11 @@ class EngineCore:
             batch.req_ids.append(req.request_id)
             batch.token_ids.append(req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
             batch.start_positions.append(req.num_computed_tokens)
-            batch.block_tables.append(req.block_ids)
+            batch.block_tables.append(list(req.block_ids))
             batch.sample.append(s.sample)
-        result = self.executor.execute(batch)
+        return batch
+
+    def _finish_step(self, sched, result) -> list[StreamDelta]:
         self.steps += 1
         self.scheduler.update(sched, {rid: r.token_id for rid, r in result.sampled.items()})
         for rid, (start, lps) in result.prompt_logprobs.items():

@@ -78,7 +78,9 @@ class ModelRunner:
         batch = BatchInput(req_ids=[f"profile-{i}" for i in range(len(lens))], token_ids=[[0] * n for n in lens],
                            start_positions=[0] * len(lens), block_tables=[[] for _ in lens], sample=[True] * len(lens))
         ids, positions, meta, _ = self._prepare(batch)
-        hidden = self._forward(ids, positions, meta)
+        intermediate = () if self.model.is_first else torch.zeros(  # stands in for the previous stage's output
+            2, len(ids), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+        hidden, _ = self._forward(ids, positions, meta, *intermediate)
         if self.model.is_last:
             self.model.logits(hidden[meta.query_start_loc[1:] - 1])
         if self.device.type != "cuda":
@@ -122,8 +124,7 @@ class ModelRunner:
                 meta, qsl)
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
-        hidden, residual = self.model(ids, positions, meta, hidden, residual)
-        return hidden
+        return self.model(ids, positions, meta, hidden, residual)
 
     def update_states(self, batch: BatchInput) -> None:
         for req_id in batch.finished_ids:
@@ -136,13 +137,17 @@ class ModelRunner:
             self.states[seq.req_id] = SamplingState(seq.params, seq.prompt_token_ids, seq.stop_ids, gen)
 
     @torch.inference_mode()
-    def execute(self, batch: BatchInput) -> StepOutput:
+    def execute(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`intermediate`: (hidden, residual) from the previous pipeline stage. A stage before the last returns
+        its own (hidden, residual) instead of a StepOutput."""
         self.update_states(batch)
         out = StepOutput()
         if not batch.req_ids:
             return out
         ids, positions, meta, qsl = self._prepare(batch)
-        hidden = self._forward(ids, positions, meta)
+        hidden, residual = self._forward(ids, positions, meta, *(intermediate or ()))
+        if not self.model.is_last:
+            return hidden, residual
         rows = [i for i, s in enumerate(batch.sample) if s]
         if rows:
             logits = self.model.logits(hidden[[qsl[i + 1] - 1 for i in rows]])

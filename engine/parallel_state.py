@@ -1,10 +1,23 @@
-"""The tensor-parallel group a model shard belongs to. Size 1 means no communication at all."""
+"""Process groups of one replica: tensor-parallel groups inside each pipeline stage, point-to-point between stages.
+
+Rank r is TP rank r % tp of stage r // tp. Size 1 everywhere means no communication at all (one process)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+
+class DistributedInitError(RuntimeError):
+    """Some ranks did not join the process group in time; `missing` lists them."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
 
 
 @dataclass
@@ -23,3 +36,92 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class PPStage:
+    """This rank's pipeline stage; hidden states and residuals go to the same TP rank of the next stage."""
+
+    index: int = 0
+    size: int = 1
+    rank: int = 0  # global rank
+    tp_size: int = 1
+    _sends: list = field(default_factory=list)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.size - 1
+
+    def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        # Asynchronous, so this stage can start its next batch; the previous send is finished first so that at
+        # most one buffer per stage is in flight.
+        for work in self._sends:
+            work.wait()
+        self._sends = [dist.isend(torch.stack([hidden, residual]), self.rank + self.tp_size)]
+
+    def recv(self, num_tokens: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        buf = torch.empty(2, num_tokens, hidden_size, dtype=dtype, device=device)
+        dist.recv(buf, self.rank - self.tp_size)
+        return buf[0], buf[1]
+
+
+def layer_ranges(num_layers: int, pp: int, split: list[int] | None = None) -> list[tuple[int, int]]:
+    """Each stage's [start, end) layers: `split` gives the count per stage; by default even, the first stages
+    taking the remainder (the last one also computes logits)."""
+    if split is None:
+        split = [num_layers // pp + (i < num_layers % pp) for i in range(pp)]
+    if len(split) != pp or sum(split) != num_layers or min(split) < 1:
+        raise ValueError(f"pipeline_layer_split {split} must give each of the {pp} stages at least one layer "
+                         f"and sum to the model's {num_layers} layers")
+    starts = [sum(split[:i]) for i in range(pp)]
+    return [(s, s + n) for s, n in zip(starts, split)]
+
+
+def interface_for(ip: str) -> str | None:
+    """The network interface that owns `ip`, so gloo/NCCL bind to it rather than whatever the hostname gives."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == ip for a in addrs):
+            return name
+    return None
+
+
+def open_store(world: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store on a free port (read it from `.port`)."""
+    return dist.TCPStore("0.0.0.0", 0, world, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_distributed(rank: int, world: int, tp: int, addr: str, port: int, timeout_s: float, device: torch.device,
+                     node_ip: str, store: dist.TCPStore | None = None) -> tuple[TPGroup, PPStage]:
+    """Join the replica's process group through rank 0's store at addr:port, then build the TP group of this
+    rank's stage. Raises DistributedInitError naming the ranks that did not join within `timeout_s`, which is
+    also the timeout of every collective afterwards."""
+    timeout = timedelta(seconds=timeout_s)
+    iface = interface_for(node_ip)
+    if iface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME" if device.type == "cpu" else "NCCL_SOCKET_IFNAME", iface)
+    if store is None:
+        try:
+            store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+        except dist.DistError as e:
+            raise DistributedInitError(f"rank {rank} could not reach rank 0's store at {addr}:{port}: {e}", [0])
+    keys = [f"strata/joined/{r}" for r in range(world)]
+    store.set(keys[rank], node_ip)
+    try:
+        store.wait(keys, timeout)
+    except dist.DistError:
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise DistributedInitError(f"ranks {missing} did not join within {timeout_s:g} s", missing)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(world // tp)]
+    stage = rank // tp
+    return TPGroup(rank % tp, tp, groups[stage]), PPStage(stage, world // tp, rank, tp)

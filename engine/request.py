@@ -34,6 +34,7 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_published_blocks = 0  # leading blocks already in the prefix cache
+        self.in_flight = False  # scheduled in a pipeline-parallel step whose result has not come back
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.seed = None if params.seed is None else params.seed + index

@@ -66,9 +66,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            i += 1
+            if req.in_flight:  # its previous step is still in the pipeline
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
-                victim = self.running[-1]
+                victim = next((r for r in reversed(self.running) if not r.in_flight), None)
+                if victim is None:  # everything else is in flight: try again next step
+                    break
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -76,7 +81,9 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
                 budget -= n
-                i += 1
+                continue
+            if req.status == RequestStatus.WAITING:  # preempted itself: the list shifted under the index
+                i -= 1
         if preempted:  # no room for newcomers this step
             return out
         j = 0
@@ -105,6 +112,10 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
             budget -= n
         return out
+
+    def requeue_finished_ids(self, out: SchedulerOutput) -> None:
+        """An unsent empty step hands its finished ids back for the next one."""
+        self._finished_ids = out.finished_ids + self._finished_ids
 
     @staticmethod
     def _parent_ready(parent: Request) -> bool:

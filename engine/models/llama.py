@@ -120,6 +120,9 @@ class LlamaForCausalLM(nn.Module):
     def param_for(self, ckpt_name: str) -> tuple[nn.Module, nn.Parameter, str | None] | None:
         """Map a checkpoint tensor name to (owning module, parameter, shard id); None if not on this shard."""
         name = ckpt_name.removeprefix("model.")
+        if name == "embed_tokens.weight" and self.embed_tokens is None and self.lm_head is not None and \
+                self.cfg.tie_word_embeddings:
+            return self.lm_head, self.lm_head.weight, None  # a last pipeline stage without the embedding
         if name.startswith("layers."):
             idx = name.split(".")[1]
             if idx not in self.layers:

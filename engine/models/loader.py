@@ -1,4 +1,7 @@
-"""Build a model from a Hugging Face directory and stream its safetensors weights into it."""
+"""Build a model from a Hugging Face directory and stream its safetensors weights into it.
+
+Sharded modules get each tensor as a `CheckpointSlice`, so a tensor-parallel rank reads only its own rows or
+columns from the file."""
 from __future__ import annotations
 
 import json
@@ -51,17 +54,37 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                     if target is None:
                         continue
                     module, param, shard = target
-                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     if hasattr(module, "load"):
-                        module.load(param, tensor, shard)
+                        module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
                     else:
-                        param.data.copy_(tensor)
+                        param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
                     loaded.add((id(param), shard))
             bar.update(1)
     expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model))
     if len(loaded) < expected:
         raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
     return model.eval()
+
+
+class CheckpointSlice:
+    """A checkpoint tensor not read yet: `narrow` and `[index]` read only that part of the file. Any other torch
+    use (`param.copy_(s)`) reads the whole tensor."""
+
+    def __init__(self, handle, device: torch.device, dtype: torch.dtype):
+        self.handle, self.device, self.dtype = handle, device, dtype
+        self.shape = torch.Size(handle.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.handle[index].to(device=self.device, dtype=self.dtype)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self[(slice(None),) * dim + (slice(start, start + length),)]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def read(a):
+            return a[...] if isinstance(a, cls) else a
+        return func(*map(read, args), **{k: read(v) for k, v in (kwargs or {}).items()})
 
 
 def _leaf_param_owners(model):

@@ -1,0 +1,215 @@
+"""TP x PP workers as Ray actors in one placement group; the driver (the replica) broadcasts each step's batch.
+
+Tensors move over torch.distributed (NCCL on GPU, gloo on CPU); Ray carries only batches, outputs and pings.
+Up to `pipeline_parallel_size` steps can be in flight: `execute_async` submits a step to every worker and
+returns at once, and each worker runs its steps in submission order, so stage k works on step n while stage
+k+1 works on step n-1."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+import ray
+import torch
+from ray.exceptions import RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.model_runner import BatchInput, StepOutput
+from engine.parallel_state import DistributedInitError, layer_ranges
+from engine.worker import Worker
+
+logger = logging.getLogger("strata")
+WORKER_START_TIMEOUT_S = 300.0  # a fresh worker process imports torch; slow on a busy node, but not this slow
+
+
+class RayWorker(Worker):
+    async def info(self) -> dict:
+        return dict(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address(),
+                    pid=os.getpid(), gpu_ids=ray.get_gpu_ids())
+
+
+class RayExecutor:
+    worker_cls = RayWorker  # tests swap in a worker that misbehaves
+    health_timeout_s = 10.0
+
+    def __init__(self, setup):
+        c = setup.config
+        self.tp, self.pp = c.tensor_parallel_size, c.pipeline_parallel_size
+        self.world = self.tp * self.pp
+        self.timeout_s = float(getattr(c, "distributed_init_timeout_s", None) or 120.0)
+        self.workers: list = []
+        self.infos: list[dict] = []
+        self.pg = None
+        self.dead: str | None = None
+        self._seq = itertools.count()
+        self._owns_ray = _ensure_ray(self.world)
+        try:
+            self._start(setup, getattr(c, "placement_strategy", None) or "PACK")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- start ----------------------------------------------------------------------------------------------
+    def _start(self, setup, strategy: str) -> None:
+        split = getattr(setup.config, "pipeline_layer_split", None)
+        ranges = layer_ranges(setup.hf_config.num_hidden_layers, self.pp, split)
+        device, dtype = _worker_device(setup)
+        bundle = {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+        self.pg = placement_group([bundle] * self.world, strategy=strategy)
+        if not ray.wait([self.pg.ready()], timeout=self.timeout_s)[0]:
+            raise RuntimeError(f"no room for {self.world} workers of {bundle} ({strategy}) within {self.timeout_s:g} s;"
+                               f" the cluster has {ray.available_resources()} free")
+        remote = ray.remote(self.worker_cls)
+        actors = [remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=
+                                 PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)).remote()
+                  for i in range(self.world)]
+        self.workers = actors  # shut down even if the next line fails
+        infos = self._get([a.info.remote() for a in actors], "start", WORKER_START_TIMEOUT_S)
+        # Keep each node's workers on consecutive ranks, so TP groups stay inside a node when they can.
+        driver_ip = ray.util.get_node_ip_address()
+        order = sorted(range(self.world), key=lambda i: (infos[i]["ip"] != driver_ip, infos[i]["node_id"],
+                                                         infos[i]["gpu_ids"]))
+        self.workers, self.infos = [actors[i] for i in order], [infos[i] for i in order]
+        addr = self.infos[0]["ip"]
+        port = self._get([self.workers[0].open_store.remote(self.world, self.timeout_s)], "open a store",
+                         self.timeout_s)[0]
+        self._join(addr, port, device)
+        kwargs = dict(setup.runner_kwargs(), dtype=dtype)
+        self._get([w.load.remote(kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
+        logger.info("%d workers (tp %d x pp %d) on %s, layers %s", self.world, self.tp, self.pp,
+                    sorted({i["node_id"][:8] for i in self.infos}), ranges)
+
+    def _join(self, addr: str, port: int, device: str) -> None:
+        refs = [w.init_distributed.remote(r, self.world, self.tp, addr, port, self.timeout_s, device, i["ip"])
+                for r, (w, i) in enumerate(zip(self.workers, self.infos))]
+        missing, pending, deadline = set(), list(refs), time.monotonic() + self.timeout_s + 10
+        while pending and not missing:
+            ready, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # these ranks did not even report back
+                missing = {refs.index(p) for p in pending}
+            for ref in ready:
+                try:
+                    missing.update(ray.get(ref))
+                except RayError as e:
+                    r = refs.index(ref)
+                    raise RuntimeError(f"rank {r} ({self._where(r)}) failed to join the process group: {e}") from e
+        if missing:
+            names = ", ".join(f"rank {r} ({self._where(r)})" for r in sorted(missing))
+            raise DistributedInitError(f"{names} did not join the process group at tcp://{addr}:{port} within "
+                                       f"{self.timeout_s:g} s (distributed_init_timeout_s)", sorted(missing))
+
+    def _where(self, rank: int) -> str:
+        if rank >= len(self.infos):
+            return f"placement group bundle {rank}"
+        i = self.infos[rank]
+        return f"node {i['node_id'][:12]}, {i['ip']}, pid {i['pid']}"
+
+    def _get(self, refs: list, what: str = "run a step", timeout: float | None = None) -> list:
+        """ray.get of one call per rank that names the rank that failed or did not answer, and marks the executor
+        dead: a worker that failed once leaves its peers out of step."""
+        pending, results = list(refs), {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, timeout=None if deadline is None else
+                                      max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks = ", ".join(f"rank {refs.index(p)} ({self._where(refs.index(p))})" for p in pending)
+                self.dead = f"{ranks} did not {what} within {timeout:g} s"
+                raise RuntimeError(self.dead)
+            for ref in ready:
+                rank = refs.index(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except RayError as e:
+                    self.dead = f"rank {rank} ({self._where(rank)}) failed to {what}: {e}"
+                    raise RuntimeError(self.dead) from e
+        return [results[r] for r in range(len(refs))]
+
+    def worker_nodes(self) -> list[dict]:
+        """Where each rank runs: rank, stage, tp_rank, node_id, ip, pid, gpu_ids."""
+        return [dict(rank=r, stage=r // self.tp, tp_rank=r % self.tp, **i) for r, i in enumerate(self.infos)]
+
+    # -- executor interface ---------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        return max(self._get([w.call.remote("kv_block_bytes") for w in self.workers], "report its KV block size"))
+
+    def profile(self, num_tokens: int) -> list[int]:
+        return self._get([w.call.remote("profile", num_tokens) for w in self.workers], "profile")
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._get([w.call.remote("allocate_kv_cache", num_blocks) for w in self.workers], "allocate its KV cache")
+
+    def execute_async(self, batch: BatchInput) -> list:
+        """Submit one step to every worker; returns a handle for `wait`. Steps run in submission order."""
+        if self.dead:
+            raise RuntimeError(f"executor is down: {self.dead}")
+        ref, seq = ray.put(batch), next(self._seq)
+        return [w.execute.remote(seq, ref) for w in self.workers]
+
+    def wait(self, handle: list) -> StepOutput:
+        return self._get(handle)[(self.pp - 1) * self.tp] or StepOutput()
+
+    def execute(self, batch: BatchInput) -> StepOutput:
+        return self.wait(self.execute_async(batch))
+
+    def check_health(self) -> None:
+        """Raise, naming the rank, when a worker died, does not answer within `health_timeout_s`, or is stuck in
+        one step longer than the distributed timeout (its collectives would have failed by then)."""
+        if self.dead:
+            raise RuntimeError(f"executor is down: {self.dead}")
+        refs = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.health_timeout_s)
+        for rank, ref in enumerate(refs):
+            problem = None
+            if ref not in ready:
+                problem = f"did not answer a ping within {self.health_timeout_s:g} s"
+            else:
+                try:
+                    busy = ray.get(ref)
+                    if busy > self.timeout_s:
+                        problem = f"has been stuck in one step for {busy:.0f} s"
+                except RayError as e:
+                    problem = f"died: {type(e).__name__}"
+            if problem:
+                self.dead = f"rank {rank} ({self._where(rank)}) {problem}"
+                raise RuntimeError(f"executor is down: {self.dead}")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+
+def _ensure_ray(world: int) -> bool:
+    """Connect to the running Ray instance, or start a local one (offline LLM); True when we started it."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address="auto")
+        return False
+    except ConnectionError:
+        # Ray's CPUs are logical here: one per CPU worker even on a smaller machine.
+        ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=False)
+        return True
+
+
+def _worker_device(setup) -> tuple[str, torch.dtype]:
+    """Workers use GPUs when the driver does, or when device=auto and the cluster has GPUs the driver lacks."""
+    if setup.device.type == "cuda":
+        return "cuda", setup.dtype
+    if setup.config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        from engine.model_setup import _dtype
+        return "cuda", _dtype(setup.config.dtype, setup.hf_config, torch.device("cuda"))
+    return "cpu", setup.dtype

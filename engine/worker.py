@@ -1,0 +1,88 @@
+"""One rank of a tensor/pipeline-parallel replica: the ModelRunner of its (stage, TP rank) shard.
+
+The driver (engine/executor/ray.py) runs one Worker per device as an asyncio Ray actor. All torch work runs on
+a single thread, in the order the driver numbered the steps, so the event loop stays free to answer pings while
+a step runs, and the next batches can arrive and queue while this stage still works on an earlier one."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from engine.model_runner import BatchInput, ModelRunner, StepOutput
+from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
+
+
+class Worker:
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="strata-rank")
+        self.turn = asyncio.Condition()
+        self.next_seq = 0
+        self.step_started: float | None = None
+        self.store = None
+        self.runner: ModelRunner | None = None
+        self.tp, self.pp = TPGroup(), PPStage()
+        self.device = torch.device("cpu")
+
+    async def _run(self, fn, *args):
+        return await asyncio.wrap_future(self.pool.submit(fn, *args))
+
+    # -- setup ----------------------------------------------------------------------------------------------
+    async def open_store(self, world: int, timeout_s: float) -> int:
+        """Rank 0 hosts the rendezvous store; returns its port."""
+        self.store = await self._run(open_store, world, timeout_s)
+        return self.store.port
+
+    async def init_distributed(self, rank: int, world: int, tp: int, addr: str, port: int, timeout_s: float,
+                               device: str, node_ip: str) -> list[int]:
+        """Join the process group. Returns the ranks that did not join in time (empty on success)."""
+        self.device = torch.device(device, 0) if device == "cuda" else torch.device(device)
+        try:
+            self.tp, self.pp = await self._run(init_distributed, rank, world, tp, addr, port, timeout_s, self.device,
+                                               node_ip, self.store)
+        except DistributedInitError as e:
+            return e.missing
+        return []
+
+    async def load(self, runner_kwargs: dict, layer_range: tuple[int, int]) -> None:
+        kwargs = dict(runner_kwargs, device=self.device, tp=self.tp, layer_range=layer_range)
+        self.runner = await self._run(lambda: ModelRunner(**kwargs))
+
+    async def call(self, method: str, *args):
+        """A ModelRunner method (kv_block_bytes, profile, allocate_kv_cache)."""
+        return await self._run(getattr(self.runner, method), *args)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    async def execute(self, seq: int, batch: BatchInput) -> StepOutput | None:
+        """Run step `seq` after every earlier step. Only the last stage's TP rank 0 returns the output."""
+        async with self.turn:
+            await self.turn.wait_for(lambda: self.next_seq == seq)
+            done = self.pool.submit(self._step, batch)
+            self.next_seq += 1
+            self.turn.notify_all()
+        return await asyncio.wrap_future(done)
+
+    def _step(self, batch: BatchInput) -> StepOutput | None:
+        self.step_started = time.monotonic()
+        try:
+            if not batch.req_ids:
+                self.runner.update_states(batch)
+                return None
+            intermediate = None
+            if not self.pp.is_first:
+                n = sum(len(t) for t in batch.token_ids)
+                intermediate = self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
+            out = self.runner.execute(batch, intermediate)
+            if not self.pp.is_last:
+                self.pp.send(*out)
+                return None
+            return out if self.tp.rank == 0 else None
+        finally:
+            self.step_started = None
+
+    async def ping(self) -> float:
+        """Seconds the current step has been running (0 when idle): a hung step shows up here."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started

@@ -1,0 +1,189 @@
+"""Tensor and pipeline parallel over Ray workers (gloo on CPU) give what one process gives; failures surface fast."""
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import ray
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.executor.ray import RayExecutor, RayWorker
+from engine.model_runner import BatchInput, NewSequence
+from engine.model_setup import ModelSetup
+from engine.parallel_state import DistributedInitError, layer_ranges
+from test_model_parity import random_prompts
+
+PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+PROMPTS = random_prompts(seed=11, lens=(5, 19, 40))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    # A Ray of our own (not one another test run left), with more logical CPUs than the machine: one per worker.
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """kind -> single-process outputs."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            llm = LLM(str(tiny_model_dir(kind)))
+            cache[kind] = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+            llm.shutdown()
+        return cache[kind]
+
+    return get
+
+
+def assert_same(outs, ref):
+    for a, b in zip(outs, ref):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        pairs = zip(a.outputs[0].logprobs + a.prompt_logprobs[1:], b.outputs[0].logprobs + b.prompt_logprobs[1:])
+        for mine, theirs in pairs:
+            assert mine.keys() == theirs.keys()
+            assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-4)
+
+
+def assert_gone(executor, pids):
+    """No worker process, live actor or placement group is left behind."""
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "worker processes survived shutdown"
+        time.sleep(0.2)
+    assert executor.pg is None and not executor.workers
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_layer_ranges():
+    assert layer_ranges(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert layer_ranges(8, 2, [3, 5]) == [(0, 3), (3, 8)]
+    with pytest.raises(ValueError, match="at least one layer"):
+        layer_ranges(4, 2, [4, 0])
+
+
+@pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama_tied_mha", 1, 2),
+                                        ("qwen3", 2, 2)])
+def test_parallel_matches_one_process(local_ray, tiny_model_dir, reference, kind, tp, pp):
+    """mistral has one KV head, replicated over the two ranks; the tied model's last stage loads the embedding
+    as its LM head."""
+    llm = LLM(str(tiny_model_dir(kind)), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    executor = llm.engine.executor
+    try:
+        nodes = executor.worker_nodes()
+        assert [(n["stage"], n["tp_rank"]) for n in nodes] == [(s, t) for s in range(pp) for t in range(tp)]
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference(kind))
+        executor.check_health()
+        if pp > 1:
+            pipelined_steps_match(executor, reference(kind))
+    finally:
+        llm.shutdown()
+    assert_gone(executor, [n["pid"] for n in nodes])
+
+
+def pipelined_steps_match(executor, ref):
+    """Two sequences in alternate steps, the next step submitted before the previous one finished."""
+    seqs = {i: list(PROMPTS[i]) for i in (0, 1)}
+    tables = {0: list(range(0, 8)), 1: list(range(8, 16))}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    out = {0: [], 1: []}
+
+    def submit(i):
+        tokens = seqs[i] if not out[i] else out[i][-1:]
+        start = 0 if not out[i] else len(seqs[i]) + len(out[i]) - 1
+        new = [NewSequence(f"p{i}", seqs[i], params, None, [])] if not out[i] else []
+        return executor.execute_async(BatchInput([f"p{i}"], [tokens], [start], [tables[i]], [True], new))
+
+    inflight = [(0, submit(0)), (1, submit(1))]
+    while inflight:
+        i, handle = inflight.pop(0)
+        out[i].append(executor.wait(handle).sampled[f"p{i}"].token_id)
+        if len(out[i]) < params.max_tokens:
+            inflight.append((i, submit(i)))
+    assert [out[0], out[1]] == [ref[0].outputs[0].token_ids, ref[1].outputs[0].token_ids]
+
+
+def test_hung_worker_fails_the_health_check(local_ray, tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2)
+    executor = llm.engine.executor
+    executor.health_timeout_s = 2.0
+    pid = executor.worker_nodes()[1]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 \(node .*pid %d\) did not answer a ping" % pid):
+            executor.check_health()
+        assert time.monotonic() - t0 < 4
+        with pytest.raises(RuntimeError, match="executor is down"):
+            llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        llm.shutdown()
+    assert_gone(executor, [pid])
+
+
+def test_a_rank_that_never_joins_is_named(local_ray, tiny_model_dir):
+    class NeverJoins(RayWorker):
+        async def init_distributed(self, rank, *args):
+            if rank == 1:
+                await asyncio.sleep(3600)
+            return await super().init_distributed(rank, *args)
+
+    class Executor(RayExecutor):
+        worker_cls = NeverJoins
+
+    config = EngineConfig(model=str(tiny_model_dir("llama")), tensor_parallel_size=2)
+    setup = ModelSetup.from_config(config)
+    setup.config = config.model_copy(update={"distributed_init_timeout_s": 5})
+    before = set(ray.util.placement_group_table())
+    t0 = time.monotonic()
+    with pytest.raises(DistributedInitError, match=r"rank 1 \(node \w+, [\d.]+, pid \d+\) did not join the process "
+                                                   r"group at tcp://[\d.]+:\d+ within 5 s") as e:
+        Executor(setup)
+    assert e.value.missing == [1]
+    assert time.monotonic() - t0 < 5 + 20  # the timeout, plus starting two workers on a small machine
+    new = set(ray.util.placement_group_table()) - before
+    assert all(ray.util.placement_group_table()[pg]["state"] == "REMOVED" for pg in new)
+
+
+@pytest.fixture
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_workers_on_two_nodes_match_and_a_dead_worker_fails_the_health_check(two_nodes, tiny_model_dir, reference):
+    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2)  # one CPU per node: PACK has to spread
+    executor = llm.engine.executor
+    nodes = executor.worker_nodes()
+    try:
+        print("workers:", [(n["rank"], n["node_id"][:12]) for n in nodes])
+        assert len({n["node_id"] for n in nodes}) == 2
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference("llama"))
+        executor.check_health()
+        os.kill(nodes[1]["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        dead = r"rank 1 \(node %s.*\) (died|did not answer)" % nodes[1]["node_id"][:12]
+        with pytest.raises(RuntimeError, match=dead) as e:
+            executor.check_health()
+        assert time.monotonic() - t0 <= executor.health_timeout_s + 1
+        print(e.value)
+    finally:
+        llm.shutdown()
+    assert_gone(executor, [n["pid"] for n in nodes])
