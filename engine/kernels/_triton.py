@@ -1,0 +1,33 @@
+"""Guarded Triton import: without Triton every kernel module still imports and falls back to its torch reference."""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # kernels below are then defined but never launched
+    HAS_TRITON = False
+
+    class _Missing:
+        def jit(self, fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        def __getattr__(self, name):  # annotations such as `tl.constexpr` evaluate at def time
+            return None
+
+    triton = tl = _Missing()
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs kernels on CPU tensors in Triton's interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or interpreting())
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from engine.kernels.rotary import rotary_embedding, rotary_embedding_ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def cos_sin_cache(max_pos: int, rot_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,rot_dim", [(4, 4, 64, 64), (8, 2, 128, 128), (6, 2, 64, 32)])
+def test_matches_reference_in_place(device, dtype, is_neox, num_heads, num_kv_heads, head_dim, rot_dim):
+    torch.manual_seed(0)
+    num_tokens, max_pos = 11, 300
+    cache = cos_sin_cache(max_pos, rot_dim).to(device)
+    positions = torch.randint(0, max_pos, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]  # strided views, as a model has them
+    before = qkv.clone()
+    q_ref, k_ref = rotary_embedding_ref(positions, q.clone(), k.clone(), cache, head_dim, is_neox)
+    q_out, k_out = rotary_embedding(positions, q, k, cache, head_dim, is_neox)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(q, q_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k, k_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, num_heads + num_kv_heads:], before[:, num_heads + num_kv_heads:])  # v untouched
+    assert torch.equal(qkv[..., rot_dim:], before[..., rot_dim:])  # partial rotary leaves the tail alone
+    assert not qkv.isnan().any()
+
+
+def test_reference_matches_complex_rotation():
+    """GPT-J style is multiplication of (x[2i] + i x[2i+1]) by e^(i pos theta_i); neox is the same on halves."""
+    torch.manual_seed(0)
+    cache, positions = cos_sin_cache(50, 64), torch.tensor([0, 7, 49])
+    x = torch.randn(3, 2, 64)
+    angle = torch.polar(torch.ones(3, 32), torch.atan2(*cache[positions].chunk(2, -1)[::-1]))[:, None]
+    gptj = torch.view_as_real(torch.view_as_complex(x.view(3, 2, 32, 2).contiguous()) * angle).flatten(-2)
+    torch.testing.assert_close(rotary_embedding_ref(positions, x.clone(), x.clone(), cache, 64, False)[0], gptj,
+                               atol=1e-5, rtol=1e-5)
+    halves = torch.complex(*x.chunk(2, -1)) * angle
+    neox = torch.cat([halves.real, halves.imag], -1)
+    torch.testing.assert_close(rotary_embedding_ref(positions, x.clone(), x.clone(), cache, 64, True)[0], neox,
+                               atol=1e-5, rtol=1e-5)
