@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs
+from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
 from engine.parallel_state import TPGroup
@@ -49,15 +51,21 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
-                 block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None):
+                 block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
+                 attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256):
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         torch.manual_seed(seed)
         self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
+        self.use_triton = select_kernels(self.model, attention_backend, device)
         self.sampler = Sampler(hf_config.vocab_size, device, seed)
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and self.use_triton and not enforce_eager and self.model.is_first and self.model.is_last:
+            self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
+                                       dtype, device)
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -95,6 +103,8 @@ class ModelRunner:
                                 device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
+        if self.graphs is not None:
+            self.graphs.capture()
 
     # -- one step -------------------------------------------------------------------------------------------
     def _prepare(self, batch: BatchInput):
@@ -124,6 +134,9 @@ class ModelRunner:
                 meta, qsl)
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
+        if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1
+                and self.graphs.size_for(len(meta.query_lens_cpu)) is not None):
+            return self.graphs.run(ids, positions, meta), None
         return self.model(ids, positions, meta, hidden, residual)
 
     def update_states(self, batch: BatchInput) -> None:
@@ -171,3 +184,15 @@ class ModelRunner:
             logprobs = torch.log_softmax(self.model.logits(hidden[qsl[i]: qsl[i] + n]).float(), dim=-1)
             out.prompt_logprobs[req_id] = (start, [top_logprobs(logprobs[j], prompt[start + j + 1],
                                                                 state.params.prompt_logprobs) for j in range(n)])
+
+
+def select_kernels(model: torch.nn.Module, backend: str, device: torch.device) -> bool:
+    """Switch the model's layers to the Triton kernels (auto: on CUDA when Triton is installed)."""
+    if backend == "triton" and not (HAS_TRITON and (device.type == "cuda" or interpreting())):
+        raise ValueError("attention_backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
+                         "use attention_backend='torch' or 'auto'")
+    use = backend == "triton" or (backend == "auto" and device.type == "cuda" and HAS_TRITON)
+    for module in model.modules():
+        if hasattr(module, "use_triton"):
+            module.use_triton = use
+    return use

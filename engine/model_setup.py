@@ -47,7 +47,9 @@ class ModelSetup:
 
     def runner_kwargs(self) -> dict:
         return dict(model_dir=self.model_dir, hf_config=self.hf_config, dtype=self.dtype, device=self.device,
-                    max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed)
+                    max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
+                    attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
+                    max_num_seqs=self.config.max_num_seqs)
 
     def make_executor(self):
         c = self.config

@@ -1,7 +1,8 @@
 """Turns a batch of logits into next tokens: penalties, min_tokens, temperature, top-k/top-p/min-p, seeded draws.
 
-Random draws use the exponential race (argmax of probs / Exp(1) noise), with each seeded request's noise
-drawn from its own generator, so a seeded request samples the same tokens whatever its batch mates are.
+The filters and the draw are `engine.kernels.sampling` (device-resident; the exponential race, argmax of
+probs / Exp(1) noise). Each seeded request's noise row comes from its own generator, so a seeded request samples
+the same tokens whatever its batch mates are.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kernels.sampling import apply_penalties, sample
 from engine.sampling_params import SamplingParams
 
 
@@ -37,13 +39,16 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].float().contiguous()
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in states):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties_and_min_tokens(logits, states)
-        tokens = self._draw(logits, states)
-        token_list = tokens.tolist()
+        if any(s.params.needs_penalties for s in states):
+            self._penalize(logits, states)
+        for i, s in enumerate(states):
+            if len(s.output_token_ids) < s.params.min_tokens and s.stop_ids:
+                logits[i, s.stop_ids] = float("-inf")
+        token_list = self._draw(logits, states).tolist()
         results = [SampleResult(t) for t in token_list]
         if raw_logprobs is not None:
             for i, s in enumerate(states):
@@ -53,67 +58,34 @@ class Sampler:
             s.output_token_ids.append(t)
         return results
 
-    def _apply_penalties_and_min_tokens(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    def _penalize(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        batch, vocab = logits.shape
+        prompt_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=logits.device)
+        counts = torch.zeros(batch, vocab, dtype=torch.int32, device=logits.device)
         for i, s in enumerate(states):
-            p = s.params
-            if p.needs_penalties:
-                logits[i] = apply_penalties(logits[i], s.prompt_token_ids, s.output_token_ids, p.repetition_penalty,
-                                            p.presence_penalty, p.frequency_penalty)
-            if len(s.output_token_ids) < p.min_tokens and s.stop_ids:
-                logits[i, s.stop_ids] = float("-inf")
-        return logits
+            if s.params.needs_penalties:
+                prompt_mask[i, torch.tensor(s.prompt_token_ids, device=logits.device)] = True
+                if s.output_token_ids:
+                    out = torch.tensor(s.output_token_ids, device=logits.device)
+                    counts[i] = torch.bincount(out, minlength=vocab)[:vocab].int()
+        apply_penalties(logits, prompt_mask, counts, self._column(states, "repetition_penalty"),
+                        self._column(states, "presence_penalty"), self._column(states, "frequency_penalty"))
+
+    def _column(self, states: list[SamplingState], name: str, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor([getattr(s.params, name) for s in states], dtype=dtype, device=self.device)
 
     def _draw(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        greedy = torch.tensor([s.params.greedy for s in states], device=logits.device)
-        if bool(greedy.all()):
-            return logits.argmax(dim=-1)
-        temperature = torch.tensor([max(s.params.temperature, 1e-5) if not s.params.greedy else 1.0 for s in states],
-                                   device=logits.device)
-        probs = filter_probs(torch.softmax(logits / temperature[:, None], dim=-1),
-                             top_k=[s.params.top_k for s in states], top_p=[s.params.top_p for s in states],
-                             min_p=[s.params.min_p for s in states])
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        if all(s.params.greedy for s in states):
+            return sample(logits, self._column(states, "temperature"))
+        noise = torch.empty_like(logits).exponential_(generator=self.generator)
         for i, s in enumerate(states):
             if s.generator is not None and not s.params.greedy:
                 noise[i].exponential_(generator=s.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
-
-
-def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int], repetition: float,
-                    presence: float, frequency: float) -> torch.Tensor:
-    """vLLM/OpenAI semantics: repetition over prompt and output; presence and frequency over the output only."""
-    device = logits.device
-    if repetition != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=device)
-        if len(seen):
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / repetition, vals * repetition)
-    if output_ids and (presence or frequency):
-        counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[0])[: logits.shape[0]]
-        logits = logits - frequency * counts - presence * (counts > 0)
-    return logits
-
-
-def filter_probs(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
-    """Zero out tokens outside top-k (ties at the k-th value kept), outside the smallest top-p nucleus, or below
-    min_p x the top probability; the most likely token always survives. Rows are renormalised."""
-    vocab = probs.shape[-1]
-    if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-        sorted_probs, _ = probs.sort(dim=-1, descending=True)
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=probs.device)
-        kth = sorted_probs.gather(1, (k - 1)[:, None])
-        sorted_probs = sorted_probs.masked_fill(sorted_probs < kth, 0.0)
-        # Nucleus: keep a token when the mass strictly before it (in sorted order) is below top_p.
-        p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
-        mass_before = (sorted_probs.cumsum(-1) - sorted_probs) / sorted_probs.sum(-1, keepdim=True)
-        keep = ((mass_before < p) | (p >= 1.0)) & (sorted_probs > 0)
-        cutoff = torch.where(keep, sorted_probs, torch.ones_like(sorted_probs)).min(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < cutoff, 0.0)
-    if any(m > 0 for m in min_p):
-        m = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None]
-        probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
-    return probs / probs.sum(-1, keepdim=True)
+        params = [s.params for s in states]
+        top_k = self._column(states, "top_k", torch.int64) if any(p.top_k > 0 for p in params) else None
+        top_p = self._column(states, "top_p") if any(p.top_p < 1.0 for p in params) else None
+        min_p = self._column(states, "min_p") if any(p.min_p > 0 for p in params) else None
+        return sample(logits, self._column(states, "temperature"), top_k, top_p, min_p, noise)
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> dict[int, float]:

@@ -1,7 +1,19 @@
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from engine.kernels import silu_and_mul as fused_silu_and_mul
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+class SiluAndMul(nn.Module):
+    """silu(gate) * up over the fused [gate | up] projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.use_triton = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            return fused_silu_and_mul(x)
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

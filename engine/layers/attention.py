@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import reshape_and_cache, unified_attention
+
 
 @dataclass
 class TorchAttentionPlan:
@@ -40,9 +42,16 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.use_triton = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
+        if self.use_triton and self.kv_cache is not None:
+            key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+            reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+            out = torch.empty_like(q)
+            return unified_attention(q, key_cache, value_cache, out, meta.query_start_loc, meta.seq_lens,
+                                     meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len)
         key_cache = value_cache = None  # no cache yet while profiling: every sequence is a fresh prompt
         if self.kv_cache is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from engine.kernels import rotary_embedding
+
 
 def rope_inv_freq(hf_config, head_dim: int, max_len: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin scale for this config (default, linear, llama3, yarn, dynamic, ...)."""
@@ -26,9 +28,13 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)
         # [max_len, head_dim] = cat(cos, sin), each over head_dim / 2, as vLLM lays it out.
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1), persistent=False)
+        self.head_dim = head_dim
+        self.use_triton = False
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
+        """q: [T, Hq, D], k: [T, Hk, D]; returns them rotated (in place on the Triton path)."""
+        if self.use_triton:
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import silu_and_mul
+from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding)
@@ -52,9 +52,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)], bias, tp, dtype)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias, tp, dtype)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -4,7 +4,8 @@ import torch
 from scipy import stats as scistats
 
 from engine import SamplingParams
-from engine.sampler import Sampler, SamplingState, apply_penalties, filter_probs
+from engine.kernels.sampling import apply_penalties
+from engine.sampler import Sampler, SamplingState
 
 VOCAB = 32
 
@@ -16,6 +17,21 @@ def states(params_list, seeds=None):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out.append(SamplingState(p, [1, 2, 3], [0], gen))
     return out
+
+
+def filtered_distribution(logits, p: SamplingParams) -> torch.Tensor:
+    """What the filters promise, computed the plain way: min_p, then top-k (ties kept), then the top-p nucleus."""
+    probs = torch.softmax(logits / p.temperature, -1)
+    keep = probs >= p.min_p * probs.max()
+    if p.top_k:
+        keep &= probs >= probs.sort(descending=True).values[p.top_k - 1]
+    kept = torch.where(keep, probs, 0.0)
+    sorted_p, order = kept.sort(descending=True)
+    mass_before = (sorted_p.cumsum(0) - sorted_p) / sorted_p.sum()
+    nucleus = torch.zeros_like(keep)
+    nucleus[order[(mass_before < p.top_p) & (sorted_p > 0)]] = True
+    kept = torch.where(nucleus, probs, 0.0)
+    return kept / kept.sum()
 
 
 def draw(sampler, logits, params, n, seed=None):
@@ -62,7 +78,7 @@ def test_filters_never_emit_excluded_tokens(sampler, logits, params, allowed):
 @pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=6), dict(temperature=1.3, top_p=0.8)])
 def test_draws_follow_the_filtered_distribution(sampler, logits, params):
     p = SamplingParams(**params)
-    expected = filter_probs(torch.softmax(logits[None] / p.temperature, -1), [p.top_k], [p.top_p], [p.min_p])[0]
+    expected = filtered_distribution(logits, p)
     n = 4000
     counts = draw(sampler, logits, p, n)
     support = expected > 0
@@ -93,10 +109,20 @@ def test_min_tokens_masks_stop_ids(sampler):
 
 
 def test_penalties_follow_openai_semantics():
-    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
-    out = apply_penalties(logits.clone(), prompt_ids=[0], output_ids=[1, 2, 2], repetition=2.0, presence=0.5,
-                          frequency=0.25)
-    assert out.tolist() == pytest.approx([1.0, -4.0 - 0.75, 0.5 - 1.0, 0.5])
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    prompt_mask = torch.tensor([[True, False, False, False]])
+    counts = torch.tensor([[0, 1, 2, 0]])
+    out = apply_penalties(logits.clone(), prompt_mask, counts, torch.tensor([2.0]), torch.tensor([0.5]),
+                          torch.tensor([0.25]))
+    assert out[0].tolist() == pytest.approx([1.0, -4.0 - 0.75, 0.5 - 1.0, 0.5])
+
+
+def test_engine_penalties_discourage_repeats(tiny_llm):
+    free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    penalized = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, frequency_penalty=2.0,
+                               presence_penalty=2.0)
+    a, b = (tiny_llm.generate(["aaaa"], p, use_tqdm=False)[0].outputs[0].token_ids for p in (free, penalized))
+    assert len(set(b)) > len(set(a))
 
 
 def test_logprobs_include_the_sampled_token_and_top_n(sampler, logits):

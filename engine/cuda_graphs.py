@@ -1,0 +1,73 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, replayed with the step's inputs copied in.
+
+A decode-only step of n sequences replays the graph of the smallest captured size >= n; the padding rows
+write no KV (slot -1) and attend over one cached slot, and their outputs are dropped.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("strata")
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, 256 + 1, 8)) + list(range(272, 512 + 1, 16))
+    return [s for s in sizes if s <= max_num_seqs] or [1]
+
+
+class DecodeGraphs:
+    def __init__(self, model, max_num_seqs: int, max_model_len: int, block_size: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_model_len = max_model_len
+        n, width = self.sizes[-1], -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+                                 seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+                                 max_seq_len=self.max_model_len, query_lens_cpu=[1] * bs, seq_lens_cpu=[])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            meta = self._meta(bs)
+            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up: Triton compiles outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+                self.hidden[:bs].copy_(hidden)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def size_for(self, num_seqs: int) -> int | None:
+        return next((s for s in self.sizes if s >= num_seqs), None)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = ids.shape[0]
+        bs = self.size_for(n)
+        self.input_ids[:n].copy_(ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:bs].fill_(1)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        self.graphs[bs].replay()
+        return self.hidden[:n]
