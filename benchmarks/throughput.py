@@ -142,7 +142,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**config.model_dump())
     start_s = time.perf_counter() - t0
-    print(f"engine ready in {start_s:.1f} s ({setup.device}, {setup.dtype})")
+    runner = getattr(llm.engine.executor, "runner", None)
+    kernels = "triton" if runner is not None and runner.use_triton else "torch"
+    graphs = runner is not None and runner.graphs is not None
+    print(f"engine ready in {start_s:.1f} s ({setup.device}, {setup.dtype}, {kernels} kernels, "
+          f"CUDA graphs {'on' if graphs else 'off'})")
     warm = workloads.get("W1", load_workload("W1", vocab, None))[0]
     llm.generate([warm[0][:32]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
 
@@ -150,7 +154,8 @@ def main(argv=None) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(resolved_device=str(setup.device), resolved_dtype=str(setup.dtype),
                     max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
-                    kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size)
+                    kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size, kernels=kernels,
+                    cuda_graphs=graphs)
     path = None
     for name, (prompts, out_lens, folded) in workloads.items():
         if args.cprofile and name == "W1":
