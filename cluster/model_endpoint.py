@@ -1,0 +1,169 @@
+"""ModelEndpoint: the ingress's side of one served model — its tokenizer, and requests sent to its replicas.
+
+A request is submitted through the model's streaming DeploymentHandle (whose router is PrefixAwareRouter) and
+the ingress waits for the replica's `Accepted` before it answers the client, so every failure to start becomes
+a proper HTTP status: 429 when the model's queue is full, 503 (with Retry-After) when no replica took the
+request within `queue_timeout_s` — the model is scaled to zero and a replica is starting, or all replicas
+are busy — and 400 when the engine refused the input.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from cluster.config import LimitsConfig, ModelConfig
+from cluster.protocol import APIError
+from cluster.replica import Accepted, GenerateRequest, Rejected
+from engine import SamplingParams, StreamDelta
+from engine.model_source import resolve_model
+from engine.tokenizer import apply_chat_template, load_tokenizer
+
+logger = logging.getLogger("strata")
+
+
+@dataclass
+class ReplicaStream:
+    """An accepted request: the replica's stream of StreamDeltas."""
+
+    generator: DeploymentResponseGenerator
+    replica_id: str
+    queue_time: float
+
+    def cancel(self) -> None:
+        cancel_quietly(self.generator)
+
+
+def cancel_quietly(generator: DeploymentResponseGenerator) -> None:
+    """Cancel a handle call (aborting its engine request); Serve's cancel() re-raises the call's own error."""
+    try:
+        generator.cancel()
+    except Exception:  # noqa: BLE001 - the call already failed or finished: nothing left to cancel
+        pass
+
+
+class ModelEndpoint:
+    def __init__(self, config: ModelConfig, handle: DeploymentHandle, limits: LimitsConfig):
+        self.config = config
+        self.name = config.served_name
+        self.limits = limits
+        self.handle = handle
+        self.stream_handle = handle.options(stream=True, method_name="generate")
+        self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision))
+
+    # -- prompts --------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None) -> list[int]:
+        try:
+            return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                       chat_template=chat_template)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        except Exception as e:  # noqa: BLE001 - a template error (jinja) is the request's fault
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+
+    # -- requests -------------------------------------------------------------------------------------------
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> ReplicaStream:
+        """Send a request to a replica and wait until one accepts it; raises APIError otherwise."""
+        start = time.monotonic()
+        generator: DeploymentResponseGenerator | None = None
+        try:
+            # Serve raises BackPressureError from .remote() itself or from the first item, depending on its loop.
+            generator = self.stream_handle.remote(GenerateRequest(request_id, prompt_token_ids, params))
+            first = await asyncio.wait_for(generator.__anext__(), timeout=self.config.queue_timeout_s)
+        except BaseException as e:  # includes cancellation: the client went away while we waited
+            if generator is not None:
+                cancel_quietly(generator)
+            error = self._submit_error(e) if isinstance(e, Exception) else e
+            if error is e:
+                raise
+            raise error from None
+        if isinstance(first, Rejected):
+            headers = self._retry_after() if first.status in (429, 503) else None
+            raise APIError(first.status, first.message, first.type, headers=headers)
+        assert isinstance(first, Accepted), f"unexpected first item from a replica: {first!r}"
+        return ReplicaStream(generator, first.replica_id, time.monotonic() - start)
+
+    async def engine_stats(self, timeout_s: float = 5.0) -> list[dict] | None:
+        """Every replica's `engine_stats`, or None when the model has no replica right now."""
+        try:
+            results = await self.handle.broadcast("engine_stats").results_async(
+                timeout_s=timeout_s, return_exceptions=True)
+        except (DeploymentUnavailableError, TimeoutError):
+            return None
+        return [r for r in results if isinstance(r, dict)]
+
+    async def health(self) -> dict:
+        stats = await self.engine_stats()
+        healthy = sum(1 for s in stats or [] if s["healthy"])
+        # A model allowed to scale to zero is healthy with no replica: its first request starts one.
+        ok = healthy > 0 or (not stats and self.config.min_replicas == 0)
+        return {"healthy": ok, "replicas": len(stats or []), "healthy_replicas": healthy}
+
+    def _submit_error(self, e: Exception) -> Exception:
+        if isinstance(e, asyncio.TimeoutError):
+            return self._unavailable(f"no replica of model {self.name!r} could take the request within "
+                                     f"{self.config.queue_timeout_s:g} s (replicas busy or starting)")
+        if isinstance(e, BackPressureError):
+            return APIError(429, f"model {self.name!r} has {self.config.max_queue_size} requests queued; retry "
+                            "later", "rate_limit_error", code="queue_full", headers=self._retry_after())
+        if isinstance(e, DeploymentUnavailableError):
+            return self._unavailable(f"model {self.name!r} is unavailable (its deployment failed)")
+        if isinstance(e, StopAsyncIteration):
+            return self._unavailable(f"the replica of model {self.name!r} closed the request")
+        if isinstance(e, RayError):
+            logger.warning("submitting to %s failed: %s", self.name, e)
+            return self._unavailable(f"the replica of model {self.name!r} failed: {type(e).__name__}")
+        return e
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.limits.retry_after_s)}
+
+    def _unavailable(self, message: str) -> APIError:
+        return APIError(503, message, "service_unavailable", code="model_unavailable", headers=self._retry_after())
+
+
+async def stream_deltas(stream: ReplicaStream) -> AsyncIterator[StreamDelta]:
+    """The replica's deltas; a replica that dies mid-stream ends it with an error delta."""
+    try:
+        async for delta in stream.generator:
+            yield delta
+    except RayError as e:
+        yield StreamDelta("", 0, [], "", error=f"the model replica failed: {type(e).__name__}")
+
+
+async def merge_streams(streams: list[ReplicaStream]) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """Deltas of several requests (one per prompt) as they come, tagged with the prompt's position."""
+    if len(streams) == 1:
+        async for delta in stream_deltas(streams[0]):
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: ReplicaStream) -> None:
+        try:
+            async for delta in stream_deltas(stream):
+                queue.put_nowait((i, delta))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, delta = await queue.get()
+            if delta is None:
+                remaining -= 1
+            else:
+                yield i, delta
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,114 @@
+"""EngineReplica: the Serve deployment that owns one AsyncEngine and streams its outputs to the ingress.
+
+Wire protocol of `generate` (a streaming method, called through `handle.options(stream=True)`):
+the first item is `Accepted` (the replica took the request) or `Rejected` (bad input, queue full, engine
+down); after `Accepted` come the engine's `StreamDelta`s until every completion has finished. Cancelling
+the call (the client went away) aborts the engine request, which frees its KV blocks.
+
+Besides serving, the replica reports:
+- `record_routing_stats`: load and recently cached prefix-block hashes, pulled by the Serve controller and
+  handed to every router (cluster/routing.py);
+- `record_autoscaling_stats`: queue depth and KV usage, pushed to the controller for QueueDepthPolicy;
+- `engine_stats`: everything for /metrics and `strata status`, fetched with `handle.broadcast`;
+- `check_health`: Serve restarts the replica when the engine loop died or stalled.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ray import serve
+
+from cluster.config import ModelConfig
+from engine import SamplingParams
+
+logger = logging.getLogger("strata")
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Accepted:
+    replica_id: str
+
+
+@dataclass
+class Rejected:
+    status: int  # the HTTP status the ingress answers with
+    message: str
+    type: str = "invalid_request_error"
+
+
+class EngineReplica:
+    def __init__(self, model_config: dict):
+        self.config = ModelConfig.model_validate(model_config)
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context else "local"
+        self.max_ongoing_requests = self.config.max_ongoing_requests or self.config.max_num_seqs
+        from engine import AsyncEngine  # torch loads here, in the replica, not in the ingress that imports this module
+
+        self.engine = AsyncEngine(self.config.engine_config())
+        self.num_active = 0
+        logger.info("replica %s of %r ready", self.replica_id, self.config.served_name)
+
+    async def generate(self, request: GenerateRequest):
+        if self.num_active >= self.max_ongoing_requests:  # Serve's own limit normally stops requests earlier
+            yield Rejected(429, f"replica queue is full ({self.num_active} requests)", "rate_limit_error")
+            return
+        try:
+            stream = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params)
+        except ValueError as e:
+            yield Rejected(400, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - the engine is down; Serve's health check will replace us
+            yield Rejected(503, f"model replica unavailable: {e}", "service_unavailable")
+            return
+        self.num_active += 1
+        finished = False
+        try:
+            yield Accepted(self.replica_id)
+            async for delta in stream:
+                yield delta
+            finished = True
+        finally:
+            self.num_active -= 1
+            if not finished:  # cancelled: the stream may never have started, so abort explicitly too
+                self.engine.abort(request.request_id)
+                await stream.aclose()
+
+    # -- reports --------------------------------------------------------------------------------------------
+    def record_routing_stats(self) -> dict:
+        s = self.engine.stats()
+        return {"waiting": s.waiting, "running": s.running, "kv_blocks_free": s.kv_blocks_total - s.kv_blocks_used,
+                "cached_block_hashes": s.cached_block_hashes}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = self.engine.stats()
+        return {"queue_depth": float(max(s.waiting + s.running, self.num_active)),
+                "kv_cache_usage": float(s.kv_cache_usage)}
+
+    def engine_stats(self) -> dict:
+        s = self.engine.stats()
+        stats = {k: v for k, v in vars(s).items() if k != "cached_block_hashes"}
+        healthy, error = True, None
+        try:
+            self.engine.check_health()
+        except Exception as e:  # noqa: BLE001
+            healthy, error = False, str(e)
+        return {**stats, "model": self.config.served_name, "replica": self.replica_id, "healthy": healthy,
+                "error": error, "active_requests": self.num_active, "max_model_len": self.engine.max_model_len,
+                "kv_cache_usage": s.kv_cache_usage, "prefix_cache_hit_rate": s.prefix_cache_hit_rate}
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+

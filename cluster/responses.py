@@ -1,0 +1,148 @@
+"""ResponseBuilder: turns one API request's engine deltas into OpenAI responses — whole, or as SSE chunks.
+
+Choice `index` is prompt_position * n + completion index, as in OpenAI's batched completions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
+                              ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionLogprobs,
+                              CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob, TopLogprob,
+                              UsageInfo)
+from engine import StreamDelta
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # the prompt as the client sent it (for echo), when it was text
+
+
+@dataclass
+class ChoiceState:
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    completion_logprobs: CompletionLogprobs | None = None
+    chat_logprobs: list[TokenLogprob] = field(default_factory=list)
+    started: bool = False
+
+
+class ResponseBuilder:
+    def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str, tokenizer,
+                 prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False):
+        self.kind, self.request_id, self.model, self.tokenizer = kind, request_id, model, tokenizer
+        self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
+        self.choices = [ChoiceState() for _ in range(len(prompts) * n)]
+        self.cached_tokens = [0] * len(prompts)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    # -- whole responses ------------------------------------------------------------------------------------
+    def add(self, prompt_index: int, delta: StreamDelta) -> int:
+        """Fold one delta into its choice; returns the choice index."""
+        self.chunk(prompt_index, delta)
+        return prompt_index * self.n + delta.index
+
+    def response(self) -> CompletionResponse | ChatCompletionResponse:
+        if self.kind == "chat":
+            return ChatCompletionResponse(id=self.request_id, model=self.model, usage=self.usage(), choices=[
+                ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                           stop_reason=c.stop_reason,
+                           logprobs=ChatLogprobs(content=c.chat_logprobs) if self.top_n is not None else None)
+                for i, c in enumerate(self.choices)])
+        return CompletionResponse(id=self.request_id, model=self.model, usage=self.usage(), choices=[
+            CompletionChoice(index=i, text=c.text, logprobs=c.completion_logprobs, finish_reason=c.finish_reason,
+                             stop_reason=c.stop_reason) for i, c in enumerate(self.choices)])
+
+    def usage(self) -> UsageInfo:
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        completion_tokens = sum(c.num_tokens for c in self.choices)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens)))
+
+    # -- streams --------------------------------------------------------------------------------------------
+    def role_chunk(self) -> ChatCompletionChunk:
+        """Chat streams open with the assistant role for every choice, before any token exists."""
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[
+            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            for i in range(len(self.choices))])
+
+    def usage_chunk(self) -> ChatCompletionChunk | CompletionChunk:
+        cls = ChatCompletionChunk if self.kind == "chat" else CompletionChunk
+        return cls(id=self.request_id, model=self.model, choices=[], usage=self.usage())
+
+    def chunk(self, prompt_index: int, delta: StreamDelta) -> ChatCompletionChunk | CompletionChunk:
+        """Fold one delta into its choice and return the stream chunk that carries it."""
+        index = prompt_index * self.n + delta.index
+        c = self.choices[index]
+        self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], delta.num_cached_tokens)
+        c.num_tokens += len(delta.token_ids)
+        c.finish_reason, c.stop_reason = delta.finish_reason, delta.stop_reason
+        if self.kind == "chat":
+            logprobs = self._chat_logprobs(delta) if self.top_n is not None else None
+            c.text += delta.text
+            if logprobs:
+                c.chat_logprobs.extend(logprobs)
+            return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[ChatChunkChoice(
+                index=index, delta=DeltaMessage(content=delta.text), finish_reason=delta.finish_reason,
+                stop_reason=delta.stop_reason,
+                logprobs=ChatLogprobs(content=logprobs) if logprobs is not None else None)])
+        text, logprobs = "", CompletionLogprobs() if self.top_n is not None else None
+        if not c.started and self.echo:
+            prompt = self.prompts[prompt_index]
+            text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+            if logprobs is not None:
+                self._add_completion_logprobs(logprobs, prompt.token_ids, delta.prompt_logprobs, len(c.text))
+        text += delta.text
+        if logprobs is not None:
+            offset = len(c.text) + len(text) - len(delta.text)  # where this delta's text starts in the choice
+            self._add_completion_logprobs(logprobs, delta.token_ids, delta.logprobs, offset)
+            c.completion_logprobs = c.completion_logprobs or CompletionLogprobs()
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(c.completion_logprobs, key).extend(getattr(logprobs, key))
+        c.started = True
+        c.text += text
+        return CompletionChunk(id=self.request_id, model=self.model, choices=[CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason)])
+
+    # -- logprobs -------------------------------------------------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[: self.top_n]
+
+    def _chat_logprobs(self, delta: StreamDelta) -> list[TokenLogprob]:
+        out = []
+        for token_id, entry in zip(delta.token_ids, delta.logprobs or []):
+            token = self._token(token_id)
+            out.append(TokenLogprob(token=token, logprob=entry.get(token_id, float("-inf")),
+                                    bytes=list(token.encode()), top_logprobs=[
+                                        TopLogprob(token=(t := self._token(tid)), logprob=lp, bytes=list(t.encode()))
+                                        for tid, lp in self._top(entry)]))
+        return out
+
+    def _add_completion_logprobs(self, out: CompletionLogprobs, token_ids: list[int],
+                                 entries: list | None, offset: int) -> None:
+        entries = entries or [None] * len(token_ids)
+        for token_id, entry in zip(token_ids, entries):
+            token = self._token(token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(entry.get(token_id) if entry else None)
+            out.top_logprobs.append({self._token(t): lp for t, lp in self._top(entry)} if entry else None)
+            out.text_offset.append(offset)
+            offset += len(token)
+
+
+def sse(payload) -> str:
+    """One server-sent event; pydantic models are serialized as JSON."""
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else payload
+    return f"data: {data}\n\n"

@@ -1,0 +1,61 @@
+"""ClusterConfig: YAML loading, validation, the engine options split, and replica placement bundles."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cluster.app import autoscaling_config, replica_resources
+from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
+from engine import EngineConfig
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"model": "demo", "name": "a", "tensor_parallel_size": 2, "min_replicas": 0, "max_replicas": 4},
+                   {"model": "smollm2-135m-instruct"}],
+        "routing": "power_of_two", "http": {"host": "0.0.0.0", "port": 9000}, "api_keys": ["k"],
+        "limits": {"max_n": 2}}))
+    config = ClusterConfig.from_yaml(path)
+    assert [m.served_name for m in config.models] == ["a", "smollm2-135m-instruct"]
+    assert config.model("a").world_size == 2 and config.http.port == 9000 and config.limits.max_n == 2
+    engine = config.models[0].engine_config()
+    assert isinstance(engine, EngineConfig) and engine.tensor_parallel_size == 2 and engine.model == "demo"
+
+
+@pytest.mark.parametrize("data", [
+    {"models": [{"model": "demo", "min_replicas": 3, "max_replicas": 2}]},
+    {"models": [{"model": "demo"}, {"model": "demo"}]},  # same served name twice
+    {"models": [{"model": "demo", "block_size": 24}]},  # an engine option, validated by EngineConfig
+    {"models": [{"model": "demo", "no_such_key": 1}]},
+    {"routing": "random"},
+    {"models": []},
+])
+def test_invalid_configs_are_rejected(data):
+    with pytest.raises(ValidationError):
+        ClusterConfig.model_validate(data)
+
+
+def test_deployment_names_are_safe():
+    assert engine_deployment_name("org/model:v1") == "EngineReplica-org-model-v1"
+
+
+def test_placement_bundles_hold_one_shard_each_and_the_replica_in_the_first():
+    m = ModelConfig(model="demo", tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_replica=2)
+    actor, bundles, strategy = replica_resources(m, gpu=True)
+    assert bundles == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert actor == {"num_cpus": 2.0, "num_gpus": 0} and strategy == "PACK"
+    actor, bundles, _ = replica_resources(ModelConfig(model="demo", tensor_parallel_size=2), gpu=False)
+    assert bundles == [{"CPU": 2.0}, {"CPU": 1.0}]
+    actor, bundles, strategy = replica_resources(ModelConfig(model="demo"), gpu=True)
+    assert bundles == [{"CPU": 1.0, "GPU": 1.0}] and actor["num_gpus"] == 1 and strategy == "STRICT_PACK"
+
+
+def test_autoscaling_config_carries_bounds_delays_and_policy():
+    m = ModelConfig(model="demo", min_replicas=0, max_replicas=5, upscale_delay_s=1, downscale_delay_s=7,
+                    target_queue_depth=12)
+    a = autoscaling_config(m)
+    assert (a.min_replicas, a.max_replicas, a.upscale_delay_s, a.downscale_delay_s) == (0, 5, 1, 7)
+    assert a.policy.policy_function == "cluster.autoscaling:QueueDepthPolicy"
+    assert a.policy.policy_kwargs["target_queue_depth"] == 12

@@ -1,0 +1,244 @@
+"""The OpenAI API end to end: real Ray Serve, real HTTP, the `openai` client, the demo model."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from cluster.config import ClusterConfig, LimitsConfig, ModelConfig
+from engine import SamplingParams
+from cluster_testing import deploy, metrics, replica_metric, wait_for
+
+API_KEY = "test-key"
+CONFIG = ClusterConfig(
+    models=[
+        ModelConfig(model="demo", num_kv_blocks=512, max_num_seqs=32),
+        # One request at a time and one waiting: the third is turned away with 429.
+        ModelConfig(model="demo", name="demo-tiny-queue", num_kv_blocks=256, max_ongoing_requests=1, max_queue_size=1),
+    ],
+    api_keys=[API_KEY],
+    limits=LimitsConfig(max_request_bytes=64 * 1024, max_n=4),
+)
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url):
+    yield from deploy(serve_url, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from engine import LLM
+
+    llm = LLM(model="demo", num_kv_blocks=256)
+    yield llm
+    llm.shutdown()
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# -- generation -----------------------------------------------------------------------------------------------
+def test_greedy_completion_equals_offline_engine(client, offline):
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=24, temperature=0)
+    expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    choice = out.choices[0]
+    assert choice.text == expected.outputs[0].text
+    assert choice.finish_reason == expected.outputs[0].finish_reason
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert out.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_greedy_chat_equals_offline_engine(client, offline):
+    out = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=16, temperature=0)
+    expected = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected.outputs[0].text
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert out.usage.completion_tokens == len(expected.outputs[0].token_ids)
+
+
+def test_chat_stream_matches_whole_response_and_reports_usage(client):
+    whole = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_stream_is_sse_ending_with_done(base_url):
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=auth(), timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_n_and_batched_prompts(client):
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=6, temperature=0.9, seed=3, n=3,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert out.usage.completion_tokens == 18
+    batch = client.completions.create(model="demo", prompt=["Hello world", PROMPT], max_tokens=4, n=2,
+                                      extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    assert batch.usage.completion_tokens == 16
+
+
+def test_seed_reproducibility(client):
+    def sample(seed):
+        return client.completions.create(model="demo", prompt=PROMPT, max_tokens=20, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stop_string_ends_the_completion(client):
+    full = client.completions.create(model="demo", prompt=PROMPT, max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[8:11]
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[:full.index(stop)]
+
+
+def test_logprobs(client):
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = out.choices[0]
+    assert choice.text.startswith(PROMPT)
+    lp = choice.logprobs
+    assert len(lp.tokens) == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    chat = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+# -- the rest of the API --------------------------------------------------------------------------------------
+def test_models_health_and_metrics(client, base_url):
+    assert sorted(m.id for m in client.models.list().data) == ["demo", "demo-tiny-queue"]
+    health = httpx.get(f"{base_url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    names = set(metrics(base_url))
+    for name in ["strata_time_to_first_token_seconds_count", "strata_inter_token_latency_seconds_count",
+                 "strata_e2e_request_latency_seconds_count", "strata_request_queue_time_seconds_count",
+                 "strata_requests_total", "strata_prompt_tokens_total", "strata_generation_tokens_total",
+                 "strata_num_requests_waiting", "strata_num_requests_running", "strata_kv_cache_usage_ratio",
+                 "strata_prefix_cache_hit_rate", "strata_num_preemptions_total", "strata_num_replicas"]:
+        assert name in names, name
+    assert sum(replica_metric(base_url, "strata_generation_tokens_total", "demo").values()) > 0
+
+
+def test_errors_are_openai_shaped(client, base_url):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt=PROMPT)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt=PROMPT, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="demo", prompt=PROMPT, n=5)  # above limits.max_n
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="demo", prompt=PROMPT, extra_body={"max_token": 3})  # unknown key
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt=list(range(1, 2100)), max_tokens=1)  # > max_model_len
+    assert "max_model_len" in e.value.message
+
+    def post(body: bytes | dict, headers=None) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(f"{base_url}/v1/completions", content=content, timeout=30,
+                          headers={"Content-Type": "application/json", **(auth() if headers is None else headers)})
+
+    for response, status in [(post(b"{not json"), 400), (post({"model": "demo", "prompt": "x" * 70_000}), 413),
+                             (post({"model": "demo", "prompt": PROMPT}, headers={}), 401),
+                             (post({"model": "demo", "prompt": PROMPT}, {"Authorization": "Bearer wrong"}), 401),
+                             (httpx.get(f"{base_url}/v1/nothing-here", headers=auth()), 404)]:
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_disconnected_stream_frees_its_blocks(base_url):
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=auth(), timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert sum(replica_metric(base_url, "strata_kv_cache_blocks_used", "demo").values()) > 0
+    # The client is gone: the engine request is aborted and every block returns to the pool.
+    wait_for(lambda: blocks_in_use(base_url) == 0, timeout=20, what="the aborted request's KV blocks to be freed")
+
+
+def test_client_that_gives_up_on_a_whole_response_frees_its_blocks(base_url):
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=body, headers=auth(), timeout=1.5)
+    wait_for(lambda: blocks_in_use(base_url) == 0, timeout=20, what="the abandoned request's KV blocks to be freed")
+
+
+def blocks_in_use(base_url: str) -> float:
+    used = replica_metric(base_url, "strata_kv_cache_blocks_used", "demo")
+    running = replica_metric(base_url, "strata_num_requests_running", "demo")
+    return sum(used.values()) + sum(running.values())
+
+
+def test_backpressure_answers_429_quickly(base_url):
+    body = {"model": "demo-tiny-queue", "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    stop = threading.Event()
+
+    def hold_stream(started: threading.Event):
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=auth(), timeout=120) as r:
+            started.set()
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    running, queued = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=hold_stream, args=(running,), daemon=True)]
+    threads[0].start()
+    assert running.wait(60), "the first request never started"
+    threads.append(threading.Thread(target=hold_stream, args=(queued,), daemon=True))
+    threads[1].start()  # waits in the model's queue (size 1) for the only slot
+    time.sleep(1.0)
+    try:
+        start = time.monotonic()
+        r = httpx.post(f"{base_url}/v1/completions", headers=auth(), timeout=30,
+                       json={"model": "demo-tiny-queue", "prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 429, r.text
+        assert time.monotonic() - start < 5
+        assert int(r.headers["retry-after"]) >= 0
+        assert r.json()["error"]["code"] == "queue_full"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
