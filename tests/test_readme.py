@@ -18,3 +18,23 @@ def test_set_up_commands_exist():
 def test_every_engine_option_is_in_the_readme_table():
     for name, field in EngineConfig.model_fields.items():
         assert f"| `{name}` | `{field.default!r}` |" in README, f"README lacks the engine option {name}"
+
+
+def test_every_cluster_option_is_in_the_readme():
+    from cluster.config import ClusterConfig, HTTPConfig, LimitsConfig, ModelConfig
+
+    for cls in (ClusterConfig, HTTPConfig, LimitsConfig, ModelConfig):
+        for name in cls.model_fields:
+            assert f"| `{name}` |" in README, f"README lacks the {cls.__name__} option {name}"
+
+
+def test_readme_metric_names_are_exported():
+    import re
+
+    source = (ROOT / "cluster" / "metrics.py").read_text()
+    names = set(re.findall(r"`(strata_[a-z0-9_]+)", README))
+    assert len(names) > 10
+    for name in names:
+        base = name.removeprefix("strata_")  # metrics.py adds the prefix, and prometheus-client the counters' _total
+        assert f'"{base}"' in source or f'"{base.removesuffix("_total")}"' in source, \
+            f"README names {name}, which cluster/metrics.py lacks"
