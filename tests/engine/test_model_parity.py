@@ -48,3 +48,20 @@ def ref_next_logprob(hf, prompt, out):
     with torch.no_grad():
         logits = hf(torch.tensor([prompt])).logits[0, -1].float()
     return torch.log_softmax(logits, -1)[out.outputs[0].token_ids[0]].item()
+
+
+def test_sharded_checkpoint_and_dtype_override(tiny_model_dir, tmp_path):
+    """A checkpoint split over several safetensors files (model.safetensors.index.json) loads like one file."""
+    src = tiny_model_dir("llama")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    prompts = random_prompts(lens=(9, 30))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(str(src)).generate(prompts, params, use_tqdm=False)]
+    sharded = LLM(str(tmp_path))
+    assert [o.outputs[0].token_ids for o in sharded.generate(prompts, params, use_tqdm=False)] == expected
+    half = LLM(str(tmp_path), dtype="bfloat16")
+    assert half.engine.setup.dtype == torch.bfloat16
+    assert all(len(o.outputs[0].token_ids) == 8 for o in half.generate(prompts, params, use_tqdm=False))
