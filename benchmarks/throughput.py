@@ -70,6 +70,34 @@ def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, dtype,
             "num_prompts": len(prompts)}
 
 
+def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: float) -> dict:
+    """Time pure decode steps of `batch` sequences at `ctx` tokens of context against the bytes each step must
+    move (all weights once, plus every sequence's KV), at the device's copy bandwidth."""
+    from engine import SamplingParams
+
+    core = llm.engine
+    for i in range(batch):
+        core.add_request(f"roofline-{i}", [(i * 7 + j) % 1000 + 3 for j in range(ctx)],
+                         SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0))
+    while any(not r.output_token_ids for r in core.scheduler.requests.values()):  # prefill everything first
+        core.step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    _sync()
+    seconds = (time.perf_counter() - t0) / steps
+    while core.has_work:
+        core.step()
+    cfg = core.setup.hf_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in core.executor.runner.model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = batch * (ctx + steps // 2) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    bound = (weight_bytes + kv_bytes) / copy_bytes_per_s
+    return {"batch": batch, "context": ctx, "ms_per_step": seconds * 1e3, "roofline_ms": bound * 1e3,
+            "fraction_of_roofline": bound / seconds, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+
+
 def _cprofile(llm, prompts, out_lens) -> None:
     """Where a batch-1 decode step spends its host time (printed, not recorded)."""
     import cProfile
@@ -117,6 +145,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--cprofile", action="store_true", help="print a host-side profile of 64 batch-1 decode steps")
+    ap.add_argument("--decode-roofline", action="store_true",
+                    help="also time decode at batch 64 with 1k context against the bytes-moved roofline (CUDA)")
     args = ap.parse_args(argv)
 
     from engine import LLM, SamplingParams
@@ -173,6 +203,13 @@ def main(argv=None) -> dict:
             line += f" ({res['speedup_vs_transformers']:.2f}x transformers)"
         print(line, flush=True)
         path = write_result("throughput", settings, figures, args.out_dir, path)  # rewritten after each workload
+    if args.decode_roofline:
+        from benchmarks.kernels import copy_bandwidth
+
+        figures["decode_b64_ctx1024"] = res = decode_roofline(llm, 64, 1024, 32, copy_bandwidth())
+        print(f"decode at batch 64, 1k context: {res['ms_per_step']:.2f} ms per step, "
+              f"{100 * res['fraction_of_roofline']:.0f}% of the {res['roofline_ms']:.2f} ms roofline")
+        path = write_result("throughput", settings, figures, args.out_dir, path)
     print(f"wrote {path}")
     return figures
 
