@@ -38,3 +38,10 @@ def test_readme_metric_names_are_exported():
         base = name.removeprefix("strata_")  # metrics.py adds the prefix, and prometheus-client the counters' _total
         assert f'"{base}"' in source or f'"{base.removesuffix("_total")}"' in source, \
             f"README names {name}, which cluster/metrics.py lacks"
+
+
+def test_files_the_readme_names_exist():
+    import re
+
+    for path in set(re.findall(r"`((?:deploy|helm|benchmarks)/[\w./-]+\.\w+)`", README)):
+        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
