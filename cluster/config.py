@@ -47,6 +47,9 @@ class ModelConfig(EngineConfig):
     routing_stats_period_s: float = Field(
         1.0, gt=0, description="How often replicas report their cached prefixes and load to the router.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve probes each replica's engine.")
+    request_retries: int = Field(
+        2, ge=0, description="Times a request moves to another replica when its replica fails before any of its "
+                             "output reached the client.")
 
     @property
     def served_name(self) -> str:
@@ -103,6 +106,8 @@ class ClusterConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     app_name: str = Field("strata", description="Name of the Serve application.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    log_requests: bool = Field(False, description="Log every request's body, prompts included (debugging only: "
+                                                  "prompts may hold personal data).")
 
     @field_validator("api_keys")
     @classmethod

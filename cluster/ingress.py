@@ -4,9 +4,16 @@ POST /v1/completions, POST /v1/chat/completions (whole or SSE, ending with `data
 GET /health (200 only when every model can serve), GET /metrics (Prometheus). Errors are OpenAI-shaped:
 `{"error": {"message", "type", "param", "code"}}` with 400 (bad request), 401 (API key), 404 (model or route),
 413 (body too large), 429 (queue full, Retry-After), 503 (no replica in time, Retry-After), 500.
-/health and /metrics need no API key, so load balancers and Prometheus can reach them.
+/health, /metrics and /openapi.json need no API key, so load balancers, Prometheus and API tools can reach them.
+
+A request whose replica fails moves to another replica (up to the model's `request_retries`) as long as none of
+its output has reached the client: a whole response always can, a stream until its first token. A stream that
+already sent tokens ends with an error event and `data: [DONE]`. Request bodies are parsed as JSON only (never
+unpickled) and logged only with `log_requests: true`.
 """
 import asyncio
+import hashlib
+import os
 import hmac
 import json
 import logging
@@ -15,21 +22,40 @@ from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ServingMetrics
-from cluster.model_endpoint import ModelEndpoint, ReplicaStream, merge_streams
+from cluster.model_endpoint import ModelEndpoint, ReplicaFailure, ReplicaStream, merge_streams
 from cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
-                              SamplingRequest, new_id)
+                              SamplingRequest, invalid_text_field, new_id, request_body_schemas)
 from cluster.responses import Prompt, ResponseBuilder, sse
 
 logger = logging.getLogger("strata")
 
 app = FastAPI(title="Strata", docs_url=None, redoc_url=None)
+ROUTE_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+
+
+def openapi_schema(models: list[str] | None = None) -> dict:
+    """FastAPI's schema plus the request bodies, which the endpoints parse themselves (size limit first), with
+    `model` limited to the served names."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components, bodies = request_body_schemas(ROUTE_BODIES, models)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        for path, body in bodies.items():
+            schema["paths"][path]["post"]["requestBody"] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = openapi_schema
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -56,20 +82,43 @@ async def _http_error(request: Request, error: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception):
+    if isinstance(error, TaskCancelledError):  # the client went away mid-stream: nobody to answer
+        return Response(status_code=499)
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return error_response(APIError(500, f"internal error: {type(error).__name__}", "internal_error"))
 
 
 def pydantic_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    param = error_param(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument supplied: {param}", param=param)
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+def error_param(loc: tuple) -> str | None:
+    """The request field a pydantic error location names, without its union-member tags ('str', 'list[int]')."""
+    parts = []
+    for p in loc:
+        if isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p or "-" in p or p[:1].isupper()):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or None
 
 
 def _has_content(chunk) -> bool:
     c = chunk.choices[0]
     text = c.delta.content if hasattr(c, "delta") else c.text
     return bool(text) or c.finish_reason is not None or c.logprobs is not None
+
+
+def cancel_all(streams: list[ReplicaStream]) -> None:
+    for s in streams:
+        s.cancel()
+
+
+def replica_header(streams: list[ReplicaStream]) -> dict[str, str]:
+    return {"X-Strata-Replica": ",".join(s.replica_id for s in streams)}
 
 
 class RequestTiming:
@@ -105,7 +154,11 @@ class OpenAIIngress:
         self.metrics = ServingMetrics()
         self.models = {m.served_name: ModelEndpoint(m, engines[m.served_name], self.config.limits)
                        for m in self.config.models}
-        self.api_keys = [k.encode() for k in self.config.api_keys]
+        # Keys from a secret (the Helm chart's apiKeySecret) arrive as STRATA_API_KEYS, comma-separated.
+        env_keys = [k.strip() for k in os.environ.get("STRATA_API_KEYS", "").split(",") if k.strip()]
+        self.api_keys = [hashlib.sha256(k.encode()).digest() for k in [*self.config.api_keys, *env_keys]]
+        app.openapi_schema = None  # one ingress per process: its schema names its models
+        app.openapi = lambda: openapi_schema(list(self.models))
 
     # -- endpoints ------------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -115,6 +168,7 @@ class OpenAIIngress:
         with self._counted(body.model):
             raw_prompts = body.prompts(self.config.limits)
             params = body.to_sampling_params(self.config.limits)
+            endpoint.check_limits(params, logprobs_param="logprobs")
             prompts = [Prompt(endpoint.encode(p), p if isinstance(p, str) else None) for p in raw_prompts]
             builder = ResponseBuilder("completion", new_id("cmpl"), body.model, endpoint.tokenizer, prompts,
                                       params.n, body.logprobs, body.echo)
@@ -126,11 +180,15 @@ class OpenAIIngress:
         endpoint = self._endpoint(body.model)
         with self._counted(body.model):
             params = body.to_sampling_params(self.config.limits)
+            endpoint.check_limits(params, logprobs_param="top_logprobs")
             messages = [m.template_dict() for m in body.messages]
             ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template)
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, endpoint.tokenizer, [Prompt(ids)],
                                       params.n, params.logprobs)
-            return await self._generate(endpoint, body, builder, params)
+            # What the replica names "prompt" and "max_tokens" are these fields of a chat request.
+            fields = {"prompt": "messages",
+                      "max_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
+            return await self._generate(endpoint, body, builder, params, fields)
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
@@ -168,11 +226,20 @@ class OpenAIIngress:
             if len(body) > limit:
                 raise too_large
         try:
-            data = json.loads(body)
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
+        try:
+            data = json.loads(text)
         except ValueError as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
+        if "\\u" in text and (param := invalid_text_field(data)):  # JSON escapes can spell lone surrogates
+            raise APIError(400, f"{param}: the text holds a lone UTF-16 surrogate, which is not valid Unicode",
+                           param=param)
+        if self.config.log_requests:
+            logger.info("%s %s: %s", request.method, request.url.path, text)
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -182,7 +249,8 @@ class OpenAIIngress:
         if not self.api_keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Digests have one length whatever the key's, so the comparison time tells nothing about the keys.
+        given = hashlib.sha256(token.strip().encode() if scheme.lower() == "bearer" else b"").digest()
         matched = False
         for key in self.api_keys:  # compare against every key, in constant time each
             matched |= hmac.compare_digest(given, key)
@@ -205,58 +273,89 @@ class OpenAIIngress:
             self.metrics.requests.labels(model, str(e.status)).inc()
             raise
 
-    async def _generate(self, endpoint: ModelEndpoint, body: SamplingRequest, builder: ResponseBuilder, params):
+    async def _generate(self, endpoint: ModelEndpoint, body: SamplingRequest, builder: ResponseBuilder, params,
+                        fields: dict[str, str] | None = None):
         arrival = time.monotonic()
-        streams = await self._submit_all(endpoint, builder, params)
-        headers = {"X-Strata-Replica": ",".join(s.replica_id for s in streams)}
+        streams = await self._submit_all(endpoint, builder, params, fields)
         timing = RequestTiming(self.metrics, endpoint.name, arrival, len(builder.choices))
         for s in streams:
             self.metrics.queue_time.labels(endpoint.name).observe(s.queue_time)
         if body.stream:
-            events = self._events(streams, builder, timing, body.include_usage_in_stream)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            events = self._events(endpoint, streams, builder, params, timing, body.include_usage_in_stream)
+            return StreamingResponse(events, media_type="text/event-stream", headers=replica_header(streams))
         try:
-            async for prompt_index, delta in merge_streams(streams):
-                if delta.error is not None:
-                    raise APIError(500, delta.error, "internal_error")
-                choice = builder.add(prompt_index, delta)
-                timing.on_delta(choice, delta)
+            for attempt in range(endpoint.config.request_retries + 1):
+                try:
+                    async for prompt_index, delta in merge_streams(streams):
+                        if delta.error is not None:
+                            raise APIError(500, delta.error, "internal_error")
+                        choice = builder.add(prompt_index, delta)
+                        timing.on_delta(choice, delta)
+                    break
+                except ReplicaFailure as e:  # nothing reached the client yet: start over on another replica
+                    if attempt == endpoint.config.request_retries:
+                        raise endpoint.unavailable(f"{e} (tried {attempt + 1} times)") from None
+                    logger.warning("request %s: %s; sending it to another replica", builder.request_id, e)
+                    cancel_all(streams)
+                    builder.reset()
+                    streams = await self._submit_all(endpoint, builder, params, fields)
         finally:
-            for s in streams:
-                s.cancel()
+            cancel_all(streams)
         timing.done("200")
-        return JSONResponse(builder.response().model_dump(), headers=headers)
+        return JSONResponse(builder.response().model_dump(), headers=replica_header(streams))
 
-    async def _submit_all(self, endpoint: ModelEndpoint, builder: ResponseBuilder, params) -> list[ReplicaStream]:
+    async def _submit_all(self, endpoint: ModelEndpoint, builder: ResponseBuilder, params,
+                          fields: dict[str, str] | None = None) -> list[ReplicaStream]:
         """One engine request per prompt, submitted one after another: Serve gives all handle calls made within
-        one HTTP request the same internal request id, and its router loses track of concurrent ones."""
+        one HTTP request the same internal request id, and its router loses track of concurrent ones.
+        `fields` renames the request fields a replica's error names (chat: prompt -> messages)."""
         ids = [builder.request_id] if len(builder.prompts) == 1 else [
             f"{builder.request_id}-{i}" for i in range(len(builder.prompts))]
         streams: list[ReplicaStream] = []
         try:
             for rid, prompt in zip(ids, builder.prompts):
                 streams.append(await endpoint.submit(rid, prompt.token_ids, params))
-        except BaseException:
-            for s in streams:  # requests accepted before another failed must not keep running
-                s.cancel()
+        except BaseException as e:
+            cancel_all(streams)  # requests accepted before another failed must not keep running
+            if isinstance(e, APIError) and fields and e.param in fields:
+                e.param = fields[e.param]
             raise
         return streams
 
-    async def _events(self, streams: list[ReplicaStream], builder: ResponseBuilder, timing: RequestTiming,
-                      include_usage: bool):
+    async def _events(self, endpoint: ModelEndpoint, streams: list[ReplicaStream], builder: ResponseBuilder,
+                      params, timing: RequestTiming, include_usage: bool):
         status = "200"
+        sent = False  # a token reached the client: the request can no longer move to another replica
         try:
             if builder.kind == "chat":
                 yield sse(builder.role_chunk())
-            async for prompt_index, delta in merge_streams(streams):
-                if delta.error is not None:
-                    status = "500"
-                    yield sse(APIError(500, delta.error, "internal_error").body())
+            for attempt in range(endpoint.config.request_retries + 1):
+                try:
+                    async for prompt_index, delta in merge_streams(streams):
+                        if delta.error is not None:
+                            status = "500"
+                            yield sse(APIError(500, delta.error, "internal_error").body())
+                            break
+                        chunk = builder.chunk(prompt_index, delta)
+                        timing.on_delta(prompt_index * builder.n + delta.index, delta)
+                        if _has_content(chunk):
+                            sent = True
+                            yield sse(chunk)
                     break
-                chunk = builder.chunk(prompt_index, delta)
-                timing.on_delta(prompt_index * builder.n + delta.index, delta)
-                if _has_content(chunk):
-                    yield sse(chunk)
+                except ReplicaFailure as e:
+                    cancel_all(streams)
+                    if sent or attempt == endpoint.config.request_retries:
+                        status = "503"
+                        yield sse(endpoint.unavailable(str(e)).body())
+                        break
+                    logger.warning("request %s: %s; sending it to another replica", builder.request_id, e)
+                    builder.reset()
+                    try:
+                        streams = await self._submit_all(endpoint, builder, params)
+                    except APIError as error:
+                        status = str(error.status)
+                        yield sse(error.body())
+                        break
             if include_usage and status == "200":
                 yield sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"
@@ -264,6 +363,5 @@ class OpenAIIngress:
             status = "499"  # the client went away
             raise
         finally:
-            for s in streams:  # aborts the engine requests still running, which frees their KV blocks
-                s.cancel()
+            cancel_all(streams)  # aborts the engine requests still running, which frees their KV blocks
             timing.done(status)

@@ -5,6 +5,10 @@ the ingress waits for the replica's `Accepted` before it answers the client, so 
 a proper HTTP status: 429 when the model's queue is full, 503 (with Retry-After) when no replica took the
 request within `queue_timeout_s` — the model is scaled to zero and a replica is starting, or all replicas
 are busy — and 400 when the engine refused the input.
+
+A replica that dies (its actor or node is gone) or whose engine went down is not the request's fault: before
+the replica accepted, `submit` sends the request to another replica, up to `request_retries` times; afterwards
+the stream raises `ReplicaFailure`, and the ingress retries what has not reached the client yet.
 """
 from __future__ import annotations
 
@@ -14,18 +18,26 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ray.exceptions import RayError
+from ray.exceptions import (ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RayError,
+                            WorkerCrashedError)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.config import LimitsConfig, ModelConfig
 from cluster.protocol import APIError
-from cluster.replica import Accepted, GenerateRequest, Rejected
+from cluster.replica import Accepted, GenerateRequest, Rejected, ReplicaFailed
 from engine import SamplingParams, StreamDelta
 from engine.model_source import resolve_model
 from engine.tokenizer import apply_chat_template, load_tokenizer
 
 logger = logging.getLogger("strata")
+
+# What a replica's death looks like from a handle call (the actor, its worker process or its node is gone).
+REPLICA_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+
+
+class ReplicaFailure(Exception):
+    """The replica serving a request failed (not the request's fault): another replica may serve it."""
 
 
 @dataclass
@@ -70,15 +82,36 @@ class ModelEndpoint:
         except Exception as e:  # noqa: BLE001 - a template error (jinja) is the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
+    def check_limits(self, params: SamplingParams, logprobs_param: str) -> None:
+        """The model's own bounds on a request (the rest are checked by the protocol and the replica)."""
+        limit = self.config.max_logprobs
+        if params.logprobs is not None and params.logprobs > limit:
+            raise APIError(400, f"{logprobs_param} must be at most {limit}, got {params.logprobs}",
+                           param=logprobs_param)
+
     # -- requests -------------------------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> ReplicaStream:
-        """Send a request to a replica and wait until one accepts it; raises APIError otherwise."""
+        """Send a request to a replica and wait until one accepts it, trying another replica when one fails;
+        raises APIError otherwise."""
         start = time.monotonic()
+        deadline = start + self.config.queue_timeout_s
+        request = GenerateRequest(request_id, prompt_token_ids, params)
+        for attempt in range(self.config.request_retries + 1):
+            try:
+                return await self._submit_once(request, start, deadline)
+            except ReplicaFailure as e:
+                if attempt == self.config.request_retries or time.monotonic() >= deadline:
+                    raise self.unavailable(f"{e} (tried {attempt + 1} times)") from None
+                logger.warning("request %s: %s; sending it to another replica", request_id, e)
+                await asyncio.sleep(0.05 * 2 ** attempt)  # lets the router learn that the replica is gone
+        raise AssertionError("unreachable")
+
+    async def _submit_once(self, request: GenerateRequest, start: float, deadline: float) -> ReplicaStream:
         generator: DeploymentResponseGenerator | None = None
         try:
             # Serve raises BackPressureError from .remote() itself or from the first item, depending on its loop.
-            generator = self.stream_handle.remote(GenerateRequest(request_id, prompt_token_ids, params))
-            first = await asyncio.wait_for(generator.__anext__(), timeout=self.config.queue_timeout_s)
+            generator = self.stream_handle.remote(request)
+            first = await asyncio.wait_for(generator.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
         except BaseException as e:  # includes cancellation: the client went away while we waited
             if generator is not None:
                 cancel_quietly(generator)
@@ -87,8 +120,12 @@ class ModelEndpoint:
                 raise
             raise error from None
         if isinstance(first, Rejected):
+            cancel_quietly(generator)
+            if first.retryable:
+                raise ReplicaFailure(f"a replica of model {self.name!r} is down: {first.message}")
             headers = self._retry_after() if first.status in (429, 503) else None
-            raise APIError(first.status, first.message, first.type, headers=headers)
+            raise APIError(first.status, first.message, first.type, param=first.param, code=first.code,
+                           headers=headers)
         assert isinstance(first, Accepted), f"unexpected first item from a replica: {first!r}"
         return ReplicaStream(generator, first.replica_id, time.monotonic() - start)
 
@@ -110,38 +147,44 @@ class ModelEndpoint:
 
     def _submit_error(self, e: Exception) -> Exception:
         if isinstance(e, asyncio.TimeoutError):
-            return self._unavailable(f"no replica of model {self.name!r} could take the request within "
-                                     f"{self.config.queue_timeout_s:g} s (replicas busy or starting)")
+            return self.unavailable(f"no replica of model {self.name!r} could take the request within "
+                                    f"{self.config.queue_timeout_s:g} s (replicas busy or starting)")
         if isinstance(e, BackPressureError):
             return APIError(429, f"model {self.name!r} has {self.config.max_queue_size} requests queued; retry "
                             "later", "rate_limit_error", code="queue_full", headers=self._retry_after())
         if isinstance(e, DeploymentUnavailableError):
-            return self._unavailable(f"model {self.name!r} is unavailable (its deployment failed)")
-        if isinstance(e, StopAsyncIteration):
-            return self._unavailable(f"the replica of model {self.name!r} closed the request")
+            return self.unavailable(f"model {self.name!r} is unavailable (its deployment failed)")
+        if isinstance(e, (StopAsyncIteration, *REPLICA_GONE)):
+            return ReplicaFailure(f"the replica of model {self.name!r} failed: {type(e).__name__}")
         if isinstance(e, RayError):
             logger.warning("submitting to %s failed: %s", self.name, e)
-            return self._unavailable(f"the replica of model {self.name!r} failed: {type(e).__name__}")
+            return self.unavailable(f"the replica of model {self.name!r} failed: {type(e).__name__}")
         return e
 
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.limits.retry_after_s)}
 
-    def _unavailable(self, message: str) -> APIError:
+    def unavailable(self, message: str) -> APIError:
         return APIError(503, message, "service_unavailable", code="model_unavailable", headers=self._retry_after())
 
 
 async def stream_deltas(stream: ReplicaStream) -> AsyncIterator[StreamDelta]:
-    """The replica's deltas; a replica that dies mid-stream ends it with an error delta."""
+    """The replica's deltas. Raises ReplicaFailure when the replica dies or its engine goes down mid-stream."""
     try:
-        async for delta in stream.generator:
-            yield delta
-    except RayError as e:
+        async for item in stream.generator:
+            if isinstance(item, ReplicaFailed):
+                raise ReplicaFailure(f"the model replica failed: {item.message}")
+            yield item
+    except REPLICA_GONE as e:
+        raise ReplicaFailure(f"the model replica failed: {type(e).__name__}") from None
+    except RayError as e:  # the replica's own code failed on this request
+        logger.warning("replica %s failed a request: %s", stream.replica_id, e)
         yield StreamDelta("", 0, [], "", error=f"the model replica failed: {type(e).__name__}")
 
 
 async def merge_streams(streams: list[ReplicaStream]) -> AsyncIterator[tuple[int, StreamDelta]]:
-    """Deltas of several requests (one per prompt) as they come, tagged with the prompt's position."""
+    """Deltas of several requests (one per prompt) as they come, tagged with the prompt's position.
+    A ReplicaFailure of any of them is raised here."""
     if len(streams) == 1:
         async for delta in stream_deltas(streams[0]):
             yield 0, delta
@@ -149,21 +192,26 @@ async def merge_streams(streams: list[ReplicaStream]) -> AsyncIterator[tuple[int
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: ReplicaStream) -> None:
+        end = None
         try:
             async for delta in stream_deltas(stream):
                 queue.put_nowait((i, delta))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            end = e
         finally:
-            queue.put_nowait((i, None))
+            queue.put_nowait((i, end))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(streams)
         while remaining:
-            i, delta = await queue.get()
-            if delta is None:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
                 remaining -= 1
             else:
-                yield i, delta
+                yield i, item
     finally:
         for task in tasks:
             task.cancel()

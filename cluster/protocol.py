@@ -36,6 +36,39 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def invalid_text_field(data: Any, path: str = "") -> str | None:
+    """The first field (dotted path) whose text is not valid Unicode (a lone surrogate, which JSON escapes can
+    spell and tokenizers reject), or None."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = (isinstance(key, str) and invalid_text_field(key, path or "body")) or invalid_text_field(value, where)
+        if found:
+            return found
+    return None
+
+
+def request_body_schemas(routes: dict[str, type[BaseModel]], models: list[str] | None = None) -> tuple[dict, dict]:
+    """OpenAPI request bodies of the routes' models: (component schemas, path -> requestBody); `models`, when
+    given, are the values `model` may take."""
+    components, bodies = {}, {}
+    for path, model in routes.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        if models:
+            schema["properties"]["model"]["enum"] = list(models)
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        bodies[path] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    return components, bodies
+
+
 # -- requests -------------------------------------------------------------------------------------------------
 class StrictModel(BaseModel):
     # Unknown keys are rejected (as OpenAI does), so a typo such as `max_token` is an error, not a silent default.

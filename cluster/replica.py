@@ -2,8 +2,13 @@
 
 Wire protocol of `generate` (a streaming method, called through `handle.options(stream=True)`):
 the first item is `Accepted` (the replica took the request) or `Rejected` (bad input, queue full, engine
-down); after `Accepted` come the engine's `StreamDelta`s until every completion has finished. Cancelling
-the call (the client went away) aborts the engine request, which frees its KV blocks.
+down); after `Accepted` come the engine's `StreamDelta`s until every completion has finished, or, when the
+engine itself went down meanwhile, one `ReplicaFailed` (the request was not at fault: the ingress may send it
+to another replica). A delta with `error` set is the engine failing on this request alone. Cancelling the call
+(the client went away) aborts the engine request, which frees its KV blocks.
+
+The replica checks the request against the engine's context length first (the API rejects a `max_tokens` that
+does not fit, where the offline engine would cap it).
 
 Besides serving, the replica reports:
 - `record_routing_stats`: load and recently cached prefix-block hashes, pulled by the Serve controller and
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import ray
 from ray import serve
 
 from cluster.config import ModelConfig
@@ -42,6 +48,25 @@ class Rejected:
     status: int  # the HTTP status the ingress answers with
     message: str
     type: str = "invalid_request_error"
+    param: str | None = None  # the request field at fault
+    code: str | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """The replica cannot serve (its engine is down); another replica may."""
+        return self.status == 503
+
+
+@dataclass
+class ReplicaFailed:
+    """The engine went down while the request ran (it was not the request's fault)."""
+
+    message: str
+
+
+# Engine ValueErrors name the request field they concern first ("stop_token_ids must be ...").
+ENGINE_ERROR_PARAMS = {"prompt": "prompt", "logprobs=": "logprobs", "prompt_logprobs=": "prompt_logprobs",
+                       "stop_token_ids": "stop_token_ids"}
 
 
 class EngineReplica:
@@ -49,6 +74,7 @@ class EngineReplica:
         self.config = ModelConfig.model_validate(model_config)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.max_ongoing_requests = self.config.max_ongoing_requests or self.config.max_num_seqs
         from engine import AsyncEngine  # torch loads here, in the replica, not in the ingress that imports this module
 
@@ -60,19 +86,30 @@ class EngineReplica:
         if self.num_active >= self.max_ongoing_requests:  # Serve's own limit normally stops requests earlier
             yield Rejected(429, f"replica queue is full ({self.num_active} requests)", "rate_limit_error")
             return
+        rejected = self._check_context(request)
+        if rejected is not None:
+            yield rejected
+            return
         try:
             stream = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params)
         except ValueError as e:
-            yield Rejected(400, str(e))
+            message = str(e)
+            param = next((p for prefix, p in ENGINE_ERROR_PARAMS.items()
+                          if message.removeprefix("the ").startswith(prefix)), None)
+            yield Rejected(400, message, param=param)
             return
         except Exception as e:  # noqa: BLE001 - the engine is down; Serve's health check will replace us
-            yield Rejected(503, f"model replica unavailable: {e}", "service_unavailable")
+            logger.warning("replica %s refused request %s: %s", self.replica_id, request.request_id, e)
+            yield Rejected(503, "the model replica's engine is down", "service_unavailable")
             return
         self.num_active += 1
         finished = False
         try:
             yield Accepted(self.replica_id)
             async for delta in stream:
+                if delta.error is not None and self.engine.errored:  # the details stay in the replica's log
+                    yield ReplicaFailed("its engine went down")
+                    break
                 yield delta
             finished = True
         finally:
@@ -80,6 +117,19 @@ class EngineReplica:
             if not finished:  # cancelled: the stream may never have started, so abort explicitly too
                 self.engine.abort(request.request_id)
                 await stream.aclose()
+
+    def _check_context(self, request: GenerateRequest) -> Rejected | None:
+        limit = self.engine.max_model_len
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt >= limit:
+            return Rejected(400, f"the prompt has {n_prompt} tokens but max_model_len is {limit}: shorten the prompt",
+                            param="prompt", code="context_length_exceeded")
+        max_tokens = request.params.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            return Rejected(400, f"the prompt has {n_prompt} tokens and max_tokens asks for {max_tokens} more, but "
+                                 f"max_model_len is {limit}: lower max_tokens to at most {limit - n_prompt}",
+                            param="max_tokens", code="context_length_exceeded")
+        return None
 
     # -- reports --------------------------------------------------------------------------------------------
     def record_routing_stats(self) -> dict:
@@ -100,9 +150,10 @@ class EngineReplica:
             self.engine.check_health()
         except Exception as e:  # noqa: BLE001
             healthy, error = False, str(e)
-        return {**stats, "model": self.config.served_name, "replica": self.replica_id, "healthy": healthy,
-                "error": error, "active_requests": self.num_active, "max_model_len": self.engine.max_model_len,
-                "kv_cache_usage": s.kv_cache_usage, "prefix_cache_hit_rate": s.prefix_cache_hit_rate}
+        return {**stats, "model": self.config.served_name, "replica": self.replica_id, "node_id": self.node_id,
+                "healthy": healthy, "error": error, "active_requests": self.num_active,
+                "max_model_len": self.engine.max_model_len, "kv_cache_usage": s.kv_cache_usage,
+                "prefix_cache_hit_rate": s.prefix_cache_hit_rate}
 
     def check_health(self) -> None:
         self.engine.check_health()

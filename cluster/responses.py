@@ -4,6 +4,7 @@ Choice `index` is prompt_position * n + completion index, as in OpenAI's batched
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,11 @@ class ResponseBuilder:
         self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
         self.choices = [ChoiceState() for _ in range(len(prompts) * n)]
         self.cached_tokens = [0] * len(prompts)
+
+    def reset(self) -> None:
+        """Forget every delta (the request starts over on another replica)."""
+        self.choices = [ChoiceState() for _ in self.choices]
+        self.cached_tokens = [0] * len(self.prompts)
 
     @property
     def finished(self) -> bool:
@@ -143,6 +149,6 @@ class ResponseBuilder:
 
 
 def sse(payload) -> str:
-    """One server-sent event; pydantic models are serialized as JSON."""
-    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else payload
+    """One server-sent event: a pydantic model or a dict (an error body), serialized as JSON."""
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"

@@ -64,6 +64,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def errored(self) -> bool:
+        """The engine cannot serve any more (its loop died or its workers failed); one failed request does not
+        count. Cheap: no worker is pinged."""
+        return self._error is not None or not self._thread.is_alive()
+
     def check_health(self, stall_seconds: float = 60.0) -> None:
         """Raises if the engine loop died or one step has run longer than `stall_seconds`."""
         self._raise_if_dead()
@@ -83,8 +89,8 @@ class AsyncEngine:
 
     # -- the loop thread ------------------------------------------------------------------------------------
     def _raise_if_dead(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine loop is not running: {self._error!r}")
+        if self.errored:
+            raise EngineDeadError(f"the engine is down: {self._error!r}")
 
     async def _stream(self, request_id: str, queue: asyncio.Queue, n: int) -> AsyncIterator[StreamDelta]:
         done = 0
@@ -111,9 +117,11 @@ class AsyncEngine:
                 self._step_started = time.monotonic()
                 try:
                     deltas = self.core.step()
-                except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+                except Exception as e:  # noqa: BLE001 - fail the batch's requests (core.step isolates what it can)
                     logger.exception("engine step failed")
                     deltas = self._fail_all(f"engine step failed: {e}")
+                    if self.core.executor_down:  # no later step can run: refuse new requests, fail health checks
+                        self._error = e
                 self._step_started = None
                 self._stats = self.core.stats()
                 self._publish(deltas)

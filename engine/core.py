@@ -10,12 +10,12 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.model_runner import BatchInput, NewSequence
+from engine.model_runner import BatchInput, NewSequence, StepOutput
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 logger = logging.getLogger("strata")
 
@@ -90,6 +90,8 @@ class EngineCore:
         for n, name in ((params.logprobs, "logprobs"), (params.prompt_logprobs, "prompt_logprobs")):
             if n is not None and n > self.config.max_logprobs:
                 raise ValueError(f"{name}={n} is above max_logprobs={self.config.max_logprobs}")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
 
     def abort(self, request_id: str) -> bool:
         seqs = self.groups.pop(request_id, None)
@@ -101,16 +103,38 @@ class EngineCore:
             self._prompt_logprobs.pop(req.request_id, None)
         return True
 
+    def fail(self, request_id: str, message: str) -> StreamDelta:
+        """End a request (all its sequences) with an error; returns the delta that reports it."""
+        self.abort(request_id)
+        return StreamDelta(request_id, 0, [], "", error=message)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
 
+    @property
+    def executor_down(self) -> bool:
+        """The workers failed (a dead or stuck rank): no step can run any more."""
+        return bool(getattr(self.executor, "dead", None))
+
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
-        """Run one step (with pipeline parallelism: keep up to pp steps in flight and finish the oldest)."""
+        """Run one step (with pipeline parallelism: keep up to pp steps in flight and finish the oldest).
+
+        Without pipelining, a step that raises while the executor is still up is run again one request at a
+        time, so only the request at fault (a NaN-producing input, ...) fails and the batch's others go on."""
         if self.pipeline_depth == 1:
             sched = self.scheduler.schedule()
-            return self._finish_step(sched, self.executor.execute(self._batch(sched)))
+            batch = self._batch(sched)
+            try:
+                result = self.executor.execute(batch)
+            except Exception as e:
+                if self.executor_down or not sched.scheduled:
+                    raise
+                logger.warning("a step of %d sequences failed (%s: %s); rerunning them one at a time",
+                               len(sched.scheduled), type(e).__name__, e)
+                return self._isolate(sched, batch)
+            return self._finish_step(sched, result)
         while len(self.in_flight) < self.pipeline_depth:
             sched = self.scheduler.schedule()
             if not sched.scheduled and self.in_flight:
@@ -129,13 +153,39 @@ class EngineCore:
         batch = BatchInput(new_sequences=self._unsent, finished_ids=sched.finished_ids)
         self._unsent = []
         for s in sched.scheduled:
-            req = s.req
-            batch.req_ids.append(req.request_id)
-            batch.token_ids.append(req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
-            batch.start_positions.append(req.num_computed_tokens)
-            batch.block_tables.append(list(req.block_ids))
-            batch.sample.append(s.sample)
+            _add_to_batch(batch, s)
         return batch
+
+    def _isolate(self, sched: SchedulerOutput, batch: BatchInput) -> list[StreamDelta]:
+        """Rerun a failed step's sequences one by one; fail the requests whose sequence fails on its own.
+
+        Nothing of the failed step was applied (scheduler.update did not run; the sampler raises before it
+        changes any state), so each rerun recomputes exactly what the step would have."""
+        scheduled = {s.req.request_id for s in sched.scheduled}
+        new = {seq.req_id: seq for seq in batch.new_sequences}
+        # Sequences added but not scheduled in this step go out with the next one.
+        self._unsent = [seq for seq in batch.new_sequences if seq.req_id not in scheduled] + self._unsent
+        self.executor.execute(BatchInput(finished_ids=batch.finished_ids))  # the worker forgets finished ones
+        ok, merged, errors = [], StepOutput(), []
+        for s in sched.scheduled:
+            req = s.req
+            if req.is_finished:  # a sibling (n > 1) already failed the request
+                continue
+            one = BatchInput(new_sequences=[new[req.request_id]] if req.request_id in new else [])
+            _add_to_batch(one, s)
+            try:
+                result = self.executor.execute(one)
+            except Exception as e:
+                if self.executor_down:
+                    raise
+                group_id = req.request_id.rpartition("#")[0]
+                logger.error("request %s failed in the engine: %s: %s", group_id, type(e).__name__, e)
+                errors.append(self.fail(group_id, f"the engine failed on this request: {type(e).__name__}: {e}"))
+                continue
+            ok.append(s)
+            merged.sampled.update(result.sampled)
+            merged.prompt_logprobs.update(result.prompt_logprobs)
+        return errors + self._finish_step(SchedulerOutput(scheduled=ok), merged)
 
     def _finish_step(self, sched, result) -> list[StreamDelta]:
         self.steps += 1
@@ -148,7 +198,12 @@ class EngineCore:
             sample = result.sampled.get(req.request_id)
             if not s.sample or sample is None or req.request_id not in self.detokenizers:
                 continue
-            deltas.append(self._delta(req, sample))
+            try:
+                deltas.append(self._delta(req, sample))
+            except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failed on this output: fail this request only
+                group_id = req.request_id.rpartition("#")[0]
+                logger.error("request %s failed in the engine: %s: %s", group_id, type(e).__name__, e)
+                deltas.append(self.fail(group_id, f"the engine failed on this request: {type(e).__name__}: {e}"))
         return deltas
 
     def _delta(self, req: Request, sample) -> StreamDelta:
@@ -190,3 +245,12 @@ class EngineCore:
         self.executor.shutdown()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _add_to_batch(batch: BatchInput, s: ScheduledRequest) -> None:
+    req = s.req
+    batch.req_ids.append(req.request_id)
+    batch.token_ids.append(req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
+    batch.start_positions.append(req.num_computed_tokens)
+    batch.block_tables.append(list(req.block_ids))
+    batch.sample.append(s.sample)

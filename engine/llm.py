@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -11,6 +12,8 @@ from engine.core import EngineCore
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import apply_chat_template
+
+logger = logging.getLogger("strata")
 
 
 class LLM:
@@ -53,6 +56,16 @@ class LLM:
             while pending:
                 for d in self.engine.step():
                     out = outputs[d.request_id]
+                    if d.error is not None:  # the engine failed on this request alone; the others go on
+                        if out.finished:
+                            continue
+                        logger.error("request %s failed: %s", d.request_id, d.error)
+                        for c in out.outputs:
+                            c.finish_reason = c.finish_reason or "error"
+                        out.finished = True
+                        pending -= 1
+                        bar.update(1)
+                        continue
                     c = out.outputs[d.index]
                     c.token_ids.extend(d.token_ids)
                     c.text += d.text

@@ -31,6 +31,10 @@ class SampleResult:
     logprobs: dict[int, float] | None = None  # the sampled token's, plus the top-N
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits: a bad input or bad weights, not something sampling can fix."""
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int):
         self.vocab_size = vocab_size
@@ -40,6 +44,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
         logits = logits[:, : self.vocab_size].float().contiguous()
+        finite = torch.isfinite(logits).all(dim=-1)  # read back with the tokens: no extra device sync
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in states):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -48,7 +53,9 @@ class Sampler:
         for i, s in enumerate(states):
             if len(s.output_token_ids) < s.params.min_tokens and s.stop_ids:
                 logits[i, s.stop_ids] = float("-inf")
-        token_list = self._draw(logits, states).tolist()
+        token_list, finite_list = torch.stack([self._draw(logits, states), finite.long()]).tolist()
+        if not all(finite_list):  # raised before any state changes, so the step can be rerun without this request
+            raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this input")
         results = [SampleResult(t) for t in token_list]
         if raw_logprobs is not None:
             for i, s in enumerate(states):

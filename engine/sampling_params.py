@@ -52,6 +52,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.seed is None or -(1 << 63) <= self.seed <= (1 << 64) - self.n,
+             f"seed must be a 64-bit integer, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

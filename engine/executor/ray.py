@@ -1,5 +1,8 @@
 """TP x PP workers as Ray actors in one placement group; the driver (the replica) broadcasts each step's batch.
 
+Inside a placement group (a Serve replica's, which reserves a bundle per rank) the workers take its bundles;
+elsewhere (offline `LLM`) the executor creates a placement group of its own and removes it at shutdown.
+
 Tensors move over torch.distributed (NCCL on GPU, gloo on CPU); Ray carries only batches, outputs and pings.
 Up to `pipeline_parallel_size` steps can be in flight: `execute_async` submits a step to every worker and
 returns at once, and each worker runs its steps in submission order, so stage k works on step n while stage
@@ -43,6 +46,7 @@ class RayExecutor:
         self.workers: list = []
         self.infos: list[dict] = []
         self.pg = None
+        self._owns_pg = False
         self.dead: str | None = None
         self._seq = itertools.count()
         self._owns_ray = _ensure_ray(self.world)
@@ -57,13 +61,9 @@ class RayExecutor:
         split = getattr(setup.config, "pipeline_layer_split", None)
         ranges = layer_ranges(setup.hf_config.num_hidden_layers, self.pp, split)
         device, dtype = _worker_device(setup)
-        bundle = {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
-        self.pg = placement_group([bundle] * self.world, strategy=strategy)
-        if not ray.wait([self.pg.ready()], timeout=self.timeout_s)[0]:
-            raise RuntimeError(f"no room for {self.world} workers of {bundle} ({strategy}) within {self.timeout_s:g} s;"
-                               f" the cluster has {ray.available_resources()} free")
+        bundle = self._placement_group(device, strategy)
         remote = ray.remote(self.worker_cls)
-        actors = [remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=
+        actors = [remote.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), scheduling_strategy=
                                  PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)).remote()
                   for i in range(self.world)]
         self.workers = actors  # shut down even if the next line fails
@@ -81,6 +81,22 @@ class RayExecutor:
         self._get([w.load.remote(kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
         logger.info("%d workers (tp %d x pp %d) on %s, layers %s", self.world, self.tp, self.pp,
                     sorted({i["node_id"][:8] for i in self.infos}), ranges)
+
+    def _placement_group(self, device: str, strategy: str) -> dict:
+        """Take bundles 0..world-1 of the placement group this process runs in (a Serve replica reserves one
+        bundle per rank, see cluster/app.py: a GPU each on GPU nodes, a CPU each otherwise, the replica's own CPUs
+        in bundle 0), or else create one. Returns the resources each worker asks of its bundle."""
+        current = ray.util.get_current_placement_group()
+        shared = {"GPU": 1} if device == "cuda" else {"CPU": 1}
+        if current is not None and _bundles_fit(current.bundle_specs[:self.world], shared, self.world):
+            self.pg, self._owns_pg = current, False
+            return shared
+        bundle = {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+        self.pg, self._owns_pg = placement_group([bundle] * self.world, strategy=strategy), True
+        if not ray.wait([self.pg.ready()], timeout=self.timeout_s)[0]:
+            raise RuntimeError(f"no room for {self.world} workers of {bundle} ({strategy}) within {self.timeout_s:g} s;"
+                               f" the cluster has {ray.available_resources()} free")
+        return bundle
 
     def _join(self, addr: str, port: int, device: str) -> None:
         refs = [w.init_distributed.remote(r, self.world, self.tp, addr, port, self.timeout_s, device, i["ip"])
@@ -184,9 +200,9 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.workers = []
-        if self.pg is not None:
+        if self.pg is not None and self._owns_pg:
             remove_placement_group(self.pg)
-            self.pg = None
+        self.pg = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -203,6 +219,10 @@ def _ensure_ray(world: int) -> bool:
         # Ray's CPUs are logical here: one per CPU worker even on a smaller machine.
         ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=False)
         return True
+
+
+def _bundles_fit(bundles: list[dict], need: dict, world: int) -> bool:
+    return len(bundles) == world and all(b.get(k, 0) >= v for b in bundles for k, v in need.items())
 
 
 def _worker_device(setup) -> tuple[str, torch.dtype]:

@@ -60,7 +60,14 @@ class Attention(nn.Module):
 
 
 def write_kv(k, v, key_cache, value_cache, slot_mapping) -> None:
-    """Store the step's keys/values at their slots (the torch path never pads, so every slot is real)."""
+    """Store the step's keys/values at their slots (the torch path never pads, so every slot is real).
+
+    Non-finite values (a request whose input drives the model to NaN) are stored as 0: decodes read whole blocks
+    and mask the positions past each context, and a masked NaN still poisons the output (0 * NaN), so a NaN left
+    in a freed block would break every later request that reuses it. (The Triton kernel never loads those slots.)
+    """
+    k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
