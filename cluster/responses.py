@@ -148,7 +148,13 @@ class ResponseBuilder:
             offset += len(token)
 
 
+# Characters that str.splitlines() (and so some SSE clients' line readers) treat as line breaks, which JSON
+# serializers leave raw inside strings; escaped, the event stays on one line for every client.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029",
+                              "\x1c": "\\u001c", "\x1d": "\\u001d", "\x1e": "\\u001e"})
+
+
 def sse(payload) -> str:
-    """One server-sent event: a pydantic model or a dict (an error body), serialized as JSON."""
+    """One server-sent event: a pydantic model or a dict (an error body), serialized as JSON on one line."""
     data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_BREAKS)}\n\n"

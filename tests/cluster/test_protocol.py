@@ -75,3 +75,16 @@ def test_error_body_is_openai_shaped():
     body = APIError(404, "no such model", param="model", code="model_not_found").body()
     assert body == {"error": {"message": "no such model", "type": "invalid_request_error", "param": "model",
                               "code": "model_not_found"}}
+
+
+def test_sse_events_stay_on_one_line_whatever_the_text():
+    import json
+
+    from cluster.protocol import CompletionChoice, CompletionChunk
+    from cluster.responses import sse
+
+    text = "a\u2028b\u2029c\x85d\x1ce\nf\rg"
+    event = sse(CompletionChunk(id="x", model="m", choices=[CompletionChoice(index=0, text=text)]))
+    lines = event.splitlines()
+    assert len(lines) == 2 and lines[1] == "" and lines[0].startswith("data: ")
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"] == text
