@@ -6,6 +6,7 @@ evicted only when the pool hands it out again (from the head of the queue, least
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import xxhash
@@ -175,5 +176,5 @@ class KVCacheManager:
 
     def cached_hashes(self, limit: int = 1024) -> list[int]:
         """Recently cached block hashes (most recent last), for prefix-aware routing."""
-        hashes = list(self.pool.cached)
-        return hashes[-limit:]
+        # Called after every step (stats): walk only the newest `limit` entries, not the whole cache.
+        return list(itertools.islice(reversed(self.pool.cached), limit))[::-1]
