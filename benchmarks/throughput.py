@@ -138,6 +138,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    ap.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--hf-baseline", type=int, default=64, metavar="N",
@@ -155,7 +157,8 @@ def main(argv=None) -> dict:
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          attention_backend=args.attention_backend)
+                          attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+                          pipeline_parallel_size=args.pipeline_parallel_size)
     setup = ModelSetup.from_config(config)
     vocab = setup.hf_config.vocab_size
     workloads = {name: load_workload(name, vocab, args.limit) for name in args.workloads}
@@ -172,9 +175,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**config.model_dump())
     start_s = time.perf_counter() - t0
-    runner = getattr(llm.engine.executor, "runner", None)
-    kernels = "triton" if runner is not None and runner.use_triton else "torch"
-    graphs = runner is not None and runner.graphs is not None
+    shard = llm.engine.executor.describe()
+    kernels, graphs = shard["kernels"], shard["cuda_graphs"]
     print(f"engine ready in {start_s:.1f} s ({setup.device}, {setup.dtype}, {kernels} kernels, "
           f"CUDA graphs {'on' if graphs else 'off'})")
     warm = workloads.get("W1", load_workload("W1", vocab, None))[0]

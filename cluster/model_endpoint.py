@@ -27,7 +27,7 @@ from cluster.config import LimitsConfig, ModelConfig
 from cluster.protocol import APIError
 from cluster.replica import Accepted, GenerateRequest, Rejected, ReplicaFailed
 from engine import SamplingParams, StreamDelta
-from engine.model_source import resolve_model
+from engine.model_source import TOKENIZER_PATTERNS, resolve_model
 from engine.tokenizer import apply_chat_template, load_tokenizer
 
 logger = logging.getLogger("strata")
@@ -67,7 +67,8 @@ class ModelEndpoint:
         self.limits = limits
         self.handle = handle
         self.stream_handle = handle.options(stream=True, method_name="generate")
-        self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision))
+        self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision,
+                                                      patterns=TOKENIZER_PATTERNS))
 
     # -- prompts --------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -67,6 +67,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
                                        dtype, device)
 
+    def describe(self) -> dict:
+        return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
+                "device": str(self.device), "dtype": str(self.dtype)}
+
     # -- KV cache -------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         layers = self.model.attention_layers()
@@ -74,8 +78,10 @@ class ModelRunner:
         return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     @torch.inference_mode()
-    def profile(self, num_tokens: int) -> int:
-        """Run a forward pass as large as one step can be; return the peak bytes it used on CUDA (0 on CPU)."""
+    def profile(self, num_tokens: int, gpu_memory_utilization: float = 0.9) -> int | None:
+        """Run a forward pass as large as one step can be; return the bytes this device can give the KV cache:
+        its share of memory (`gpu_memory_utilization`) less the step's peak, other allocations and other
+        processes. None on CPU (no device memory to measure)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -92,9 +98,12 @@ class ModelRunner:
         if self.model.is_last:
             self.model.logits(hidden[meta.query_start_loc[1:] - 1])
         if self.device.type != "cuda":
-            return 0
+            return None
         torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = max(total - free - torch.cuda.memory_reserved(self.device), 0)
+        return int(total * gpu_memory_utilization) - peak - outside_torch
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []

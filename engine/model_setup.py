@@ -41,7 +41,7 @@ class ModelSetup:
         device = _device(config.device)
         dtype = _dtype(config.dtype, hf_config, device)
         max_len = _max_model_len(config, hf_config)
-        budget = config.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        budget = config.max_num_batched_tokens or (8192 if _shards_on_gpus(config, device) else 2048)
         return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device, dtype,
                    max_len, budget)
 
@@ -60,21 +60,22 @@ class ModelSetup:
         return LocalExecutor(self.runner_kwargs())
 
     def size_kv_cache(self, executor) -> int:
-        """Blocks that fit the memory budget after a profiling pass at the largest step size."""
+        """Blocks that fit every shard's memory budget after a profiling pass at the largest step size (each
+        worker measures its own device)."""
         c = self.config
-        peaks = executor.profile(self.max_num_batched_tokens)
+        budgets = executor.profile(self.max_num_batched_tokens, c.gpu_memory_utilization)
         block_bytes = executor.kv_block_bytes()
         if c.num_kv_blocks:
             return c.num_kv_blocks
-        if self.device.type == "cuda" and not c.kv_cache_memory_bytes:
-            free, total = torch.cuda.mem_get_info(self.device)
-            non_torch = total - free - torch.cuda.memory_reserved(self.device)
-            budget = int(total * c.gpu_memory_utilization) - max(peaks) - max(non_torch, 0)
+        if c.kv_cache_memory_bytes:
+            budget = c.kv_cache_memory_bytes
+        elif all(b is not None for b in budgets):
+            budget = min(budgets)
             if budget < block_bytes:
-                raise RuntimeError(f"no GPU memory left for the KV cache after loading the model (peak {max(peaks)} "
-                                   "bytes): raise gpu_memory_utilization, lower max_num_batched_tokens, or use more GPUs")
+                raise RuntimeError(f"no GPU memory left for the KV cache after loading the model ({budget / 2**30:.2f} "
+                                   "GiB): raise gpu_memory_utilization, lower max_num_batched_tokens, or use more GPUs")
         else:
-            budget = c.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+            budget = CPU_KV_CACHE_BYTES
         useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # more blocks than this never get used
         return max(1, min(budget // block_bytes, useful))
 
@@ -85,6 +86,16 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def _shards_on_gpus(config: EngineConfig, device: torch.device) -> bool:
+    """The model runs on GPUs: here, or on Ray workers when a replica without GPUs of its own spans several."""
+    if device.type == "cuda":
+        return True
+    if config.device != "auto" or config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+        return False
+    import ray
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _dtype(name: str, hf_config, device: torch.device) -> torch.dtype:

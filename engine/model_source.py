@@ -13,6 +13,7 @@ from engine.builtin_models import BUILTIN_MODELS, builtin_name
 logger = logging.getLogger("strata")
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt"]  # no weights: for processes that only tokenize
 
 
 def cache_dir() -> Path:
@@ -21,11 +22,12 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "strata" / "models"
 
 
-def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
+def resolve_model(name_or_path: str, revision: str | None = None, patterns: list[str] = HUB_PATTERNS) -> Path:
     """A local HF model directory (config.json, *.safetensors, tokenizer files) for `name_or_path`.
 
     Built-in names ("demo", "smollm2-135m-instruct", case-insensitive) are built once into `cache_dir()`;
-    an existing directory is returned as is; anything else is downloaded from the Hugging Face hub.
+    an existing directory is returned as is; anything else is downloaded from the Hugging Face hub (the files
+    matching `patterns`; TOKENIZER_PATTERNS skips the weights).
     """
     name_or_path = str(name_or_path)
     name = builtin_name(name_or_path)
@@ -40,7 +42,7 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         raise ValueError(

@@ -8,11 +8,14 @@ class LocalExecutor:
     def __init__(self, runner_kwargs: dict):
         self.runner = ModelRunner(**runner_kwargs)
 
+    def describe(self) -> dict:
+        return self.runner.describe()
+
     def kv_block_bytes(self) -> int:
         return self.runner.kv_block_bytes()
 
-    def profile(self, num_tokens: int) -> list[int]:
-        return [self.runner.profile(num_tokens)]
+    def profile(self, num_tokens: int, gpu_memory_utilization: float) -> list[int | None]:
+        return [self.runner.profile(num_tokens, gpu_memory_utilization)]
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)

@@ -149,11 +149,16 @@ class RayExecutor:
         return [dict(rank=r, stage=r // self.tp, tp_rank=r % self.tp, **i) for r, i in enumerate(self.infos)]
 
     # -- executor interface ---------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Rank 0's kernels, CUDA graphs, device and dtype."""
+        return self._get([self.workers[0].call.remote("describe")], "describe itself")[0]
+
     def kv_block_bytes(self) -> int:
         return max(self._get([w.call.remote("kv_block_bytes") for w in self.workers], "report its KV block size"))
 
-    def profile(self, num_tokens: int) -> list[int]:
-        return self._get([w.call.remote("profile", num_tokens) for w in self.workers], "profile")
+    def profile(self, num_tokens: int, gpu_memory_utilization: float) -> list[int | None]:
+        return self._get([w.call.remote("profile", num_tokens, gpu_memory_utilization) for w in self.workers],
+                         "profile")
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._get([w.call.remote("allocate_kv_cache", num_blocks) for w in self.workers], "allocate its KV cache")

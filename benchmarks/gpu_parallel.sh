@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Two-GPU runs (device kind nvidia-h200-x2) of the Llama-3-8B-shaped random bf16 model, each a stage:
+#   smoke     tests/engine/test_parallel_gpu.py: NCCL TP=2 / PP=2 on tiny models == one GPU
+#   tp1       offline engine, one GPU: W1 (batch-1 decode) and W3
+#   tp2, pp2  offline engine, tensor / pipeline parallel over both GPUs: W1 and W3
+#   replicas  two independent TP=1 engines, one per GPU, sharing W3 (benchmarks/replicas.py)
+#   serving   W3 over HTTP through the whole Ray Serve stack vs the in-process AsyncEngine, one GPU
+#             (benchmarks/serving_overhead.py at a fixed concurrency)
+# Device tool: carry [".whl"] (../shared/tools/device-bundle.sh: Ray, Serve, pydantic), then
+#   STAGES="smoke tp1 tp2" bash benchmarks/gpu_parallel.sh        # default: every stage, in the order above
+# Each stage's full log goes to $OUT/<stage>.log; JSON results to $OUT (default benchmarks/results).
+set -uo pipefail
+. .whl/device-install.sh || exit 1
+export PYTHONPATH=$PYTHONPATH:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache RAY_DEDUP_LOGS=0
+OUT=${OUT:-benchmarks/results}
+MODEL=${MODEL:-/tmp/llama3-8b-random}
+CONCURRENCY=${CONCURRENCY:-256}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -f "$MODEL/config.json" ] || python3 benchmarks/make_random_model.py --shape llama3-8b --out "$MODEL"
+
+stage() {  # stage NAME CMD...: run when NAME is in $STAGES, bounded by STAGE_TIMEOUT seconds
+  local name=$1; shift
+  [[ " ${STAGES:-smoke tp1 tp2 pp2 replicas serving} " == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  local t0=$SECONDS
+  timeout "${STAGE_TIMEOUT:-400}" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -E "^(engine ready|W[123]:|[0-9]+ replicas|concurrency|cluster rate|in-process rate|wrote|PASSED|FAILED|ERROR|=+ .* in )" \
+    "$OUT/$name.log" | tail -n 20
+  [ $rc -eq 0 ] || { echo "-- $name failed (rc $rc); log tail:"; tail -n 25 "$OUT/$name.log"; }
+  echo "-- $name: $((SECONDS - t0)) s"
+  ray stop --force > /dev/null 2>&1
+}
+
+stage smoke python3 -m pytest -q -rA -p no:cacheprovider tests/engine/test_parallel_gpu.py
+stage tp1 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT"
+stage tp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --tp 2
+stage pp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --pp 2
+stage replicas python3 benchmarks/replicas.py --model "$MODEL" --replicas 2 --workload W3 --out-dir "$OUT"
+stage serving python3 benchmarks/serving_overhead.py --model "$MODEL" --device cuda --dataset W3 --num-prompts 0 \
+  --max-concurrency "$CONCURRENCY" --max-num-seqs 256 --warmup 8 --out-dir "$OUT"
+exit 0

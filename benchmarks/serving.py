@@ -1,0 +1,323 @@
+"""Online serving benchmark, the way `vllm bench serve` measures: load on any OpenAI-compatible endpoint.
+
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct \\
+        --dataset random --input-len 128 --output-len 64 --num-prompts 64 --max-concurrency 1 4 16
+    python benchmarks/serving.py --base-url ... --dataset W3 --max-concurrency 256      # shared workload W3
+    python benchmarks/serving.py --base-url ... --dataset sharegpt --request-rate 1 2 4 --goodput ttft:500 tpot:50
+
+Prompts are token ids (sent as `prompt: [ids]` to /v1/completions, streamed, `ignore_eos` with a fixed
+`max_tokens`, so every request makes exactly its output length). Datasets: `random` (uniform ids, fixed
+lengths), `sharegpt` (ShareGPT-like lognormal lengths, as W3), `W1`/`W2`/`W3` (exactly
+benchmarks/workloads.py), `prefix` (groups of requests sharing a long system prompt, interleaved).
+Load: Poisson arrivals at `--request-rate` (inf: all at once), capped at `--max-concurrency` requests in flight;
+several values of either sweep the load, one run per value. Per run: TTFT, TPOT, ITL and E2E latency
+(mean/p50/p90/p99, ms), request and token throughput, and goodput (requests/s meeting every `--goodput` SLO).
+Writes benchmarks/results/serving-<label>-*.json and a PNG of latency against achieved throughput.
+`benchmarks/serving_overhead.py` and `benchmarks/serving_routing.py` use this module's `run_load` in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import write_result  # noqa: E402
+from benchmarks.workloads import WORKLOADS  # noqa: E402
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    start: float = 0.0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+# -- datasets -----------------------------------------------------------------------------------------------------
+def make_dataset(name: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int = 0,
+                 prefix_len: int = 512, num_groups: int = 8) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    if name in WORKLOADS:
+        prompts, outs = WORKLOADS[name]()
+        reqs = [Request([t % vocab for t in p], o) for p, o in zip(prompts, outs)]
+        return reqs[:num_prompts] if num_prompts else reqs
+    if name == "random":
+        return [Request(rng.integers(0, vocab, size=input_len).tolist(), output_len) for _ in range(num_prompts)]
+    if name == "sharegpt":
+        prompts, outs = WORKLOADS["W3"](n=num_prompts, vocab=vocab, seed=seed)
+        return [Request(p, o) for p, o in zip(prompts, outs)]
+    if name == "prefix":
+        # num_groups system prompts of prefix_len tokens; each request = its group's prompt + input_len own tokens.
+        systems = [rng.integers(0, vocab, size=prefix_len).tolist() for _ in range(num_groups)]
+        groups = rng.integers(0, num_groups, size=num_prompts)
+        return [Request(systems[g] + rng.integers(0, vocab, size=input_len).tolist(), output_len) for g in groups]
+    raise ValueError(f"unknown dataset {name!r}: use random, sharegpt, prefix, or one of {', '.join(WORKLOADS)}")
+
+
+# -- backends -----------------------------------------------------------------------------------------------------
+class OpenAIBackend:
+    """Streams /v1/completions over HTTP; one SSE chunk is one arrival of tokens."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 3600):
+        self.url = base_url.rstrip("/") + "/v1/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.session = None
+
+    async def __aenter__(self):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                             connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+
+    async def send(self, req: Request, result: Result) -> None:
+        body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        last = result.start
+        async with self.session.post(self.url, json=body, headers=self.headers) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", str(chunk["error"]))
+                    return
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    if not result.ttft:
+                        result.ttft = now - result.start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+        result.e2e = time.perf_counter() - result.start
+        result.ok = result.output_tokens == req.output_len
+        if not result.ok:
+            result.error = f"{result.output_tokens} of {req.output_len} tokens (usage missing or short)"
+
+
+class InProcessBackend:
+    """The same requests straight into an AsyncEngine in this process: no HTTP, no Ray."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.count = 0
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        pass
+
+    async def send(self, req: Request, result: Result) -> None:
+        from engine import SamplingParams
+
+        self.count += 1
+        params = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
+        last = result.start
+        async for delta in self.engine.add_request(f"bench-{self.count}", req.prompt, params):
+            if delta.error:
+                result.error = delta.error
+                return
+            now = time.perf_counter()
+            if delta.token_ids:
+                if not result.ttft:
+                    result.ttft = now - result.start
+                else:
+                    result.itls.append(now - last)
+                last = now
+                result.output_tokens += len(delta.token_ids)
+        result.e2e = time.perf_counter() - result.start
+        result.prompt_tokens = len(req.prompt)
+        result.ok = result.output_tokens == req.output_len
+
+
+# -- load ---------------------------------------------------------------------------------------------------------
+async def run_load(backend, requests: list[Request], request_rate: float = math.inf,
+                   max_concurrency: int | None = None, seed: int = 0) -> tuple[list[Result], float]:
+    """Send every request (Poisson arrivals at request_rate, at most max_concurrency in flight); returns the
+    results in request order and the wall time from the first send to the last answer."""
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    results = [Result() for _ in requests]
+
+    async def one(req: Request, result: Result) -> None:
+        if gate:
+            await gate.acquire()
+        try:
+            result.start = time.perf_counter()
+            await backend.send(req, result)
+        except Exception as e:  # noqa: BLE001 - a failed request is a figure, not a crash of the benchmark
+            result.error = f"{type(e).__name__}: {e}"
+        finally:
+            if gate:
+                gate.release()
+
+    t0 = time.perf_counter()
+    tasks = []
+    for req, result in zip(requests, results):
+        tasks.append(asyncio.create_task(one(req, result)))
+        if request_rate != math.inf:
+            await asyncio.sleep(rng.expovariate(request_rate))
+    await asyncio.gather(*tasks)
+    return results, time.perf_counter() - t0
+
+
+def summarize(results: list[Result], seconds: float, slos: dict[str, float] | None = None) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    series = {"ttft_ms": [r.ttft for r in ok], "tpot_ms": tpots, "itl_ms": [x for r in ok for x in r.itls],
+              "e2e_ms": [r.e2e for r in ok]}
+    figures = {"completed": len(ok), "failed": len(results) - len(ok),
+               "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": seconds,
+               "request_throughput": len(ok) / seconds, "output_throughput": out_tokens / seconds,
+               "total_token_throughput": (in_tokens + out_tokens) / seconds,
+               "input_tokens": in_tokens, "output_tokens": out_tokens}
+    for name, xs in series.items():
+        ms = np.asarray(xs, dtype=float) * 1e3
+        figures[name] = ({"mean": float(ms.mean()), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}}
+                         if len(ms) else {})
+    if slos:
+        good = [r for r in ok if meets(r, slos)]
+        figures["goodput"] = len(good) / seconds
+        figures["slos_ms"] = slos
+    return figures
+
+
+def meets(r: Result, slos: dict[str, float]) -> bool:
+    tpot = (r.e2e - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+    have = {"ttft": r.ttft, "tpot": tpot, "e2e": r.e2e}
+    return all(have[k] * 1e3 <= v for k, v in slos.items())
+
+
+def parse_slos(items: list[str] | None) -> dict[str, float]:
+    slos = {}
+    for item in items or []:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2e") or not value:
+            raise SystemExit(f"error: --goodput takes ttft:MS, tpot:MS or e2e:MS, got {item!r}")
+        slos[key] = float(value)
+    return slos
+
+
+async def sweep(backend_factory, requests: list[Request], rates: list[float], concurrencies: list[int | None],
+                slos: dict, warmup: int = 2, log=print) -> list[dict]:
+    """One run per (rate, concurrency) point, after `warmup` requests that are not counted."""
+    points = []
+    async with backend_factory() as backend:
+        if warmup:
+            await run_load(backend, requests[:warmup], max_concurrency=1)
+        for rate in rates:
+            for conc in concurrencies:
+                results, seconds = await run_load(backend, requests, rate, conc)
+                figures = summarize(results, seconds, slos)
+                figures.update(request_rate=rate if rate != math.inf else "inf", max_concurrency=conc)
+                log(f"rate={figures['request_rate']} concurrency={conc}: {figures['completed']} ok "
+                    f"{figures['failed']} failed, {figures['output_throughput']:.1f} out tok/s, TTFT p50 "
+                    f"{figures['ttft_ms'].get('p50', float('nan')):.1f} ms p99 "
+                    f"{figures['ttft_ms'].get('p99', float('nan')):.1f}, TPOT p50 "
+                    f"{figures['tpot_ms'].get('p50', float('nan')):.1f} ms")
+                points.append(figures)
+    return points
+
+
+def plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
+    """TTFT and TPOT percentiles against achieved output throughput, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, points in series.items():
+        xs = [p["output_throughput"] for p in points]
+        for ax, metric in zip(axes, ("ttft_ms", "tpot_ms")):
+            for q, style in (("p50", "-o"), ("p99", "--x")):
+                ax.plot(xs, [p[metric].get(q, float("nan")) for p in points], style, label=f"{label} {q}")
+    for ax, name in zip(axes, ("TTFT (ms)", "TPOT (ms)")):
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", required=True, help="served model name (the request's `model`)")
+    ap.add_argument("--api-key")
+    ap.add_argument("--dataset", default="random", help="random, sharegpt, prefix, W1, W2 or W3")
+    ap.add_argument("--num-prompts", type=int, default=200, help="0 with W1/W2/W3: the whole workload")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--prefix-len", type=int, default=512, help="shared system prompt length (prefix dataset)")
+    ap.add_argument("--num-groups", type=int, default=8, help="distinct system prompts (prefix dataset)")
+    ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this")
+    ap.add_argument("--request-rate", type=float, nargs="+", default=[math.inf], help="requests/s; inf: at once")
+    ap.add_argument("--max-concurrency", type=int, nargs="+", default=[None])
+    ap.add_argument("--goodput", nargs="*", help="SLOs such as ttft:500 tpot:50 e2e:10000 (ms)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--label", default="endpoint")
+    ap.add_argument("--out-dir", type=Path)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    slos = parse_slos(args.goodput)
+    try:
+        requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab,
+                                prefix_len=args.prefix_len, num_groups=args.num_groups)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{len(requests)} requests ({args.dataset}) to {args.base_url}", flush=True)
+    points = asyncio.run(sweep(lambda: OpenAIBackend(args.base_url, args.model, args.api_key), requests,
+                               args.request_rate, args.max_concurrency, slos, args.warmup))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
+    settings["request_rate"] = [str(r) for r in args.request_rate]
+    path = write_result(f"serving-{args.label}", settings, {"points": points}, args.out_dir)
+    if not args.no_plot:
+        plot({args.label: points}, path.with_suffix(".png"), f"{args.label}: {args.dataset}")
+    print(f"wrote {path}")
+    return 0 if all(p["failed"] == 0 for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Serve overhead: the same load through the whole cluster (HTTP -> Serve proxy -> ingress -> router -> engine
+replica) and straight into one in-process AsyncEngine, on the same model and engine settings.
+
+    python benchmarks/serving_overhead.py                        # default model, CPU, concurrency 1 4 16
+    python benchmarks/serving_overhead.py --model /ckpt --max-concurrency 64 256 --device cuda
+
+Prefix caching is off in both (each sweep point reuses nothing). Reports, per concurrency, the TTFT p50
+difference (cluster - in-process) and the cluster's output throughput as a share of the in-process engine's.
+Writes benchmarks/results/serving-overhead-*.json and a PNG of both latency curves.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import local_serve  # noqa: E402
+from benchmarks.report import write_result  # noqa: E402
+from benchmarks.serving import InProcessBackend, OpenAIBackend, make_dataset, plot, sweep  # noqa: E402
+
+
+def engine_options(args) -> dict:
+    opts = dict(model=args.model, enable_prefix_caching=False, max_num_seqs=args.max_num_seqs)
+    if args.device:
+        opts["device"] = args.device
+    return opts
+
+
+async def in_process(args, requests) -> list[dict]:
+    from engine import AsyncEngine
+
+    engine = AsyncEngine(**engine_options(args))
+    try:
+        return await sweep(lambda: InProcessBackend(engine), requests, [float("inf")], args.max_concurrency, {},
+                           args.warmup, log=lambda s: print("in-process", s, flush=True))
+    finally:
+        engine.shutdown()
+
+
+def through_cluster(args, requests) -> list[dict]:
+    from cluster.config import ClusterConfig, ModelConfig
+
+    config = ClusterConfig(app_name="overhead", models=[ModelConfig(
+        name="bench", num_cpus_per_replica=args.threads, **engine_options(args))])
+    base_url = local_serve.start(config)
+    try:
+        return asyncio.run(sweep(lambda: OpenAIBackend(base_url, "bench"), requests, [float("inf")],
+                                 args.max_concurrency, {}, args.warmup,
+                                 log=lambda s: print("cluster", s, flush=True)))
+    finally:
+        local_serve.stop()
+        wait_for_free_gpu()
+
+
+def wait_for_free_gpu(timeout_s: float = 60.0) -> None:
+    """Ray's replica process exits a little after Ray stops; wait until its GPU memory is back."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.9 * total:
+            return
+        time.sleep(1)
+
+
+def compare(local: list[dict], cluster: list[dict]) -> list[dict]:
+    return [{"max_concurrency": a["max_concurrency"],
+             "ttft_p50_overhead_ms": b["ttft_ms"]["p50"] - a["ttft_ms"]["p50"],
+             "ttft_p99_overhead_ms": b["ttft_ms"]["p99"] - a["ttft_ms"]["p99"],
+             "tpot_p50_overhead_ms": b["tpot_ms"]["p50"] - a["tpot_ms"]["p50"],
+             "throughput_ratio": b["output_throughput"] / a["output_throughput"]}
+            for a, b in zip(local, cluster)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", help="cpu or cuda (default: the engine's auto)")
+    ap.add_argument("--dataset", default="random")
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--max-concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in both (the replica's CPUs)")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=10000)
+    ap.add_argument("--out-dir", type=Path)
+    args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # this process and, through Ray, the replica: same threads
+    import torch
+
+    torch.set_num_threads(args.threads)
+    requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab)
+    cluster = through_cluster(args, requests)  # first: its replica process frees the GPU when Ray stops
+    local = asyncio.run(in_process(args, requests))
+    comparison = compare(local, cluster)
+    for c in comparison:
+        print(f"concurrency {c['max_concurrency']}: TTFT p50 overhead {c['ttft_p50_overhead_ms']:+.1f} ms, "
+              f"throughput {100 * c['throughput_ratio']:.1f}% of in-process")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path = write_result("serving-overhead", settings,
+                        {"in_process": local, "cluster": cluster, "comparison": comparison}, args.out_dir)
+    plot({"in-process AsyncEngine": local, "cluster (HTTP + Serve)": cluster}, path.with_suffix(".png"),
+         f"Serve overhead: {args.model}, {args.dataset} {args.input_len}/{args.output_len}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

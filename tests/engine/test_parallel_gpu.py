@@ -1,0 +1,47 @@
+"""On two CUDA GPUs (NCCL between Ray workers): TP=2 (with CUDA graphs), PP=2 and TP=2 x PP=1 eager give what one
+GPU gives. Skipped without two GPUs; run on the device tool's nvidia-h200-x2 (benchmarks/gpu_parallel.sh)."""
+import pytest
+import ray
+import torch
+
+from engine import LLM, SamplingParams
+from test_model_parity import random_prompts
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")]
+
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+PROMPTS = random_prompts(seed=5, lens=(3, 17, 64, 130)) * 3  # 12 sequences: decode batches of 12 (graph ladder)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("kind,tp,pp,eager", [("llama", 2, 1, False), ("llama", 2, 1, True),
+                                              ("mistral", 2, 1, False), ("llama_tied_mha", 1, 2, False),
+                                              ("qwen3", 2, 1, False)])
+def test_nccl_matches_one_gpu(local_ray, tiny_model_dir, kind, tp, pp, eager):
+    path = str(tiny_model_dir(kind))
+    one = LLM(path, dtype="float32", device="cuda", enforce_eager=eager)
+    ref = one.generate(PROMPTS, PARAMS, use_tqdm=False)
+    one.shutdown()
+    del one
+    torch.cuda.empty_cache()
+    llm = LLM(path, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, enforce_eager=eager)
+    try:
+        shard = llm.engine.executor.describe()
+        assert shard["device"].startswith("cuda") and shard["cuda_graphs"] == (not eager and pp == 1)
+        assert len({n["gpu_ids"][0] for n in llm.engine.executor.worker_nodes()}) == tp * pp
+        outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        for a, b in zip(outs, ref):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-3)
+        llm.engine.executor.check_health()
+    finally:
+        llm.shutdown()
