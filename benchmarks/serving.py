@@ -74,6 +74,14 @@ def make_dataset(name: str, num_prompts: int, input_len: int, output_len: int, v
     raise ValueError(f"unknown dataset {name!r}: use random, sharegpt, prefix, or one of {', '.join(WORKLOADS)}")
 
 
+def model_vocab(model: str) -> int:
+    """Vocabulary size of a local or built-in model (token ids of the datasets are drawn below it)."""
+    from engine.model_source import resolve_model
+    from engine.models.loader import load_hf_config
+
+    return load_hf_config(resolve_model(model)).vocab_size
+
+
 # -- backends -----------------------------------------------------------------------------------------------------
 class OpenAIBackend:
     """Streams /v1/completions over HTTP; one SSE chunk is one arrival of tokens."""

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import local_serve  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
-from benchmarks.serving import InProcessBackend, OpenAIBackend, make_dataset, plot, sweep  # noqa: E402
+from benchmarks.serving import (InProcessBackend, OpenAIBackend, make_dataset, model_vocab, plot,  # noqa: E402
+                                sweep)
 
 
 def engine_options(args) -> dict:
@@ -93,14 +94,15 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in both (the replica's CPUs)")
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=10000)
+    ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # this process and, through Ray, the replica: same threads
     import torch
 
     torch.set_num_threads(args.threads)
-    requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab)
+    vocab = min(args.vocab, model_vocab(args.model))
+    requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, vocab)
     cluster = through_cluster(args, requests)  # first: its replica process frees the GPU when Ray stops
     local = asyncio.run(in_process(args, requests))
     comparison = compare(local, cluster)

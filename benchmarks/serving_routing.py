@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import local_serve  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
-from benchmarks.serving import OpenAIBackend, make_dataset, plot, sweep  # noqa: E402
+from benchmarks.serving import OpenAIBackend, make_dataset, model_vocab, plot, sweep  # noqa: E402
 
 NAME = "bench"
 
@@ -65,10 +65,11 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"))
-    ap.add_argument("--vocab", type=int, default=10000)
+    ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
-    requests = make_dataset("prefix", args.num_prompts, args.input_len, args.output_len, args.vocab,
+    vocab = min(args.vocab, model_vocab(args.model))
+    requests = make_dataset("prefix", args.num_prompts, args.input_len, args.output_len, vocab,
                             prefix_len=args.prefix_len, num_groups=args.num_groups)
     results = {}
     base_url = local_serve.start(cluster_config(args, "prefix_aware"))
