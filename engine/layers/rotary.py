@@ -24,10 +24,15 @@ def rope_inv_freq(hf_config, head_dim: int, max_len: int) -> tuple[torch.Tensor,
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_len: int):
         super().__init__()
-        inv_freq, scale = rope_inv_freq(hf_config, head_dim, max_len)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)
-        # [max_len, head_dim] = cat(cos, sin), each over head_dim / 2, as vLLM lays it out.
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1), persistent=False)
+        # Computed on the CPU whatever the default device the model is built under (transformers' init functions
+        # return CPU tensors), then moved there.
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            inv_freq, scale = rope_inv_freq(hf_config, head_dim, max_len)
+            freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq.cpu())
+            # [max_len, head_dim] = cat(cos, sin), each over head_dim / 2, as vLLM lays it out.
+            cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1).to(device)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.head_dim = head_dim
         self.use_triton = False
 
