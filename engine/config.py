@@ -38,6 +38,9 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto = Triton on CUDA, torch reference on CPU.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    async_scheduling: bool | None = Field(
+        None, description="Schedule and launch step n+1 while step n runs (without pipeline parallelism); "
+                          "default: on with CUDA.")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")

@@ -10,7 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.model_runner import BatchInput, NewSequence, StepOutput
+from engine.model_runner import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
@@ -41,7 +41,11 @@ class EngineCore:
         self._unsent: list[NewSequence] = []
         self._prompt_logprobs: dict[str, list] = {}
         self.pipeline_depth = config.pipeline_parallel_size  # steps kept in flight so no stage waits
-        self.in_flight: collections.deque = collections.deque()
+        self.in_flight: collections.deque = collections.deque()  # (SchedulerOutput, BatchInput, handle)
+        # Async scheduling: while step n runs, schedule and launch n+1, so the GPU never waits for the host.
+        self.async_scheduling = self.pipeline_depth == 1 and (
+            config.async_scheduling if config.async_scheduling is not None
+            else self.executor.describe()["device"].startswith("cuda"))
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
@@ -119,22 +123,57 @@ class EngineCore:
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
-        """Run one step (with pipeline parallelism: keep up to pp steps in flight and finish the oldest).
+        """Run one step: finish the oldest step and return its deltas.
 
-        Without pipelining, a step that raises while the executor is still up is run again one request at a
-        time, so only the request at fault (a NaN-producing input, ...) fails and the batch's others go on."""
-        if self.pipeline_depth == 1:
+        Synchronous: schedule, run, finish. Async scheduling: launch the next step before finishing the one in
+        flight. Pipeline parallel: keep up to pp steps in flight. A step that raises while the executor is still
+        up is run again one request at a time, so only the request at fault (a NaN-producing input, ...) fails."""
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
+        if not self.async_scheduling or not self.in_flight:
             sched = self.scheduler.schedule()
-            batch = self._batch(sched)
-            try:
-                result = self.executor.execute(batch)
-            except Exception as e:
-                if self.executor_down or not sched.scheduled:
-                    raise
-                logger.warning("a step of %d sequences failed (%s: %s); rerunning them one at a time",
-                               len(sched.scheduled), type(e).__name__, e)
-                return self._isolate(sched, batch)
-            return self._finish_step(sched, result)
+            if not self.async_scheduling or not sched.scheduled:
+                return self._step_sync(sched)
+            self._launch(sched)
+        ahead = self.scheduler.schedule(ahead=True)
+        if ahead is not None and ahead.scheduled:
+            self._launch(ahead)
+        elif ahead is not None:
+            self.scheduler.requeue_finished_ids(ahead)
+        sched, batch, handle = self.in_flight.popleft()
+        try:
+            result = self.executor.wait(handle)
+        except Exception as e:
+            for later, _, later_handle in self.in_flight:  # launched on top of the failed step: drop them
+                self.executor.discard(later_handle)
+                self.scheduler.rewind(later)
+            self.in_flight.clear()
+            self.scheduler.rewind(sched)
+            return self._recover(sched, batch, e)
+        return self._finish_step(sched, result)
+
+    def _step_sync(self, sched: SchedulerOutput) -> list[StreamDelta]:
+        batch = self._batch(sched)
+        try:
+            result = self.executor.execute(batch)
+        except Exception as e:
+            return self._recover(sched, batch, e)
+        self.scheduler.advance(sched)
+        return self._finish_step(sched, result)
+
+    def _launch(self, sched: SchedulerOutput) -> None:
+        batch = self._batch(sched)
+        self.in_flight.append((sched, batch, self.executor.execute_async(batch)))
+        self.scheduler.advance(sched)
+
+    def _recover(self, sched: SchedulerOutput, batch: BatchInput, error: Exception) -> list[StreamDelta]:
+        if self.executor_down or not sched.scheduled:
+            raise error
+        logger.warning("a step of %d sequences failed (%s: %s); rerunning them one at a time",
+                       len(sched.scheduled), type(error).__name__, error)
+        return self._isolate(sched, batch)
+
+    def _step_pipelined(self) -> list[StreamDelta]:
         while len(self.in_flight) < self.pipeline_depth:
             sched = self.scheduler.schedule()
             if not sched.scheduled and self.in_flight:
@@ -142,8 +181,8 @@ class EngineCore:
                 break
             for s in sched.scheduled:
                 s.req.in_flight = True
-            self.in_flight.append((sched, self.executor.execute_async(self._batch(sched))))
-        sched, handle = self.in_flight.popleft()
+            self._launch(sched)
+        sched, _, handle = self.in_flight.popleft()
         result = self.executor.wait(handle)
         for s in sched.scheduled:
             s.req.in_flight = False
@@ -159,8 +198,8 @@ class EngineCore:
     def _isolate(self, sched: SchedulerOutput, batch: BatchInput) -> list[StreamDelta]:
         """Rerun a failed step's sequences one by one; fail the requests whose sequence fails on its own.
 
-        Nothing of the failed step was applied (scheduler.update did not run; the sampler raises before it
-        changes any state), so each rerun recomputes exactly what the step would have."""
+        Nothing of the failed step was applied (it was not advanced, or was rewound, and the sampler raises
+        before it changes any state), so each rerun recomputes exactly what the step would have."""
         scheduled = {s.req.request_id for s in sched.scheduled}
         new = {seq.req_id: seq for seq in batch.new_sequences}
         # Sequences added but not scheduled in this step go out with the next one.
@@ -185,6 +224,7 @@ class EngineCore:
             ok.append(s)
             merged.sampled.update(result.sampled)
             merged.prompt_logprobs.update(result.prompt_logprobs)
+        self.scheduler.advance(SchedulerOutput(scheduled=ok))
         return errors + self._finish_step(SchedulerOutput(scheduled=ok), merged)
 
     def _finish_step(self, sched, result) -> list[StreamDelta]:
@@ -250,7 +290,8 @@ class EngineCore:
 def _add_to_batch(batch: BatchInput, s: ScheduledRequest) -> None:
     req = s.req
     batch.req_ids.append(req.request_id)
-    batch.token_ids.append(req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
+    tokens = req.token_slice(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens)
+    batch.token_ids.append(tokens + [PENDING_TOKEN] * (s.num_new_tokens - len(tokens)))  # sampled, not yet seen
     batch.start_positions.append(req.num_computed_tokens)
     batch.block_tables.append(list(req.block_ids))
     batch.sample.append(s.sample)

@@ -164,7 +164,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        hashes = self._full_block_hashes(req, req.num_computed_tokens)
+        # Computed may run ahead of known tokens (a placeholder decoded before its token came back).
+        hashes = self._full_block_hashes(req, min(req.num_computed_tokens, req.num_tokens))
         for i in range(req.num_published_blocks, len(hashes)):
             self.pool.publish(req.block_ids[i], hashes[i], tuple(req.token_slice(i * bs, (i + 1) * bs)))
         req.num_published_blocks = len(hashes)

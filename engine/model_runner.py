@@ -12,7 +12,7 @@ from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
 from engine.parallel_state import TPGroup
-from engine.sampler import SampleResult, Sampler, SamplingState, top_logprobs
+from engine.sampler import SampleResult, Sampler, SamplerLaunch, SamplingState, top_logprobs
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -27,6 +27,9 @@ class NewSequence:
     params: SamplingParams
     seed: int | None
     stop_ids: list[int]
+
+
+PENDING_TOKEN = -1  # in BatchInput.token_ids: the token the previous step sampled for this sequence (async)
 
 
 @dataclass
@@ -49,6 +52,17 @@ class StepOutput:
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued; `ModelRunner.finish` waits for it and reads its output."""
+
+    batch: BatchInput
+    rows: list[int] = field(default_factory=list)  # batch rows that sample
+    sampled: SamplerLaunch | None = None
+    hidden: torch.Tensor | None = None  # kept only when prompt logprobs are asked for
+    qsl: list[int] = field(default_factory=list)
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
@@ -62,6 +76,8 @@ class ModelRunner:
         self.sampler = Sampler(hf_config.vocab_size, device, seed)
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self._last_rows: dict[str, int] = {}  # req id -> row of `_last_tokens`, the last launched step's samples
+        self._last_tokens: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.use_triton and not enforce_eager and self.model.is_first and self.model.is_last:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
@@ -129,18 +145,25 @@ class ModelRunner:
             seq_lens.append(start + n)
         width = max((len(t) for t in batch.block_tables), default=0) or 1
         tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
-        dev = self.device
         qsl = [0]
         for n in q_lens:
             qsl.append(qsl[-1] + n)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=self._tensor(slots, torch.long), query_start_loc=self._tensor(qsl, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32), block_tables=self._tensor(tables, torch.int32),
             max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-                meta, qsl)
+        ids_t = self._tensor(ids, torch.long)
+        pending = [(qsl[i + 1] - 1, self._last_rows[rid]) for i, (rid, tokens) in
+                   enumerate(zip(batch.req_ids, batch.token_ids)) if tokens and tokens[-1] == PENDING_TOKEN]
+        if pending:  # tokens the previous step sampled on the device and the host has not seen yet
+            dst, src = zip(*pending)
+            ids_t[self._tensor(dst, torch.long)] = self._last_tokens[self._tensor(src, torch.long)]
+        return ids_t, self._tensor(positions, torch.long), meta, qsl
+
+    def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
+        """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
         if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1
@@ -158,26 +181,48 @@ class ModelRunner:
                 gen.manual_seed(seq.seed)
             self.states[seq.req_id] = SamplingState(seq.params, seq.prompt_token_ids, seq.stop_ids, gen)
 
-    @torch.inference_mode()
     def execute(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
         """`intermediate`: (hidden, residual) from the previous pipeline stage. A stage before the last returns
         its own (hidden, residual) instead of a StepOutput."""
+        step = self.launch(batch, intermediate)
+        return step if isinstance(step, tuple) else self.finish(step)
+
+    @torch.inference_mode()
+    def launch(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Queue the step's work on the device and return without waiting for it (on CUDA)."""
         self.update_states(batch)
-        out = StepOutput()
         if not batch.req_ids:
-            return out
+            return LaunchedStep(batch)
         ids, positions, meta, qsl = self._prepare(batch)
         hidden, residual = self._forward(ids, positions, meta, *(intermediate or ()))
         if not self.model.is_last:
             return hidden, residual
-        rows = [i for i, s in enumerate(batch.sample) if s]
-        if rows:
-            logits = self.model.logits(hidden[[qsl[i + 1] - 1 for i in rows]])
-            states = [self.states[batch.req_ids[i]] for i in rows]
-            for i, result in zip(rows, self.sampler(logits, states)):
-                out.sampled[batch.req_ids[i]] = result
-        self._prompt_logprobs(batch, hidden, qsl, out)
+        step = LaunchedStep(batch, [i for i, s in enumerate(batch.sample) if s], qsl=qsl)
+        if any(self.states[r].params.prompt_logprobs is not None for r in batch.req_ids if r in self.states):
+            step.hidden = hidden
+        if step.rows:
+            last = self._tensor([qsl[i + 1] - 1 for i in step.rows], torch.long)
+            states = [self.states[batch.req_ids[i]] for i in step.rows]
+            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states)
+            self._last_rows = {batch.req_ids[i]: j for j, i in enumerate(step.rows)}
+            self._last_tokens = step.sampled.tokens
+        return step
+
+    @torch.inference_mode()
+    def finish(self, step: LaunchedStep) -> StepOutput:
+        """Wait for a launched step; its sampled tokens (and logprobs) on the host."""
+        out = StepOutput()
+        if step.sampled is not None:
+            for i, result in zip(step.rows, self.sampler.finish(step.sampled)):
+                out.sampled[step.batch.req_ids[i]] = result
+        if step.hidden is not None:
+            self._prompt_logprobs(step.batch, step.hidden, step.qsl, out)
         return out
+
+    def discard(self, step: LaunchedStep) -> None:
+        """Drop a launched step's output (an earlier step failed): wait for its work, read nothing."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _prompt_logprobs(self, batch: BatchInput, hidden: torch.Tensor, qsl: list[int], out: StepOutput) -> None:
         """Logprob of each next prompt token (plus the top-N) at the positions this step computed."""

@@ -35,6 +35,7 @@ class Request:
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_published_blocks = 0  # leading blocks already in the prefix cache
         self.in_flight = False  # scheduled in a pipeline-parallel step whose result has not come back
+        self.num_pending = 0  # tokens sampled by launched steps but not yet known here (async scheduling)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.seed = None if params.seed is None else params.seed + index
@@ -46,6 +47,13 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def can_decode_ahead(self) -> bool:
+        """May run a step on its pending token before the token is known: the sampler needs no token history
+        (penalties, min_tokens), and the pending token is not its last."""
+        p = self.params
+        return not p.needs_penalties and p.min_tokens == 0 and len(self.output_token_ids) + self.num_pending < self.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

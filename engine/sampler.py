@@ -31,6 +31,17 @@ class SampleResult:
     logprobs: dict[int, float] | None = None  # the sampled token's, plus the top-N
 
 
+@dataclass
+class SamplerLaunch:
+    """Tokens drawn on the device, on their way to the host."""
+
+    states: list[SamplingState]
+    tokens: torch.Tensor  # [batch] on the device: the next step may read them before the host does
+    host: torch.Tensor  # [2, batch] tokens and "logits were finite", copied without blocking
+    ready: torch.cuda.Event | None
+    raw_logprobs: torch.Tensor | None
+
+
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or infinite logits: a bad input or bad weights, not something sampling can fix."""
 
@@ -43,6 +54,10 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
+        return self.finish(self.launch(logits, states))
+
+    def launch(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerLaunch:
+        """Draw the batch's tokens on the device and start copying them to the host."""
         logits = logits[:, : self.vocab_size].float().contiguous()
         finite = torch.isfinite(logits).all(dim=-1)  # read back with the tokens: no extra device sync
         raw_logprobs = None
@@ -53,10 +68,25 @@ class Sampler:
         for i, s in enumerate(states):
             if len(s.output_token_ids) < s.params.min_tokens and s.stop_ids:
                 logits[i, s.stop_ids] = float("-inf")
-        token_list, finite_list = torch.stack([self._draw(logits, states), finite.long()]).tolist()
+        tokens = self._draw(logits, states)
+        both = torch.stack([tokens, finite.long()])
+        if logits.device.type != "cuda":
+            return SamplerLaunch(states, tokens, both, None, raw_logprobs)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return SamplerLaunch(states, tokens, host, ready, raw_logprobs)
+
+    def finish(self, launched: SamplerLaunch) -> list[SampleResult]:
+        """Wait for the tokens; raise before any state changes if the logits were not finite."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        token_list, finite_list = launched.host.tolist()
         if not all(finite_list):  # raised before any state changes, so the step can be rerun without this request
             raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this input")
         results = [SampleResult(t) for t in token_list]
+        states, raw_logprobs = launched.states, launched.raw_logprobs
         if raw_logprobs is not None:
             for i, s in enumerate(states):
                 if s.params.logprobs is not None:
@@ -79,7 +109,8 @@ class Sampler:
                         self._column(states, "presence_penalty"), self._column(states, "frequency_penalty"))
 
     def _column(self, states: list[SamplingState], name: str, dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor([getattr(s.params, name) for s in states], dtype=dtype, device=self.device)
+        column = torch.tensor([getattr(s.params, name) for s in states], dtype=dtype)
+        return column.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else column
 
     def _draw(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         if all(s.params.greedy for s in states):

@@ -58,7 +58,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, ahead: bool = False) -> SchedulerOutput | None:
+        """The next step. `ahead`: a step launched before the previous one's tokens are known (async
+        scheduling): a request whose token is pending decodes it as a placeholder (the worker reads it from the
+        previous step's output) when `can_decode_ahead`; returns None, changing nothing, where the step would
+        need a preemption (the caller then waits for the step in flight and schedules normally)."""
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.max_num_batched_tokens
@@ -69,8 +73,15 @@ class Scheduler:
             i += 1
             if req.in_flight:  # its previous step is still in the pipeline
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and not (ahead and req.can_decode_ahead):
+                continue
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if n <= 0:
+                continue
             while not self.kv.allocate(req, n):
+                if ahead:
+                    self.requeue_finished_ids(out)
+                    return None
                 victim = next((r for r in reversed(self.running) if not r.in_flight), None)
                 if victim is None:  # everything else is in flight: try again next step
                     break
@@ -79,7 +90,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
+                sample = req.num_computed_tokens + n == req.num_tokens + req.num_pending
+                out.scheduled.append(ScheduledRequest(req, n, sample))
                 budget -= n
                 continue
             if req.status == RequestStatus.WAITING:  # preempted itself: the list shifted under the index
@@ -122,6 +134,7 @@ class Scheduler:
         return bool(parent.output_token_ids) or parent.is_finished
 
     def _preempt(self, req: Request) -> None:
+        assert not req.num_pending, "a request with a step in flight cannot be preempted"
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
@@ -129,16 +142,28 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._order)
         self.num_preemptions += 1
 
+    def advance(self, out: SchedulerOutput) -> None:
+        """A step was launched: its tokens count as computed, and each sampled sequence has a token pending."""
+        for s in out.scheduled:
+            s.req.num_computed_tokens += s.num_new_tokens
+            s.req.num_pending += s.sample
+
+    def rewind(self, out: SchedulerOutput) -> None:
+        """Undo `advance` for a launched step whose output was dropped (it failed, or one before it did)."""
+        for s in out.scheduled:
+            s.req.num_computed_tokens -= s.num_new_tokens
+            s.req.num_pending -= s.sample
+
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance scheduled requests past this step; append sampled tokens. Returns requests that finished."""
+        """Append an advanced step's sampled tokens. Returns requests that finished."""
         finished = []
         for s in out.scheduled:
             req = s.req
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished:  # aborted (or stopped by an earlier step) while the step ran
                 continue
-            req.num_computed_tokens += s.num_new_tokens
             if s.sample:
                 token = sampled[req.request_id]
+                req.num_pending -= 1
                 req.output_token_ids.append(token)
                 if req.check_stop_token(token):
                     finished.append(req)

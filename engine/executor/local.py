@@ -1,7 +1,7 @@
 """One model shard in this process (tensor_parallel_size = pipeline_parallel_size = 1)."""
 from __future__ import annotations
 
-from engine.model_runner import BatchInput, ModelRunner, StepOutput
+from engine.model_runner import BatchInput, LaunchedStep, ModelRunner, StepOutput
 
 
 class LocalExecutor:
@@ -22,6 +22,15 @@ class LocalExecutor:
 
     def execute(self, batch: BatchInput) -> StepOutput:
         return self.runner.execute(batch)
+
+    def execute_async(self, batch: BatchInput) -> LaunchedStep:
+        return self.runner.launch(batch)
+
+    def wait(self, handle: LaunchedStep) -> StepOutput:
+        return self.runner.finish(handle)
+
+    def discard(self, handle: LaunchedStep) -> None:
+        self.runner.discard(handle)
 
     def check_health(self) -> None:
         pass

@@ -176,6 +176,10 @@ class RayExecutor:
     def execute(self, batch: BatchInput) -> StepOutput:
         return self.wait(self.execute_async(batch))
 
+    def discard(self, handle: list) -> None:
+        """Wait for a step whose output is dropped (an earlier one failed); its own failure is not reported."""
+        ray.wait(handle, num_returns=len(handle), timeout=self.timeout_s)
+
     def check_health(self) -> None:
         """Raise, naming the rank, when a worker died, does not answer within `health_timeout_s`, or is stuck in
         one step longer than the distributed timeout (its collectives would have failed by then)."""
