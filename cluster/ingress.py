@@ -135,8 +135,9 @@ class RequestTiming:
             self.first_token_seen = True
             self.metrics.time_to_first_token.labels(self.model).observe(now - self.arrival)
         last = self.last_token[choice]
-        if last is not None and delta.token_ids:
-            self.metrics.inter_token_latency.labels(self.model).observe(now - last)
+        if last is not None and delta.token_ids:  # a delta may carry several tokens that piled up
+            for _ in delta.token_ids:
+                self.metrics.inter_token_latency.labels(self.model).observe((now - last) / len(delta.token_ids))
         self.last_token[choice] = now
         if delta.finish_reason is not None:
             self.metrics.finished.labels(self.model, delta.finish_reason).inc()

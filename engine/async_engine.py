@@ -93,10 +93,19 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is down: {self._error!r}")
 
     async def _stream(self, request_id: str, queue: asyncio.Queue, n: int) -> AsyncIterator[StreamDelta]:
+        """Deltas as they come; a consumer that falls behind (a busy server loop) gets the deltas that piled up
+        for one completion as one, so it catches up instead of handling one message per token."""
         done = 0
+        held: StreamDelta | None = None  # taken from the queue but belonging to another completion
         try:
             while done < n:
-                delta = await queue.get()
+                delta, held = held or await queue.get(), None
+                while delta.finish_reason is None and delta.error is None and not queue.empty():
+                    later = queue.get_nowait()
+                    if later.index != delta.index or later.error is not None:
+                        held = later
+                        break
+                    delta = delta.followed_by(later)
                 if delta.finish_reason is not None or delta.error is not None:
                     done += 1 if delta.error is None else n
                 yield delta

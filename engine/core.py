@@ -35,7 +35,7 @@ class EngineCore:
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, setup.max_num_batched_tokens,
-                                   config.scheduling_policy)
+                                   config.scheduling_policy, micro_batches=config.pipeline_parallel_size)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._unsent: list[NewSequence] = []

@@ -1,7 +1,8 @@
 """CUDA graphs for decode steps: one graph per padded batch size, replayed with the step's inputs copied in.
 
 A decode-only step of n sequences replays the graph of the smallest captured size >= n; the padding rows
-write no KV (slot -1) and attend over one cached slot, and their outputs are dropped.
+write no KV (slot -1) and attend over one cached slot, and their outputs are dropped. A pipeline stage after the
+first takes the previous stage's hidden states and residuals as inputs; one before the last returns both.
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.first, self.last = model.is_first, model.is_last
+        if not self.first:
+            self.in_hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+            self.in_residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        if not self.last:
+            self.residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -45,11 +52,14 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(bs)
-            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up: Triton compiles outside capture
+            inputs = () if self.first else (self.in_hidden[:bs], self.in_residual[:bs])
+            self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)  # warm-up: Triton compiles outside
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+                hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)
                 self.hidden[:bs].copy_(hidden)
+                if not self.last:
+                    self.residual[:bs].copy_(residual)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -58,10 +68,16 @@ class DecodeGraphs:
     def size_for(self, num_seqs: int) -> int | None:
         return next((s for s in self.sizes if s >= num_seqs), None)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = ids.shape[0]
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """(hidden, residual) like the model; residual None on the last stage."""
+        n = positions.shape[0]
         bs = self.size_for(n)
-        self.input_ids[:n].copy_(ids)
+        if self.first:
+            self.input_ids[:n].copy_(ids)
+        else:
+            self.in_hidden[:n].copy_(hidden)
+            self.in_residual[:n].copy_(residual)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)
@@ -70,4 +86,4 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
         self.graphs[bs].replay()
-        return self.hidden[:n]
+        return self.hidden[:n], None if self.last else self.residual[:n]

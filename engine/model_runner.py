@@ -79,7 +79,7 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}  # req id -> row of `_last_tokens`, the last launched step's samples
         self._last_tokens: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and self.use_triton and not enforce_eager and self.model.is_first and self.model.is_last:
+        if device.type == "cuda" and self.use_triton and not enforce_eager:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
                                        dtype, device)
 
@@ -168,7 +168,7 @@ class ModelRunner:
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
         if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1
                 and self.graphs.size_for(len(meta.query_lens_cpu)) is not None):
-            return self.graphs.run(ids, positions, meta), None
+            return self.graphs.run(ids, positions, meta, hidden, residual)
         return self.model(ids, positions, meta, hidden, residual)
 
     def update_states(self, batch: BatchInput) -> None:

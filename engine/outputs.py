@@ -1,7 +1,7 @@
 """What the engine hands back: vLLM-shaped `RequestOutput` / `CompletionOutput`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # One position's logprobs: token id -> logprob, the sampled token always included.
 TokenLogprobs = dict[int, float]
@@ -47,6 +47,13 @@ class StreamDelta:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # set on the first delta when asked for
     error: str | None = None  # set when the request failed inside the engine
+
+    def followed_by(self, later: StreamDelta) -> StreamDelta:
+        """This delta and the next one of the same completion, as one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else (self.logprobs or []) + (
+            later.logprobs or [])
+        return replace(self, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                       finish_reason=later.finish_reason, stop_reason=later.stop_reason, logprobs=logprobs)
 
 
 @dataclass

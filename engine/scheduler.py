@@ -34,9 +34,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs"):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs",
+                 micro_batches: int = 1):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
+        # Pipeline parallel: a step takes at most 1/pp of the sequences, so the pp steps in flight (each skips the
+        # sequences of the others) split the running batch between them and every stage stays busy.
+        self.max_seqs_per_step = -(-max_num_seqs // micro_batches)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.waiting: list[Request] = []  # sorted by _order
@@ -68,7 +72,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < self.max_seqs_per_step:
             req = self.running[i]
             i += 1
             if req.in_flight:  # its previous step is still in the pipeline
@@ -99,7 +103,8 @@ class Scheduler:
         if preempted:  # no room for newcomers this step
             return out
         j = 0
-        while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(out.scheduled) < self.max_seqs_per_step):
             req = self.waiting[j]
             if req.parent is not None and not self._parent_ready(req.parent):
                 j += 1  # a sibling waits until the shared prompt is computed

@@ -37,6 +37,29 @@ def test_concurrent_requests_with_n(engine):
         assert sum(len(d.token_ids) for d in deltas) == 16
 
 
+def test_a_consumer_that_falls_behind_gets_the_piled_up_deltas_merged(engine, tiny_llm):
+    """A slow reader (a busy server loop) gets fewer, larger deltas: the same tokens, text and logprobs, each
+    completion's deltas in order, and the end still marked on the last one."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1, n=2, seed=1)
+    expected = tiny_llm.generate(["Hello slow reader"], params, use_tqdm=False)[0].outputs
+
+    async def slow():
+        out = []
+        async for d in engine.add_request("slow", "Hello slow reader", params):
+            out.append(d)
+            await asyncio.sleep(0.05)
+        return out
+
+    deltas = asyncio.run(slow())
+    assert len(deltas) < 60 and max(len(d.token_ids) for d in deltas) > 1
+    for completion in expected:
+        mine = [d for d in deltas if d.index == completion.index]
+        assert [t for d in mine for t in d.token_ids] == completion.token_ids
+        assert "".join(d.text for d in mine) == completion.text
+        assert sum(len(d.logprobs) for d in mine) == len(completion.token_ids)
+        assert mine[-1].finish_reason == "length" and all(d.finish_reason is None for d in mine[:-1])
+
+
 def test_closing_a_stream_aborts_and_frees_its_blocks(engine):
     async def main():
         stream = engine.add_request("long", [7] * 40, SamplingParams(max_tokens=500, ignore_eos=True))

@@ -102,3 +102,31 @@ def test_priority_policy_runs_urgent_requests_first(tiny_model_dir):
     while core.has_work:
         finished += [d.request_id for d in core.step() if d.finish_reason]
     assert finished == ["urgent", "late"]
+
+
+def test_pipeline_steps_split_the_running_batch():
+    """With pp micro-batches each step takes at most 1/pp of the sequences; the steps in flight take disjoint
+    halves, so both pipeline stages have work every step."""
+    from engine.kv_cache import KVCacheManager
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(KVCacheManager(256, 16), max_num_seqs=8, max_num_batched_tokens=512, micro_batches=2)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    for i in range(8):
+        sched.add(Request(f"r{i}", [i + 3] * 10, params, set(), 20))
+
+    def launch():
+        out = sched.schedule()
+        for s in out.scheduled:
+            s.req.in_flight = True
+        sched.advance(out)
+        return out, {s.req.request_id for s in out.scheduled}
+
+    (first, a), (_, b) = launch(), launch()
+    assert len(a) == len(b) == 4 and not a & b and a | b == {f"r{i}" for i in range(8)}
+    sched.update(first, {rid: 7 for rid in a})  # the older step comes back
+    for s in first.scheduled:
+        s.req.in_flight = False
+    third, c = launch()
+    assert c == a and all(s.num_new_tokens == 1 and s.sample for s in third.scheduled)
