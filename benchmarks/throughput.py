@@ -70,15 +70,16 @@ def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, dtype,
             "num_prompts": len(prompts)}
 
 
-def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: float) -> dict:
+def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: float, profile: bool = False) -> dict:
     """Time pure decode steps of `batch` sequences at `ctx` tokens of context against the bytes each step must
-    move (all weights once, plus every sequence's KV), at the device's copy bandwidth."""
+    move (all weights once, plus every sequence's KV), at the device's copy bandwidth. `profile`: then profile
+    8 more steps with torch.profiler and report where the GPU time goes."""
     from engine import SamplingParams
 
     core = llm.engine
     for i in range(batch):
         core.add_request(f"roofline-{i}", [(i * 7 + j) % 1000 + 3 for j in range(ctx)],
-                         SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0))
+                         SamplingParams(max_tokens=steps + 12, ignore_eos=True, temperature=0))
     while any(not r.output_token_ids for r in core.scheduler.requests.values()):  # prefill everything first
         core.step()
     # Between two returns of step() the engine is in the same state (with async scheduling: one step in flight),
@@ -87,6 +88,7 @@ def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: flo
     for _ in range(steps):
         core.step()
     seconds = (time.perf_counter() - t0) / steps
+    kernels = _profile_steps(core, 8) if profile else None
     while core.has_work:
         core.step()
     cfg = core.setup.hf_config
@@ -95,7 +97,30 @@ def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: flo
     kv_bytes = batch * (ctx + steps // 2) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
     bound = (weight_bytes + kv_bytes) / copy_bytes_per_s
     return {"batch": batch, "context": ctx, "ms_per_step": seconds * 1e3, "roofline_ms": bound * 1e3,
-            "fraction_of_roofline": bound / seconds, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+            "fraction_of_roofline": bound / seconds, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+            **({"profile_8_steps": kernels} if kernels else {})}
+
+
+def _profile_steps(core, steps: int) -> list[dict]:
+    """GPU kernels of `steps` engine steps by total time (printed, and the top 15 returned), plus the share
+    of the wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        _sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    busy = sum(e.device_time_total for e in events)
+    print(f"profile of {steps} steps: GPU busy {busy / 1e3:.2f} ms of {wall_us / 1e3:.2f} ms wall")
+    top = [{"kernel": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3,
+            "share_of_gpu_time": e.device_time_total / max(busy, 1)} for e in events[:15]]
+    for k in top:
+        print(f"  {100 * k['share_of_gpu_time']:5.1f}%  {k['ms']:8.2f} ms  {k['calls']:6d}  {k['kernel']}")
+    return [{"gpu_busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3}] + top
 
 
 def _cprofile(llm, prompts, out_lens) -> None:
@@ -148,6 +173,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--cprofile", action="store_true", help="print a host-side profile of 64 batch-1 decode steps")
+    ap.add_argument("--profile", action="store_true", help="with --decode-roofline: profile 8 decode steps")
     ap.add_argument("--decode-roofline", action="store_true",
                     help="also time decode at batch 64 with 1k context against the bytes-moved roofline (CUDA)")
     args = ap.parse_args(argv)
@@ -210,7 +236,7 @@ def main(argv=None) -> dict:
     if args.decode_roofline:
         from benchmarks.kernels import copy_bandwidth
 
-        figures["decode_b64_ctx1024"] = res = decode_roofline(llm, 64, 1024, 32, copy_bandwidth())
+        figures["decode_b64_ctx1024"] = res = decode_roofline(llm, 64, 1024, 32, copy_bandwidth(), args.profile)
         print(f"decode at batch 64, 1k context: {res['ms_per_step']:.2f} ms per step, "
               f"{100 * res['fraction_of_roofline']:.0f}% of the {res['roofline_ms']:.2f} ms roofline")
         path = write_result("throughput", settings, figures, args.out_dir, path)
