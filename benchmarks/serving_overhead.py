@@ -45,7 +45,7 @@ async def in_process(args, requests) -> list[dict]:
 def through_cluster(args, requests) -> list[dict]:
     from cluster.config import ClusterConfig, ModelConfig
 
-    config = ClusterConfig(app_name="overhead", models=[ModelConfig(
+    config = ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas, models=[ModelConfig(
         name="bench", num_cpus_per_replica=args.threads, **engine_options(args))])
     base_url = local_serve.start(config)
     try:
@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (ClusterConfig key)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in both (the replica's CPUs)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
