@@ -31,7 +31,10 @@ def main(argv=None) -> Path:
         for run in runs:
             fig_ = run["figures"].get(name)
             if fig_:
-                labels.append(f"Strata\n{run['settings'].get('kernels', run['settings'].get('attention_backend'))}")
+                settings = run["settings"]
+                kernels = settings.get("kernels", settings.get("attention_backend"))
+                mode = {True: " async", False: " sync"}.get(settings.get("async_scheduling_resolved"), "")
+                labels.append(f"Strata\n{kernels}{mode}")
                 values.append(fig_["output_tok_s"])
                 if "transformers" in fig_ and "transformers" not in labels:
                     labels.append("transformers")

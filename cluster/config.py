@@ -47,6 +47,10 @@ class ModelConfig(EngineConfig):
     routing_stats_period_s: float = Field(
         1.0, gt=0, description="How often replicas report their cached prefixes and load to the router.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve probes each replica's engine.")
+    stream_chunk_rate: float = Field(
+        500.0, ge=0, description="Stream chunks per second one replica sends, shared by its streams: with k streams "
+                                  "open, each sends a chunk at most every k / rate seconds, holding the tokens in "
+                                  "between (its first token always goes at once); 0: every token at once.")
     request_retries: int = Field(
         2, ge=0, description="Times a request moves to another replica when its replica fails before any of its "
                              "output reached the client.")

@@ -91,7 +91,8 @@ class EngineReplica:
             yield rejected
             return
         try:
-            stream = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params)
+            stream = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
+                                             self._stream_interval if self.config.stream_chunk_rate else None)
         except ValueError as e:
             message = str(e)
             param = next((p for prefix, p in ENGINE_ERROR_PARAMS.items()
@@ -117,6 +118,10 @@ class EngineReplica:
             if not finished:  # cancelled: the stream may never have started, so abort explicitly too
                 self.engine.abort(request.request_id)
                 await stream.aclose()
+
+    def _stream_interval(self) -> float:
+        """Each stream's share of the replica's chunk rate: a message per token is what costs a server most."""
+        return self.num_active / self.config.stream_chunk_rate
 
     def _check_context(self, request: GenerateRequest) -> Rejected | None:
         limit = self.engine.max_model_len

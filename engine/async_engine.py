@@ -6,7 +6,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -40,9 +40,12 @@ class AsyncEngine:
         return self.core.max_model_len
 
     # -- public API -----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream_interval: Callable[[], float] | None = None) -> AsyncIterator[StreamDelta]:
         """Validate and queue a request; returns its stream of deltas. Raises ValueError for bad input.
-        Closing the stream early (e.g. a client that went away) aborts the request and frees its blocks."""
+        Closing the stream early (e.g. a client that went away) aborts the request and frees its blocks.
+        `stream_interval()`: least seconds between two deltas after the first (a server that pays per message
+        spaces them, merging the tokens in between); the first delta always goes at once."""
         self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -52,7 +55,7 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._commands.append(("add", request_id, ids, params))
         self._wake.set()
-        return self._stream(request_id, queue, params.n)
+        return self._stream(request_id, queue, params.n, stream_interval)
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[StreamDelta]:
         return [d async for d in self.add_request(request_id, prompt, params)]
@@ -92,14 +95,20 @@ class AsyncEngine:
         if self.errored:
             raise EngineDeadError(f"the engine is down: {self._error!r}")
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue, n: int) -> AsyncIterator[StreamDelta]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue, n: int,
+                      stream_interval: Callable[[], float] | None) -> AsyncIterator[StreamDelta]:
         """Deltas as they come; a consumer that falls behind (a busy server loop) gets the deltas that piled up
         for one completion as one, so it catches up instead of handling one message per token."""
         done = 0
         held: StreamDelta | None = None  # taken from the queue but belonging to another completion
+        last_sent: float | None = None
         try:
             while done < n:
                 delta, held = held or await queue.get(), None
+                if stream_interval and last_sent is not None and delta.finish_reason is None and delta.error is None:
+                    wait = last_sent + stream_interval() - time.monotonic()
+                    if wait > 0:  # sleep rather than wait on the queue: a cancelled get could drop a delta
+                        await asyncio.sleep(wait)
                 while delta.finish_reason is None and delta.error is None and not queue.empty():
                     later = queue.get_nowait()
                     if later.index != delta.index or later.error is not None:
@@ -108,6 +117,7 @@ class AsyncEngine:
                     delta = delta.followed_by(later)
                 if delta.finish_reason is not None or delta.error is not None:
                     done += 1 if delta.error is None else n
+                last_sent = time.monotonic()
                 yield delta
         finally:
             if done < n:

@@ -56,13 +56,36 @@ class Worker:
 
     # -- steps ----------------------------------------------------------------------------------------------
     async def execute(self, seq: int, batch: BatchInput) -> StepOutput | None:
-        """Run step `seq` after every earlier step. Only the last stage's TP rank 0 returns the output."""
+        """Run step `seq` after every earlier step. Only the last stage's TP rank 0 returns the output.
+
+        Without pipeline stages a step is launched and finished as two jobs of the rank's thread, so a next step
+        that has already arrived (async scheduling sends it early) is launched before this one is waited for:
+        the GPU gets step n+1 queued while the host waits for step n's tokens."""
+        split = self.pp.size == 1 and bool(batch.req_ids)
         async with self.turn:
             await self.turn.wait_for(lambda: self.next_seq == seq)
-            done = self.pool.submit(self._step, batch)
+            done = self.pool.submit(self._launch if split else self._step, batch)
             self.next_seq += 1
             self.turn.notify_all()
-        return await asyncio.wrap_future(done)
+        if not split:
+            return await asyncio.wrap_future(done)
+        launched = await asyncio.wrap_future(done)
+        out = await asyncio.wrap_future(self.pool.submit(self._finish, launched))
+        return out if self.tp.rank == 0 else None
+
+    def _launch(self, batch: BatchInput):
+        self.step_started = time.monotonic()
+        try:
+            return self.runner.launch(batch)
+        finally:
+            self.step_started = None
+
+    def _finish(self, launched) -> StepOutput:
+        self.step_started = time.monotonic()
+        try:
+            return self.runner.finish(launched)
+        finally:
+            self.step_started = None
 
     def _step(self, batch: BatchInput) -> StepOutput | None:
         self.step_started = time.monotonic()
