@@ -34,7 +34,8 @@ def main(argv=None) -> Path:
                 settings = run["settings"]
                 kernels = settings.get("kernels", settings.get("attention_backend"))
                 mode = {True: " async", False: " sync"}.get(settings.get("async_scheduling_resolved"), "")
-                labels.append(f"Strata\n{kernels}{mode}")
+                seqs = settings.get("max_num_seqs", 256)
+                labels.append(f"Strata\n{kernels}{mode}" + (f"\n{seqs} seqs" if seqs != 256 else ""))
                 values.append(fig_["output_tok_s"])
                 if "transformers" in fig_ and "transformers" not in labels:
                     labels.append("transformers")
@@ -46,6 +47,7 @@ def main(argv=None) -> Path:
             ax.axhline(W1_ROOFLINE, color="tab:red", linestyle="--", label="weights roofline")
             ax.legend()
         ax.set_title(f"{name} output tok/s")
+        ax.tick_params(axis="x", labelsize=7)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"{runs[0]['device']}, Llama-3-8B-shaped bf16")
