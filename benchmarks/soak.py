@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import local_serve  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
 
 APP = "soak"
@@ -56,28 +56,13 @@ class Record:
 
 # -- cluster ------------------------------------------------------------------------------------------------------
 def start_cluster(args) -> str:
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
     from cluster.config import ClusterConfig, ModelConfig
 
-    ray.init(address=args.address or "local", include_dashboard=False,
-             **({} if args.address else {"num_cpus": args.num_cpus}))
-    port = args.port or free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ClusterConfig(app_name=APP, models=[ModelConfig(
         model=args.model, name="soak", min_replicas=args.replicas, max_replicas=args.replicas,
         max_num_seqs=args.max_ongoing, max_ongoing_requests=args.max_ongoing, max_queue_size=args.max_queue,
         num_kv_blocks=args.kv_blocks, max_model_len=args.max_model_len)])
-    serve.run(build_app(config), name=APP, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return local_serve.start(config, num_cpus=args.num_cpus, address=args.address, port=args.port)
 
 
 def serve_processes() -> dict[int, str]:
@@ -115,13 +100,7 @@ def rss_mib(pids: dict[int, str]) -> dict[str, float]:
 
 
 def engine_stats() -> list[dict]:
-    from ray import serve
-
-    from cluster.config import engine_deployment_name
-
-    handle = serve.get_deployment_handle(engine_deployment_name("soak"), APP)
-    return [r for r in handle.broadcast("engine_stats").results(timeout_s=30, return_exceptions=True)
-            if isinstance(r, dict)]
+    return local_serve.engine_stats(APP, "soak")
 
 
 def scrape(base_url: str) -> dict[str, dict[tuple, float]]:
@@ -323,9 +302,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    import ray
-    from ray import serve
-
     from engine.model_source import resolve_model
     from engine.tokenizer import load_tokenizer
 
@@ -357,8 +333,7 @@ def main(argv=None) -> int:
         metrics = scrape(base_url)
         stats = engine_stats()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        local_serve.stop()
 
     memory = memory_trend(samples, args.warmup)
     checks = check(load, memory, stats, metrics, args)
