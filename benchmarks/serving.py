@@ -52,6 +52,15 @@ class Result:
     prompt_tokens: int = 0
     output_tokens: int = 0
 
+    def arrived(self) -> None:
+        """Tokens arrived now: the first time sets TTFT, later ones add an inter-token latency."""
+        now = time.perf_counter()
+        if not self.ttft:
+            self.ttft = now - self.start
+        else:
+            self.itls.append(now - self.start - self.e2e)
+        self.e2e = now - self.start  # the latest arrival so far; the final value once the stream ends
+
 
 # -- datasets -----------------------------------------------------------------------------------------------------
 def make_dataset(name: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int = 0,
@@ -106,7 +115,6 @@ class OpenAIBackend:
     async def send(self, req: Request, result: Result) -> None:
         body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        last = result.start
         async with self.session.post(self.url, json=body, headers=self.headers) as resp:
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -122,13 +130,8 @@ class OpenAIBackend:
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", str(chunk["error"]))
                     return
-                now = time.perf_counter()
                 if chunk.get("choices"):
-                    if not result.ttft:
-                        result.ttft = now - result.start
-                    else:
-                        result.itls.append(now - last)
-                    last = now
+                    result.arrived()
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
@@ -156,18 +159,12 @@ class InProcessBackend:
 
         self.count += 1
         params = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
-        last = result.start
         async for delta in self.engine.add_request(f"bench-{self.count}", req.prompt, params):
             if delta.error:
                 result.error = delta.error
                 return
-            now = time.perf_counter()
             if delta.token_ids:
-                if not result.ttft:
-                    result.ttft = now - result.start
-                else:
-                    result.itls.append(now - last)
-                last = now
+                result.arrived()
                 result.output_tokens += len(delta.token_ids)
         result.e2e = time.perf_counter() - result.start
         result.prompt_tokens = len(req.prompt)

@@ -12,7 +12,7 @@ from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
 from engine.parallel_state import TPGroup
-from engine.sampler import SampleResult, Sampler, SamplerLaunch, SamplingState, top_logprobs
+from engine.sampler import SampleResult, Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -161,9 +161,7 @@ class ModelRunner:
         return ids_t, self._tensor(positions, torch.long), meta, qsl
 
     def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
-        """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
-        t = torch.tensor(data, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return to_device(data, dtype, self.device)
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
         if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1

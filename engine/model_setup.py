@@ -41,7 +41,7 @@ class ModelSetup:
         device = _device(config.device)
         dtype = _dtype(config.dtype, hf_config, device)
         max_len = _max_model_len(config, hf_config)
-        budget = config.max_num_batched_tokens or (8192 if _shards_on_gpus(config, device) else 2048)
+        budget = config.max_num_batched_tokens or (8192 if shards_on_gpus(config, device) else 2048)
         return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device, dtype,
                    max_len, budget)
 
@@ -88,7 +88,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _shards_on_gpus(config: EngineConfig, device: torch.device) -> bool:
+def shards_on_gpus(config: EngineConfig, device: torch.device) -> bool:
     """The model runs on GPUs: here, or on Ray workers when a replica without GPUs of its own spans several."""
     if device.type == "cuda":
         return True

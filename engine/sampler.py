@@ -109,8 +109,7 @@ class Sampler:
                         self._column(states, "presence_penalty"), self._column(states, "frequency_penalty"))
 
     def _column(self, states: list[SamplingState], name: str, dtype=torch.float32) -> torch.Tensor:
-        column = torch.tensor([getattr(s.params, name) for s in states], dtype=dtype)
-        return column.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else column
+        return to_device([getattr(s.params, name) for s in states], dtype, self.device)
 
     def _draw(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         if all(s.params.greedy for s in states):
@@ -124,6 +123,12 @@ class Sampler:
         top_p = self._column(states, "top_p") if any(p.top_p < 1.0 for p in params) else None
         min_p = self._column(states, "min_p") if any(p.min_p > 0 for p in params) else None
         return sample(logits, self._column(states, "temperature"), top_k, top_p, min_p, noise)
+
+
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
+    t = torch.tensor(data, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> dict[int, float]:

@@ -64,46 +64,36 @@ class Worker:
         split = self.pp.size == 1 and bool(batch.req_ids)
         async with self.turn:
             await self.turn.wait_for(lambda: self.next_seq == seq)
-            done = self.pool.submit(self._launch if split else self._step, batch)
+            done = self.pool.submit(self._timed, self.runner.launch if split else self._step, batch)
             self.next_seq += 1
             self.turn.notify_all()
         if not split:
             return await asyncio.wrap_future(done)
         launched = await asyncio.wrap_future(done)
-        out = await asyncio.wrap_future(self.pool.submit(self._finish, launched))
+        out = await asyncio.wrap_future(self.pool.submit(self._timed, self.runner.finish, launched))
         return out if self.tp.rank == 0 else None
 
-    def _launch(self, batch: BatchInput):
+    def _timed(self, fn, *args):
+        """Run fn on the rank's thread, marking when it started (ping reports a step that hangs)."""
         self.step_started = time.monotonic()
         try:
-            return self.runner.launch(batch)
-        finally:
-            self.step_started = None
-
-    def _finish(self, launched) -> StepOutput:
-        self.step_started = time.monotonic()
-        try:
-            return self.runner.finish(launched)
+            return fn(*args)
         finally:
             self.step_started = None
 
     def _step(self, batch: BatchInput) -> StepOutput | None:
-        self.step_started = time.monotonic()
-        try:
-            if not batch.req_ids:
-                self.runner.update_states(batch)
-                return None
-            intermediate = None
-            if not self.pp.is_first:
-                n = sum(len(t) for t in batch.token_ids)
-                intermediate = self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
-            out = self.runner.execute(batch, intermediate)
-            if not self.pp.is_last:
-                self.pp.send(*out)
-                return None
-            return out if self.tp.rank == 0 else None
-        finally:
-            self.step_started = None
+        if not batch.req_ids:
+            self.runner.update_states(batch)
+            return None
+        intermediate = None
+        if not self.pp.is_first:
+            n = sum(len(t) for t in batch.token_ids)
+            intermediate = self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
+        out = self.runner.execute(batch, intermediate)
+        if not self.pp.is_last:
+            self.pp.send(*out)
+            return None
+        return out if self.tp.rank == 0 else None
 
     async def ping(self) -> float:
         """Seconds the current step has been running (0 when idle): a hung step shows up here."""

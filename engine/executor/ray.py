@@ -236,9 +236,8 @@ def _bundles_fit(bundles: list[dict], need: dict, world: int) -> bool:
 
 def _worker_device(setup) -> tuple[str, torch.dtype]:
     """Workers use GPUs when the driver does, or when device=auto and the cluster has GPUs the driver lacks."""
-    if setup.device.type == "cuda":
-        return "cuda", setup.dtype
-    if setup.config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
-        from engine.model_setup import _dtype
-        return "cuda", _dtype(setup.config.dtype, setup.hf_config, torch.device("cuda"))
-    return "cpu", setup.dtype
+    from engine.model_setup import _dtype, shards_on_gpus
+
+    if setup.device.type == "cuda" or not shards_on_gpus(setup.config, setup.device):
+        return setup.device.type, setup.dtype
+    return "cuda", _dtype(setup.config.dtype, setup.hf_config, torch.device("cuda"))

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 
 import httpx
+from polling import wait_for  # noqa: F401 - re-exported to the tests
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ClusterConfig
@@ -28,17 +27,6 @@ def deploy(serve_url: str, config: ClusterConfig):
         yield serve_url
     finally:
         serve.delete(config.app_name)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def metrics(base_url: str) -> dict[str, dict[tuple, float]]:

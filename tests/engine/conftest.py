@@ -29,3 +29,15 @@ def tiny_llm(tiny_model_dir):
 
 
 ALL_KINDS = list(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray of our own (not one another test run left), with more logical CPUs than the machine: one per
+    tensor/pipeline-parallel worker."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -85,18 +85,11 @@ def test_abort_while_steps_are_in_flight_frees_every_block(tiny_model_dir):
     llm.shutdown()
 
 
-def test_async_scheduling_over_tensor_parallel_workers(tiny_model_dir):
+def test_async_scheduling_over_tensor_parallel_workers(tiny_model_dir, local_ray):
     """Each TP rank fills the placeholders from its own copy of the previous step's tokens."""
-    import ray
-
     path = str(tiny_model_dir("llama"))
     expected, _, _ = run(path, False)
-    ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        got, stats, launched = run(path, True, tensor_parallel_size=2)
-    finally:
-        ray.shutdown()
+    got, stats, launched = run(path, True, tensor_parallel_size=2)
     assert_same(got, expected)
     assert stats.kv_blocks_used == 0
     assert any(any(t and t[-1] == PENDING_TOKEN for t in b.token_ids) for b in launched)

@@ -21,15 +21,6 @@ PROMPTS = random_prompts(seed=11, lens=(5, 19, 40))
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    # A Ray of our own (not one another test run left), with more logical CPUs than the machine: one per worker.
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """kind -> single-process outputs."""
     cache = {}

@@ -1,7 +1,6 @@
 """On two CUDA GPUs (NCCL between Ray workers): TP=2 (with CUDA graphs), PP=2 and TP=2 x PP=1 eager give what one
 GPU gives (CUDA graphs on every stage). Skipped without two GPUs; run on the device tool's nvidia-h200-x2 (benchmarks/gpu_parallel.sh)."""
 import pytest
-import ray
 import torch
 
 from engine import LLM, SamplingParams
@@ -12,14 +11,6 @@ pytestmark = [pytest.mark.gpu,
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
 PROMPTS = random_prompts(seed=5, lens=(3, 17, 64, 130)) * 3  # 12 sequences: decode batches of 12 (graph ladder)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("kind,tp,pp,eager", [("llama", 2, 1, False), ("mistral", 2, 1, True),

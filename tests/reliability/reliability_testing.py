@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from polling import wait_for  # noqa: F401 - re-exported to the tests
 
 POISON_TOKEN = 7  # the poisoned checkpoint's NaN embedding row; the demo's greedy outputs of TEXTS never hold it
 TEXTS = ["The capital of France is", "Hello, how are you today?", "Once upon a time there was",
@@ -117,17 +118,6 @@ def processes(title: str, raylets: set[int] | None = None) -> list[psutil.Proces
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- requests ---------------------------------------------------------------------------------------------------
