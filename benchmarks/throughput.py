@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's (1024 on GPUs, 256 on CPU)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--hf-baseline", type=int, default=64, metavar="N",
                     help="run transformers on the first N prompts of each workload (0: skip)")
@@ -176,6 +176,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="with --decode-roofline: profile 8 decode steps")
     ap.add_argument("--decode-roofline", action="store_true",
                     help="also time decode at batch 64 with 1k context against the bytes-moved roofline (CUDA)")
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[64],
+                    help="with --decode-roofline: the batch sizes to time (1k context each)")
     args = ap.parse_args(argv)
 
     from engine import LLM, SamplingParams
@@ -214,8 +216,10 @@ def main(argv=None) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(resolved_device=str(setup.device), resolved_dtype=str(setup.dtype),
                     max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
+                    max_num_seqs_resolved=setup.max_num_seqs,
                     kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size, kernels=kernels,
-                    cuda_graphs=graphs, async_scheduling_resolved=llm.engine.async_scheduling)
+                    cuda_graphs=graphs, async_scheduling_resolved=llm.engine.async_scheduling,
+                    one_shot_all_reduce=shard.get("one_shot_all_reduce"))
     path = None
     for name, (prompts, out_lens, folded) in workloads.items():
         if args.cprofile and name == "W1":
@@ -236,10 +240,12 @@ def main(argv=None) -> dict:
     if args.decode_roofline:
         from benchmarks.kernels import copy_bandwidth
 
-        figures["decode_b64_ctx1024"] = res = decode_roofline(llm, 64, 1024, 32, copy_bandwidth(), args.profile)
-        print(f"decode at batch 64, 1k context: {res['ms_per_step']:.2f} ms per step, "
-              f"{100 * res['fraction_of_roofline']:.0f}% of the {res['roofline_ms']:.2f} ms roofline")
-        path = write_result("throughput", settings, figures, args.out_dir, path)
+        for batch in args.decode_batch:
+            figures[f"decode_b{batch}_ctx1024"] = res = decode_roofline(llm, batch, 1024, 32, copy_bandwidth(),
+                                                                        args.profile)
+            print(f"decode at batch {batch}, 1k context: {res['ms_per_step']:.2f} ms per step, "
+                  f"{100 * res['fraction_of_roofline']:.0f}% of the {res['roofline_ms']:.2f} ms roofline")
+            path = write_result("throughput", settings, figures, args.out_dir, path)
     print(f"wrote {path}")
     return figures
 

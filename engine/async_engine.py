@@ -39,6 +39,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
+    @property
+    def max_num_seqs(self) -> int:
+        return self.core.max_num_seqs
+
     # -- public API -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     stream_interval: Callable[[], float] | None = None) -> AsyncIterator[StreamDelta]:

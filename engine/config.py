@@ -25,7 +25,8 @@ class EngineConfig(BaseModel):
         "auto", description="Weight/activation dtype; auto = checkpoint's torch_dtype on CUDA, float32 on CPU.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap (default: the model's).")
-    max_num_seqs: int = Field(256, ge=1, description="Most requests in one batch.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Most requests in one batch (default: 1024 on GPUs, as vLLM on big GPUs; 256 on CPU).")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="Token budget per step (default: 8192 on CUDA, 2048 on CPU).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
@@ -38,12 +39,18 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto = Triton on CUDA, torch reference on CPU.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    disable_custom_all_reduce: bool = Field(
+        False, description="Tensor parallel on GPUs: NCCL for every all-reduce, not the one-shot symmetric-memory "
+                           "kernel for small ones.")
     async_scheduling: bool | None = Field(
         None, description="Schedule and launch step n+1 while step n runs (without pipeline parallelism); "
                           "default: on with CUDA.")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")
+
+    def resolved_max_num_seqs(self, on_gpus: bool) -> int:
+        return self.max_num_seqs or (1024 if on_gpus else 256)
 
     @field_validator("block_size")
     @classmethod

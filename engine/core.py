@@ -30,11 +30,12 @@ class EngineCore:
         num_blocks = setup.size_kv_cache(self.executor)
         self.executor.allocate_kv_cache(num_blocks)
         self.max_model_len = min(setup.max_model_len, num_blocks * config.block_size)
+        self.max_num_seqs = setup.max_num_seqs
         if self.max_model_len < setup.max_model_len:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, setup.max_num_batched_tokens,
+        self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
                                    config.scheduling_policy, micro_batches=config.pipeline_parallel_size)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences

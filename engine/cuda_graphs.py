@@ -16,7 +16,7 @@ logger = logging.getLogger("strata")
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4] + list(range(8, 256 + 1, 8)) + list(range(272, 512 + 1, 16))
+    sizes = [1, 2, 4] + list(range(8, 256 + 1, 8)) + list(range(272, 512 + 1, 16)) + list(range(544, 1024 + 1, 32))
     return [s for s in sizes if s <= max_num_seqs] or [1]
 
 

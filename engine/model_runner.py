@@ -66,12 +66,14 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
-                 attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256):
+                 attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
+                 custom_all_reduce: bool = True):
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         torch.manual_seed(seed)
         self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
+        self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
         self.use_triton = select_kernels(self.model, attention_backend, device)
         self.sampler = Sampler(hf_config.vocab_size, device, seed)
         self.states: dict[str, SamplingState] = {}
@@ -85,6 +87,7 @@ class ModelRunner:
 
     def describe(self) -> dict:
         return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
+                "one_shot_all_reduce": self.one_shot_all_reduce,
                 "device": str(self.device), "dtype": str(self.dtype)}
 
     # -- KV cache -------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ class ModelRunner:
             left -= lens[-1]
         batch = BatchInput(req_ids=[f"profile-{i}" for i in range(len(lens))], token_ids=[[0] * n for n in lens],
                            start_positions=[0] * len(lens), block_tables=[[] for _ in lens], sample=[True] * len(lens))
-        ids, positions, meta, _ = self._prepare(batch)
+        ids, positions, meta, _, _ = self._prepare(batch)
         intermediate = () if self.model.is_first else torch.zeros(  # stands in for the previous stage's output
             2, len(ids), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         hidden, _ = self._forward(ids, positions, meta, *intermediate)
@@ -144,21 +147,27 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(start + n)
         width = max((len(t) for t in batch.block_tables), default=0) or 1
-        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        tables = [x for t in batch.block_tables for x in t + [0] * (width - len(t))]
         qsl = [0]
         for n in q_lens:
             qsl.append(qsl[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.long), query_start_loc=self._tensor(qsl, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32), block_tables=self._tensor(tables, torch.int32),
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        ids_t = self._tensor(ids, torch.long)
+        last = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]  # the rows that sample
         pending = [(qsl[i + 1] - 1, self._last_rows[rid]) for i, (rid, tokens) in
                    enumerate(zip(batch.req_ids, batch.token_ids)) if tokens and tokens[-1] == PENDING_TOKEN]
+        dst, src = (list(x) for x in zip(*pending)) if pending else ([], [])
+        # Two host-to-device copies per step, not one per tensor: each costs tens of microseconds of host time.
+        longs = self._tensor(ids + positions + slots + last + dst + src, torch.long)
+        ids_t, positions_t, slots_t, last_t, dst_t, src_t = longs.split(
+            [len(ids), len(positions), len(slots), len(last), len(dst), len(src)])
+        ints = self._tensor(qsl + seq_lens + tables, torch.int32)
+        qsl_t, seq_lens_t, tables_t = ints.split([len(qsl), len(seq_lens), len(tables)])
+        meta = AttentionMetadata(
+            slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t,
+            block_tables=tables_t.view(len(batch.block_tables), width),
+            max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
         if pending:  # tokens the previous step sampled on the device and the host has not seen yet
-            dst, src = zip(*pending)
-            ids_t[self._tensor(dst, torch.long)] = self._last_tokens[self._tensor(src, torch.long)]
-        return ids_t, self._tensor(positions, torch.long), meta, qsl
+            ids_t[dst_t] = self._last_tokens[src_t]
+        return ids_t, positions_t, meta, qsl, last_t
 
     def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)
@@ -191,7 +200,7 @@ class ModelRunner:
         self.update_states(batch)
         if not batch.req_ids:
             return LaunchedStep(batch)
-        ids, positions, meta, qsl = self._prepare(batch)
+        ids, positions, meta, qsl, last = self._prepare(batch)
         hidden, residual = self._forward(ids, positions, meta, *(intermediate or ()))
         if not self.model.is_last:
             return hidden, residual
@@ -199,7 +208,6 @@ class ModelRunner:
         if any(self.states[r].params.prompt_logprobs is not None for r in batch.req_ids if r in self.states):
             step.hidden = hidden
         if step.rows:
-            last = self._tensor([qsl[i + 1] - 1 for i in step.rows], torch.long)
             states = [self.states[batch.req_ids[i]] for i in step.rows]
             step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states)
             self._last_rows = {batch.req_ids[i]: j for j, i in enumerate(step.rows)}

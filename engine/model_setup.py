@@ -30,6 +30,7 @@ class ModelSetup:
     dtype: torch.dtype
     max_model_len: int
     max_num_batched_tokens: int
+    max_num_seqs: int
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> ModelSetup:
@@ -41,15 +42,16 @@ class ModelSetup:
         device = _device(config.device)
         dtype = _dtype(config.dtype, hf_config, device)
         max_len = _max_model_len(config, hf_config)
-        budget = config.max_num_batched_tokens or (8192 if shards_on_gpus(config, device) else 2048)
+        on_gpus = shards_on_gpus(config, device)
+        budget = config.max_num_batched_tokens or (8192 if on_gpus else 2048)
         return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device, dtype,
-                   max_len, budget)
+                   max_len, budget, config.resolved_max_num_seqs(on_gpus))
 
     def runner_kwargs(self) -> dict:
         return dict(model_dir=self.model_dir, hf_config=self.hf_config, dtype=self.dtype, device=self.device,
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
-                    max_num_seqs=self.config.max_num_seqs)
+                    max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce)
 
     def make_executor(self):
         c = self.config
@@ -76,7 +78,7 @@ class ModelSetup:
                                    "GiB): raise gpu_memory_utilization, lower max_num_batched_tokens, or use more GPUs")
         else:
             budget = CPU_KV_CACHE_BYTES
-        useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # more blocks than this never get used
+        useful = self.max_num_seqs * -(-self.max_model_len // c.block_size)  # more blocks than this never get used
         return max(1, min(budget // block_bytes, useful))
 
 

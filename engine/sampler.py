@@ -113,7 +113,7 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         if all(s.params.greedy for s in states):
-            return sample(logits, self._column(states, "temperature"))
+            return sample(logits, None)  # argmax: no temperature to copy to the device
         noise = torch.empty_like(logits).exponential_(generator=self.generator)
         for i, s in enumerate(states):
             if s.generator is not None and not s.params.greedy:

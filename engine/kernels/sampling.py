@@ -68,12 +68,12 @@ def apply_penalties_ref(logits: torch.Tensor, prompt_mask: torch.Tensor, output_
     return logits
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+def sample(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None = None,
            top_p: torch.Tensor | None = None, min_p: torch.Tensor | None = None,
            noise: torch.Tensor | None = None) -> torch.Tensor:
     """logits: fp32 [B, V]; temperature/top_p/min_p: fp32 [B]; top_k: int [B]; noise: fp32 [B, V] of Exp(1)
     draws (> 0), or None when every row is greedy. Pass None for a filter no row uses: it skips the sort.
-    Returns int64 [B] token ids."""
+    Returns int64 [B] token ids. `temperature` may be None when `noise` is (every row greedy)."""
     greedy_ids = logits.argmax(-1)
     if noise is None:
         return greedy_ids
