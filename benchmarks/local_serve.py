@@ -11,12 +11,18 @@ def start(config, num_cpus: int = 8, address: str | None = None, port: int | Non
 
     from cluster.app import build_app
 
-    if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False, **({} if address else {"num_cpus": num_cpus}))
-    port = port or free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from cluster.serve_env import start_local
+
+    config = config.model_copy(update={"http": config.http.model_copy(update={
+        "host": "127.0.0.1", "port": port or free_port()})})
+    if address:
+        ray.init(address=address, include_dashboard=False)
+        http_options = {"host": "127.0.0.1", "port": config.http.port}
+    else:
+        http_options = start_local(config, num_cpus=num_cpus, include_dashboard=False)
+    serve.start(http_options=http_options)
     serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{config.http.port}"
 
 
 def redeploy(config) -> None:

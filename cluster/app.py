@@ -11,6 +11,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from cluster.ingress import OpenAIIngress
@@ -21,10 +22,12 @@ INGRESS_NAME = "OpenAIIngress"
 
 def build_app(config: ClusterConfig | dict) -> Application:
     config = config if isinstance(config, ClusterConfig) else ClusterConfig.model_validate(config or {})
-    engines = {m.served_name: engine_deployment(m, config.routing).bind(m.model_dump()) for m in config.models}
+    logging_config = LoggingConfig(enable_access_log=config.access_log)
+    engines = {m.served_name: engine_deployment(m, config.routing).options(logging_config=logging_config).bind(
+        m.model_dump()) for m in config.models}
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=ingress_capacity(config),
-        ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
     return ingress.bind(config.model_dump(), engines)
 
 
@@ -33,7 +36,7 @@ def engine_deployment(m: ModelConfig, routing: str):
     options = dict(
         name=engine_deployment_name(m.served_name), ray_actor_options=actor_options,
         placement_group_bundles=bundles, placement_group_strategy=strategy,
-        max_ongoing_requests=m.max_ongoing_requests or m.max_num_seqs, max_queued_requests=m.max_queue_size,
+        max_ongoing_requests=replica_capacity(m), max_queued_requests=m.max_queue_size,
         health_check_period_s=m.health_check_period_s, health_check_timeout_s=max(30.0, m.health_check_period_s),
         request_router_config=request_router_config(m, routing))
     fixed = m.min_replicas == m.max_replicas and m.initial_replicas in (None, m.min_replicas)
@@ -93,7 +96,12 @@ def autoscaling_config(m: ModelConfig) -> AutoscalingConfig:
             metrics_interval_s=m.metrics_interval_s, policy=policy)
 
 
+def replica_capacity(m: ModelConfig) -> int:
+    """Requests one engine replica holds at once (Serve's max_ongoing_requests)."""
+    return m.max_ongoing_requests or m.resolved_max_num_seqs(uses_gpus(m))
+
+
 def ingress_capacity(config: ClusterConfig) -> int:
     """Concurrent HTTP requests one ingress replica holds: everything the engines can run or queue, plus slack."""
-    return 64 + sum(m.max_replicas * (m.max_ongoing_requests or m.max_num_seqs) + m.max_queue_size
+    return 64 + sum(m.max_replicas * replica_capacity(m) + m.max_queue_size
                     for m in config.models)

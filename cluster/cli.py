@@ -123,11 +123,16 @@ def serve_command(args) -> int:
     from ray import serve
 
     from cluster.app import build_app
+    from cluster.serve_env import start_local
 
-    ray.init(address=args.address or "local")  # without --address: always a new cluster of our own
+    if args.address is None:  # always a new cluster of our own, never one left running
+        http_options = start_local(config)
+    else:
+        ray.init(address=args.address)
+        http_options = {"host": config.http.host, "port": config.http.port}
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        serve.start(http_options=http_options)
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         print(f"Strata is serving {', '.join(m.served_name for m in config.models)} at {base_url(config)} "
               "(OpenAI API under /v1). Press Ctrl-C to stop.", flush=True)

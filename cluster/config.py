@@ -81,6 +81,10 @@ class HTTPConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the HTTP server binds (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    direct_ingress: bool = Field(
+        True, description="Where Strata starts Ray itself (strata serve without --address): the ingress serves "
+                          "HTTP on the port itself, skipping Serve's proxy (extra ingress replicas take the next "
+                          "ports). Clusters started otherwise keep their proxies.")
 
 
 class LimitsConfig(BaseModel):
@@ -110,6 +114,8 @@ class ClusterConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     app_name: str = Field("strata", description="Name of the Serve application.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    access_log: bool = Field(False, description="Serve's access log: a line per request in each replica's log "
+                                                "(costs CPU on every request).")
     log_requests: bool = Field(False, description="Log every request's body, prompts included (debugging only: "
                                                   "prompts may hold personal data).")
 

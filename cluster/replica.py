@@ -75,10 +75,10 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        self.max_ongoing_requests = self.config.max_ongoing_requests or self.config.max_num_seqs
         from engine import AsyncEngine  # torch loads here, in the replica, not in the ingress that imports this module
 
         self.engine = AsyncEngine(self.config.engine_config())
+        self.max_ongoing_requests = self.config.max_ongoing_requests or self.engine.max_num_seqs
         self.num_active = 0
         logger.info("replica %s of %r ready", self.replica_id, self.config.served_name)
 

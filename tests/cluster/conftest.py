@@ -16,9 +16,12 @@ def serve_url():
 
     if ray.is_initialized():  # another test package's Ray: ours needs its own CPUs and Serve
         ray.shutdown()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)  # never join a cluster left running
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from cluster.config import ClusterConfig, HTTPConfig
+    from cluster.serve_env import start_local
+
+    port = free_port()  # served by the ingress itself (direct ingress, as `strata serve` does)
+    serve.start(http_options=start_local(ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=port)),
+                                         num_cpus=8, include_dashboard=False))  # never joins a running cluster
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

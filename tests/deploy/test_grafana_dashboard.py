@@ -13,7 +13,8 @@ import pytest
 from cluster_testing import free_port, metrics
 from deploy_testing import DEPLOY, shutdown_ray
 
-from cluster.config import ClusterConfig, ModelConfig
+from cluster.config import ClusterConfig, HTTPConfig, ModelConfig
+from cluster.serve_env import start_local
 
 DASHBOARD = json.loads((DEPLOY / "grafana" / "strata-dashboard.json").read_text())
 pytestmark = pytest.mark.slow  # starts Ray and the demo app once (module fixture)
@@ -29,11 +30,11 @@ def exported_metrics() -> set[str]:
     from cluster.app import build_app
 
     shutdown_ray()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    config = ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=free_port()),
+                           models=[ModelConfig(model="demo", num_kv_blocks=256, max_num_seqs=8)])
+    serve.start(http_options=start_local(config, num_cpus=4, include_dashboard=False))
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ClusterConfig(models=[ModelConfig(model="demo", num_kv_blocks=256, max_num_seqs=8)])
+        port = config.http.port
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         base_url = f"http://127.0.0.1:{port}"
         # One request, so that histograms, counters and per-replica engine gauges all have samples.

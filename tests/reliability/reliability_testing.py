@@ -39,9 +39,12 @@ def local_serve(num_cpus: int = 12) -> str:
     if _serve.get("url") and ray.is_initialized():
         return _serve["url"]
     shutdown_ray()  # another test package's Ray, or a multi-node one
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    from cluster.config import ClusterConfig, HTTPConfig
+    from cluster.serve_env import start_local
+
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=start_local(ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=port)),
+                                         num_cpus=num_cpus, include_dashboard=False))
     _serve["url"] = f"http://127.0.0.1:{port}"
     return _serve["url"]
 
