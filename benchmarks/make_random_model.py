@@ -1,4 +1,5 @@
-"""Write a random-weight checkpoint of a real model's shape (safetensors + a byte-level tokenizer), for benchmarks.
+"""Write a random-weight checkpoint of a real model's shape (safetensors + a word-level tokenizer over its whole
+vocabulary), for benchmarks.
 
     python benchmarks/make_random_model.py --shape llama3-8b --out /tmp/llama3-8b-random
 """
@@ -6,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -57,14 +57,23 @@ def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if to
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, hidden_act="silu",
                   tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, **s)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    from engine.builtin_models import build_demo  # its byte-level tokenizer: ids fit any vocab above 512
-    tok_dir = out / "_tok"
-    build_demo(tok_dir)
-    for f in tok_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            f.rename(out / f.name)
-    shutil.rmtree(tok_dir)
+    write_tokenizer(out, s["vocab_size"])
     return out
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary, so that every sampled id decodes to text (" w123"), as a
+    real model's tokens mostly do: streamed outputs then carry text at every token (a tokenizer covering only
+    the first ids would leave most chunks of a random model's output empty, and an HTTP stream with them), and
+    detokenizing costs about what it costs for a real model. Id 0 is the end-of-text token (bos and eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(out)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,10 @@ class HTTPConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     direct_ingress: bool = Field(
-        True, description="Where Strata starts Ray itself (strata serve without --address): the ingress serves "
-                          "HTTP on the port itself, skipping Serve's proxy (extra ingress replicas take the next "
-                          "ports). Clusters started otherwise keep their proxies.")
+        False, description="Where Strata starts Ray itself (strata serve without --address): the ingress serves "
+                           "HTTP on the port itself, skipping Serve's proxy hop (extra ingress replicas take the "
+                           "next ports). Off by default: an ingress replica that replaces one still holding the "
+                           "port cannot bind it, so redeploys in place fail.")
 
 
 class LimitsConfig(BaseModel):

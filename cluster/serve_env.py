@@ -4,12 +4,13 @@ Serve reads these settings from the environment of each Ray process when it star
 `ray.init` (the raylet, and every worker it forks, inherits them) and cannot change on a running cluster:
 - gRPC between handles and replicas, in place of a Ray actor task per request and per streamed item;
 - user code on the replica's own event loop, not a second thread that every message hops to and back;
-- with `http.direct_ingress`, the ingress replica serves HTTP itself on `http.port`, so requests skip Serve's
-  HTTP proxy (one hop fewer each way). Serve still starts a proxy on the head node; it listens on a spare port.
+- with `http.direct_ingress` (opt-in), the ingress replica serves HTTP itself on `http.port`, so requests skip
+  Serve's HTTP proxy (one hop fewer each way). Serve still starts a proxy on the head node, on a spare port. Serve
+  hands each ingress replica a port from a range and blocks a port it failed to bind, so a replica replacing one
+  that still holds the port (a redeploy in place) fails: hence opt-in.
 
-Measured on a 2-core CPU with the demo model (benchmarks/serving_overhead.py, README): streamed TTFT at
-concurrency 1 went from ~28 ms to ~11 ms. Clusters started by `ray up` or KubeRay get the gRPC and event-loop
-settings from their node environment (deploy/, helm/); they keep Serve's proxies, which KubeRay health-checks.
+The README has the measurements (benchmarks/serving_overhead.py). Clusters started by `ray up` or KubeRay get
+the gRPC and event-loop settings from their nodes' environment (deploy/, helm/) and keep Serve's proxies.
 """
 from __future__ import annotations
 

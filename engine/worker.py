@@ -36,9 +36,9 @@ class Worker:
         return self.store.port
 
     async def init_distributed(self, rank: int, world: int, tp: int, addr: str, port: int, timeout_s: float,
-                               device: str, node_ip: str) -> list[int]:
+                               device: str, node_ip: str, device_index: int = 0) -> list[int]:
         """Join the process group. Returns the ranks that did not join in time (empty on success)."""
-        self.device = torch.device(device, 0) if device == "cuda" else torch.device(device)
+        self.device = torch.device(device, device_index) if device == "cuda" else torch.device(device)
         try:
             self.tp, self.pp = await self._run(init_distributed, rank, world, tp, addr, port, timeout_s, self.device,
                                                node_ip, self.store)

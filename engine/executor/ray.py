@@ -63,8 +63,12 @@ class RayExecutor:
         device, dtype = _worker_device(setup)
         bundle = self._placement_group(device, strategy)
         remote = ray.remote(self.worker_cls)
-        actors = [remote.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), scheduling_strategy=
-                                 PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)).remote()
+        # Each GPU worker sees all of its node's GPUs and picks its own by the id Ray assigned: the symmetric-memory
+        # all-reduce needs ranks on distinct device indices (with one visible GPU each, every rank is cuda:0).
+        env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if device == "cuda" else None
+        actors = [remote.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), runtime_env=env,
+                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                     self.pg, placement_group_bundle_index=i)).remote()
                   for i in range(self.world)]
         self.workers = actors  # shut down even if the next line fails
         infos = self._get([a.info.remote() for a in actors], "start", WORKER_START_TIMEOUT_S)
@@ -99,7 +103,8 @@ class RayExecutor:
         return bundle
 
     def _join(self, addr: str, port: int, device: str) -> None:
-        refs = [w.init_distributed.remote(r, self.world, self.tp, addr, port, self.timeout_s, device, i["ip"])
+        refs = [w.init_distributed.remote(r, self.world, self.tp, addr, port, self.timeout_s, device, i["ip"],
+                                          int(i["gpu_ids"][0]) if device == "cuda" and i["gpu_ids"] else 0)
                 for r, (w, i) in enumerate(zip(self.workers, self.infos))]
         missing, pending, deadline = set(), list(refs), time.monotonic() + self.timeout_s + 10
         while pending and not missing:
