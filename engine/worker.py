@@ -91,10 +91,13 @@ class Worker:
             if outputs:
                 outputs.write(out)
 
-        pending = None  # a launched step not finished yet (no pipeline stages): finish it once no batch is waiting
+        # A launched step not finished yet (no pipeline stages): finished once no batch is waiting, or at once when
+        # it has prompt logprobs, whose logits gather over the TP group: every rank must do that before launching
+        # the next step, whatever each has received by then.
+        pending = None
         try:
             while True:
-                if pending is not None and not batches.ready():
+                if pending is not None and (pending.hidden is not None or not batches.ready()):
                     report(self._timed(self.runner.finish, pending))
                     pending = None
                 batch = batches.read()

@@ -21,7 +21,7 @@ import time
 
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -240,17 +240,23 @@ class RayExecutor:
             self.dead = f"rank {rank} ({self._where(rank)}) did not run a step within {self.timeout_s:g} s"
             raise RuntimeError(self.dead) from e
         except InterruptedError as e:
-            self.dead = "; ".join(f"rank {r} ({self._where(r)}) failed to run a step: {self._loop_error(ref)}"
-                                  for r, ref in enumerate(self._serving) if ray.wait([ref], timeout=0)[0])
+            rank, error = self._loop_failure()
+            self.dead = f"rank {rank} ({self._where(rank)}) failed to run a step: {error}"
             raise RuntimeError(self.dead) from e
 
-    @staticmethod
-    def _loop_error(ref) -> str:
-        try:
-            ray.get(ref)
-            return "its step loop stopped"
-        except RayError as e:
-            return str(e)
+    def _loop_failure(self) -> tuple[int, str]:
+        """The rank whose channel loop ended, and why; a rank that died rather than its peers that lost it."""
+        failures = []
+        for rank, ref in enumerate(self._serving):
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                    failures.append((1, rank, "its step loop stopped"))
+                except RayActorError as error:
+                    failures.append((0, rank, str(error)))
+                except RayError as error:
+                    failures.append((1, rank, str(error)))
+        return min(failures)[1:]
 
     def _stop_serving(self) -> None:
         if self._serving:
