@@ -2,7 +2,10 @@
 
 The driver (engine/executor/ray.py) runs one Worker per device as an asyncio Ray actor. All torch work runs on
 a single thread, in the order the driver numbered the steps, so the event loop stays free to answer pings while
-a step runs, and the next batches can arrive and queue while this stage still works on an earlier one."""
+a step runs, and the next batches can arrive and queue while this stage still works on an earlier one.
+
+When the driver shares the host, steps come through shared memory instead (`serve_channel`): a loop on that
+thread reads each batch as it arrives and writes the outputs back, with no Ray call per step."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from engine.executor.shm_channel import ShmChannel
 from engine.model_runner import BatchInput, ModelRunner, StepOutput
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
 
@@ -72,6 +76,45 @@ class Worker:
         launched = await asyncio.wrap_future(done)
         out = await asyncio.wrap_future(self.pool.submit(self._timed, self.runner.finish, launched))
         return out if self.tp.rank == 0 else None
+
+    async def serve_channel(self, batches: str, reader: int, outputs: str | None) -> None:
+        """Run the steps of the shared-memory channel `batches` (this rank reads as `reader`) until a None comes,
+        with `execute`'s semantics; the rank that reports outputs writes one per step (None for an empty batch)
+        to the channel `outputs`. Returns when stopped, raises when a step fails."""
+        await self._run(self._serve, batches, reader, outputs)
+
+    def _serve(self, batches_name: str, reader: int, outputs_name: str | None) -> None:
+        batches = ShmChannel.attach(batches_name, reader)
+        outputs = outputs_name and ShmChannel.attach(outputs_name)
+
+        def report(out: StepOutput | None) -> None:
+            if outputs:
+                outputs.write(out)
+
+        # A launched step not finished yet (no pipeline stages): finished once no batch is waiting, or at once when
+        # it has prompt logprobs, whose logits gather over the TP group: every rank must do that before launching
+        # the next step, whatever each has received by then.
+        pending = None
+        try:
+            while True:
+                if pending is not None and (pending.hidden is not None or not batches.ready()):
+                    report(self._timed(self.runner.finish, pending))
+                    pending = None
+                batch = batches.read()
+                launched = None
+                if batch is not None and self.pp.size == 1 and batch.req_ids:
+                    launched = self._timed(self.runner.launch, batch)
+                if pending is not None:
+                    report(self._timed(self.runner.finish, pending))
+                pending = launched
+                if batch is None:
+                    return
+                if launched is None:
+                    report(self._timed(self._step, batch))
+        finally:
+            batches.close()
+            if outputs:
+                outputs.close()
 
     def _timed(self, fn, *args):
         """Run fn on the rank's thread, marking when it started (ping reports a step that hangs)."""

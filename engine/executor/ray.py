@@ -6,7 +6,12 @@ elsewhere (offline `LLM`) the executor creates a placement group of its own and 
 Tensors move over torch.distributed (NCCL on GPU, gloo on CPU); Ray carries only batches, outputs and pings.
 Up to `pipeline_parallel_size` steps can be in flight: `execute_async` submits a step to every worker and
 returns at once, and each worker runs its steps in submission order, so stage k works on step n while stage
-k+1 works on step n-1."""
+k+1 works on step n-1.
+
+When every worker runs on the driver's node, steps skip Ray: the driver writes batches to a shared-memory ring
+that every worker reads, and the rank that reports outputs writes them to a second ring that the driver reads
+(engine/executor/shm_channel.py). Each worker's `serve_channel` call lasts as long as its loop, so a failed
+worker shows up as that call ending."""
 from __future__ import annotations
 
 import itertools
@@ -16,16 +21,18 @@ import time
 
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.model_runner import BatchInput, StepOutput
+from engine.executor.shm_channel import ShmChannel
 from engine.parallel_state import DistributedInitError, layer_ranges
 from engine.worker import Worker
 
 logger = logging.getLogger("strata")
 WORKER_START_TIMEOUT_S = 300.0  # a fresh worker process imports torch; slow on a busy node, but not this slow
+SERVING_CHECK_S = 0.1  # while waiting on a channel, how often to look for a worker whose loop ended
 
 
 class RayWorker(Worker):
@@ -49,6 +56,11 @@ class RayExecutor:
         self._owns_pg = False
         self.dead: str | None = None
         self._seq = itertools.count()
+        self.batches = self.outputs = None  # the shared-memory channels, when every worker is on this node
+        self._serving: list = []  # the workers' serve_channel calls, while their loops run
+        self._results: dict[int, StepOutput | None] = {}  # outputs read ahead of the step waited for
+        self._next_output = 0
+        self._next_check = 0.0
         self._owns_ray = _ensure_ray(self.world)
         try:
             self._start(setup, getattr(c, "placement_strategy", None) or "PACK")
@@ -83,8 +95,12 @@ class RayExecutor:
         self._join(addr, port, device)
         kwargs = dict(setup.runner_kwargs(), dtype=dtype)
         self._get([w.load.remote(kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
-        logger.info("%d workers (tp %d x pp %d) on %s, layers %s", self.world, self.tp, self.pp,
-                    sorted({i["node_id"][:8] for i in self.infos}), ranges)
+        here = ray.get_runtime_context().get_node_id()
+        if all(i["node_id"] == here for i in self.infos):
+            self.batches, self.outputs = ShmChannel.create(self.world), ShmChannel.create(1, reader=0)
+        logger.info("%d workers (tp %d x pp %d) on %s, layers %s, steps through %s", self.world, self.tp, self.pp,
+                    sorted({i["node_id"][:8] for i in self.infos}), ranges,
+                    "shared memory" if self.batches else "Ray calls")
 
     def _placement_group(self, device: str, strategy: str) -> dict:
         """Take bundles 0..world-1 of the placement group this process runs in (a Serve replica reserves one
@@ -156,34 +172,115 @@ class RayExecutor:
     # -- executor interface ---------------------------------------------------------------------------------
     def describe(self) -> dict:
         """Rank 0's kernels, CUDA graphs, device and dtype."""
-        return self._get([self.workers[0].call.remote("describe")], "describe itself")[0]
+        return self._call(self.workers[:1], "describe itself", "describe")[0]
 
     def kv_block_bytes(self) -> int:
-        return max(self._get([w.call.remote("kv_block_bytes") for w in self.workers], "report its KV block size"))
+        return max(self._call(self.workers, "report its KV block size", "kv_block_bytes"))
 
     def profile(self, num_tokens: int, gpu_memory_utilization: float) -> list[int | None]:
-        return self._get([w.call.remote("profile", num_tokens, gpu_memory_utilization) for w in self.workers],
-                         "profile")
+        return self._call(self.workers, "profile", "profile", num_tokens, gpu_memory_utilization)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._get([w.call.remote("allocate_kv_cache", num_blocks) for w in self.workers], "allocate its KV cache")
+        self._call(self.workers, "allocate its KV cache", "allocate_kv_cache", num_blocks)
 
-    def execute_async(self, batch: BatchInput) -> list:
+    def _call(self, workers: list, what: str, method: str, *args) -> list:
+        """A ModelRunner method on each of `workers`, through Ray: the channel loops hold the workers' threads,
+        so they stop first (after the steps already sent) and start again with the next step."""
+        self._stop_serving()
+        return self._get([w.call.remote(method, *args) for w in workers], what)
+
+    def execute_async(self, batch: BatchInput) -> list | int:
         """Submit one step to every worker; returns a handle for `wait`. Steps run in submission order."""
         if self.dead:
             raise RuntimeError(f"executor is down: {self.dead}")
-        ref, seq = ray.put(batch), next(self._seq)
-        return [w.execute.remote(seq, ref) for w in self.workers]
+        seq = next(self._seq)
+        if self.batches is None:
+            ref = ray.put(batch)
+            return [w.execute.remote(seq, ref) for w in self.workers]
+        if not self._serving:
+            out = self._output_rank
+            self._serving = [w.serve_channel.remote(self.batches.name, r, self.outputs.name if r == out else None)
+                             for r, w in enumerate(self.workers)]
+        # Read outputs while the ring is full: the output rank may be waiting for room to write one.
+        self._through(self.batches.write, batch, should_stop=lambda: self._read_ready() or self._loop_ended())
+        return seq
 
-    def wait(self, handle: list) -> StepOutput:
-        return self._get(handle)[(self.pp - 1) * self.tp] or StepOutput()
+    def wait(self, handle: list | int) -> StepOutput:
+        if self.batches is None:
+            return self._get(handle)[self._output_rank] or StepOutput()
+        if self.dead:
+            raise RuntimeError(f"executor is down: {self.dead}")
+        while handle not in self._results:
+            self._read_output()
+        return self._results.pop(handle) or StepOutput()
+
+    @property
+    def _output_rank(self) -> int:
+        return (self.pp - 1) * self.tp
+
+    def _read_output(self) -> None:
+        self._results[self._next_output] = self._through(self.outputs.read, should_stop=self._loop_ended)
+        self._next_output += 1
+
+    def _read_ready(self) -> bool:
+        while self.outputs.ready():
+            self._read_output()
+        return False
+
+    def _loop_ended(self) -> bool:
+        """Whether a worker's channel loop has ended (it failed, or its process died); looks every SERVING_CHECK_S."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + SERVING_CHECK_S
+        return bool(ray.wait(self._serving, timeout=0)[0])
+
+    def _through(self, op, *args, should_stop):
+        """A channel read or write that names the rank that failed or did not keep up, and marks the executor dead
+        as `_get` does."""
+        try:
+            return op(*args, timeout=self.timeout_s, should_stop=should_stop)
+        except TimeoutError as e:
+            rank = self._output_rank
+            self.dead = f"rank {rank} ({self._where(rank)}) did not run a step within {self.timeout_s:g} s"
+            raise RuntimeError(self.dead) from e
+        except InterruptedError as e:
+            rank, error = self._loop_failure()
+            self.dead = f"rank {rank} ({self._where(rank)}) failed to run a step: {error}"
+            raise RuntimeError(self.dead) from e
+
+    def _loop_failure(self) -> tuple[int, str]:
+        """The rank whose channel loop ended, and why; a rank that died rather than its peers that lost it."""
+        failures = []
+        for rank, ref in enumerate(self._serving):
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                    failures.append((1, rank, "its step loop stopped"))
+                except RayActorError as error:
+                    failures.append((0, rank, str(error)))
+                except RayError as error:
+                    failures.append((1, rank, str(error)))
+        return min(failures)[1:]
+
+    def _stop_serving(self) -> None:
+        if self._serving:
+            self._through(self.batches.write, None, should_stop=self._loop_ended)
+            self._get(self._serving, "stop its step loop", self.timeout_s)
+            self._serving = []
 
     def execute(self, batch: BatchInput) -> StepOutput:
         return self.wait(self.execute_async(batch))
 
-    def discard(self, handle: list) -> None:
+    def discard(self, handle: list | int) -> None:
         """Wait for a step whose output is dropped (an earlier one failed); its own failure is not reported."""
-        ray.wait(handle, num_returns=len(handle), timeout=self.timeout_s)
+        if self.batches is None:
+            ray.wait(handle, num_returns=len(handle), timeout=self.timeout_s)
+            return
+        try:
+            self.wait(handle)
+        except RuntimeError:
+            pass
 
     def check_health(self) -> None:
         """Raise, naming the rank, when a worker died, does not answer within `health_timeout_s`, or is stuck in
@@ -208,6 +305,16 @@ class RayExecutor:
                 raise RuntimeError(f"executor is down: {self.dead}")
 
     def shutdown(self) -> None:
+        if self._serving and not self.dead:  # let the loops end before their processes do
+            try:
+                self.batches.write(None, timeout=1.0)
+                ray.wait(self._serving, num_returns=len(self._serving), timeout=1.0)
+            except TimeoutError:
+                pass
+        self._serving = []
+        for channel in (self.batches, self.outputs):
+            if channel is not None:
+                channel.close()
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)

@@ -121,6 +121,25 @@ def test_hung_worker_fails_the_health_check(local_ray, tiny_model_dir):
     assert_gone(executor, [pid])
 
 
+def test_a_killed_worker_fails_the_next_step_through_shared_memory(local_ray, tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2)
+    executor = llm.engine.executor
+    assert executor.batches is not None  # every worker on this node: steps go through shared memory
+    pids = [n["pid"] for n in executor.worker_nodes()]
+    try:
+        llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 \(node .*pid %d\) failed to run a step" % pids[1]):
+            llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(RuntimeError, match="executor is down"):
+            executor.check_health()
+    finally:
+        llm.shutdown()
+    assert_gone(executor, pids)
+
+
 def test_a_rank_that_never_joins_is_named(local_ray, tiny_model_dir):
     class NeverJoins(RayWorker):
         async def init_distributed(self, rank, *args):
