@@ -45,7 +45,8 @@ async def in_process(args, requests) -> list[dict]:
 def through_cluster(args, requests) -> list[dict]:
     from cluster.config import ClusterConfig, ModelConfig
 
-    config = ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas, models=[ModelConfig(
+    config = ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas,
+                           http={"direct_ingress": args.direct_ingress}, models=[ModelConfig(
         name="bench", num_cpus_per_replica=args.threads, **engine_options(args),
         **({} if args.stream_chunk_rate is None else {"stream_chunk_rate": args.stream_chunk_rate}))])
     base_url = local_serve.start(config)
@@ -94,6 +95,7 @@ def main() -> int:
     ap.add_argument("--max-concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (ClusterConfig key)")
+    ap.add_argument("--direct-ingress", action="store_true", help="the ingress serves HTTP itself (http key)")
     ap.add_argument("--stream-chunk-rate", type=float, help="ModelConfig key (0: a chunk per token)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in both (the replica's CPUs)")
     ap.add_argument("--warmup", type=int, default=4)
