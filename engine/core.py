@@ -35,9 +35,7 @@ class EngineCore:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        # With pipeline stages, two micro-batches per stage are in flight: a stage that finishes one finds the next
-        # already queued while the driver turns the last stage's output into a new step.
-        self.pipeline_depth = 1 if config.pipeline_parallel_size == 1 else 2 * config.pipeline_parallel_size
+        self.pipeline_depth = config.pipeline_parallel_size  # steps kept in flight so no stage waits
         self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
                                    config.scheduling_policy, micro_batches=self.pipeline_depth)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
