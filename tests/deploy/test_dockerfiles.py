@@ -15,6 +15,8 @@ from deploy_testing import DEPLOY, ROOT
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
+from cluster.serve_env import FAST_PATH_ENV
+
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}
 LOCK = DOCKER / "requirements.lock"
@@ -50,6 +52,7 @@ def test_the_dockerfile_parses_with_a_pinned_base(name):
     assert instructions(name, "USER") == ["ray"]
     assert instructions(name, "CMD") == ['["strata", "serve", "--host", "0.0.0.0"]']
     assert "strata" in PYPROJECT["project"]["scripts"]
+    assert FAST_PATH_ENV.items() <= parse(name).envs.items(), "Ray started in the image gets Serve's fast path"
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

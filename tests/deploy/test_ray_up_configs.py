@@ -13,6 +13,7 @@ from deploy_testing import DEPLOY, ROOT
 
 from cluster.cli import build_parser
 from cluster.config import ClusterConfig
+from cluster.serve_env import FAST_PATH_ENV
 
 CONFIGS = sorted((DEPLOY / "ray-up").glob("*.yaml"))
 COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
@@ -93,6 +94,8 @@ def test_every_command_exists_and_deploys_a_serve_config_from_the_repo(path):
                 file = local_path(config, args.file)
                 assert file and file.is_file(), f"{path.name}: `{command}` deploys a file not synced from the repo"
                 deployed.append(file)
+        elif argv[0] == "export":  # Serve's request-path settings, the ones `strata serve` starts Ray with
+            assert dict(a.split("=", 1) for a in argv[1:]) == FAST_PATH_ENV, f"{path.name}: `{command}`"
         elif argv[0] in ("ulimit", "test", "grep", "echo", "timeout", "python3"):
             continue
         else:
