@@ -41,7 +41,7 @@ class AsyncEngine:
 
     @property
     def max_num_seqs(self) -> int:
-        return self.core.max_num_seqs
+        return self.core.setup.max_num_seqs
 
     # -- public API -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,

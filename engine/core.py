@@ -30,7 +30,6 @@ class EngineCore:
         num_blocks = setup.size_kv_cache(self.executor)
         self.executor.allocate_kv_cache(num_blocks)
         self.max_model_len = min(setup.max_model_len, num_blocks * config.block_size)
-        self.max_num_seqs = setup.max_num_seqs
         if self.max_model_len < setup.max_model_len:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)

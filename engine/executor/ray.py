@@ -202,7 +202,7 @@ class RayExecutor:
             self._serving = [w.serve_channel.remote(self.batches.name, r, self.outputs.name if r == out else None)
                              for r, w in enumerate(self.workers)]
         # Read outputs while the ring is full: the output rank may be waiting for room to write one.
-        self._through(self.batches.write, batch, should_stop=lambda: self._read_ready() or self._loop_ended())
+        self._through(self.batches.write, batch, should_stop=self._drain_outputs_then_check)
         return seq
 
     def wait(self, handle: list | int) -> StepOutput:
@@ -222,10 +222,11 @@ class RayExecutor:
         self._results[self._next_output] = self._through(self.outputs.read, should_stop=self._loop_ended)
         self._next_output += 1
 
-    def _read_ready(self) -> bool:
+    def _drain_outputs_then_check(self) -> bool:
+        """Read the outputs already written (making room for the output rank), then `_loop_ended`."""
         while self.outputs.ready():
             self._read_output()
-        return False
+        return self._loop_ended()
 
     def _loop_ended(self) -> bool:
         """Whether a worker's channel loop has ended (it failed, or its process died); looks every SERVING_CHECK_S."""
