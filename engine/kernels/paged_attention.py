@@ -6,11 +6,14 @@ tile is loaded once for the whole GQA group. Queries of a sequence are the last 
 The split-KV (flash-decoding) path splits each context into up to MAX_SPLITS ranges and merges the partial softmaxes
 by log-sum-exp in a second kernel; it pays off when (sequence, kv head) programs alone cannot fill the GPU.
 """
+from typing import NamedTuple
+
 import torch
 
 from ._triton import interpreting, next_pow2, tl, triton, use_triton
 
 MAX_SPLITS = 64
+LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -35,10 +38,47 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+                 key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b, kc_stride_s, kc_stride_h,
+                 vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over keys [tile * TILE, (tile + 1) * TILE), in base 2 (qk_scale holds log2(e))."""
+    kv_pos = tile * TILE + tl.arange(0, TILE)
+    kv_mask = kv_pos < kv_end
+    if MASKED:
+        block = tl.load(block_tables_ptr + seq * bt_stride + kv_pos // BLOCK_SIZE, mask=kv_mask, other=0)
+        k_mask = dim_mask[:, None] & kv_mask[None, :]
+        v_mask = kv_mask[:, None] & dim_mask[None, :]
+    else:
+        block = tl.load(block_tables_ptr + seq * bt_stride + kv_pos // BLOCK_SIZE)
+        k_mask = dim_mask[:, None]
+        v_mask = dim_mask[None, :]
+    block = block.to(tl.int64)
+    in_block = kv_pos % BLOCK_SIZE
+    k = tl.load(key_cache_ptr + block[None, :] * kc_stride_b + in_block[None, :] * kc_stride_s
+                + kv_head * kc_stride_h + dims[:, None], mask=k_mask, other=0.0)
+    v = tl.load(value_cache_ptr + block[:, None] * vc_stride_b + in_block[:, None] * vc_stride_s
+                + kv_head * vc_stride_h + dims[None, :], mask=v_mask, other=0.0)
+    s = _dot(q, k.to(q.dtype), UPCAST, PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(kv_mask[None, :] & (kv_pos[None, :] <= q_abs[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp2() NaN-free for fully masked rows
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(m - shift)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), UPCAST, PRECISION)
+    return m_new, l, acc
+
+
+# Batch-dependent ints and index pointers (views at batch-dependent offsets into one staging tensor) are not
+# specialized on: otherwise each new batch shape can compile another variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "bt_stride"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
 def _attention_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale, num_seqs, head_dim,
+    qk_scale, num_seqs, head_dim,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -75,27 +115,21 @@ def _attention_kernel(
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_hi, tile_lo + tiles_per_split)
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max; -inf while a row has seen no key
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units); -inf while a row has seen no key
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        kv_pos = tile * TILE + tl.arange(0, TILE)
-        kv_mask = kv_pos < kv_end
-        block = tl.load(block_tables_ptr + seq * bt_stride + kv_pos // BLOCK_SIZE, mask=kv_mask, other=0).to(tl.int64)
-        in_block = kv_pos % BLOCK_SIZE
-        k = tl.load(key_cache_ptr + block[None, :] * kc_stride_b + in_block[None, :] * kc_stride_s
-                    + kv_head * kc_stride_h + dims[:, None], mask=dim_mask[:, None] & kv_mask[None, :], other=0.0)
-        v = tl.load(value_cache_ptr + block[:, None] * vc_stride_b + in_block[:, None] * vc_stride_s
-                    + kv_head * vc_stride_h + dims[None, :], mask=kv_mask[:, None] & dim_mask[None, :], other=0.0)
-        s = _dot(q, k.to(q.dtype), UPCAST, PRECISION) * scale
-        s = tl.where(kv_mask[None, :] & (kv_pos[None, :] <= q_abs[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp() NaN-free for fully masked rows
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(m - shift)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), UPCAST, PRECISION)
-        m = m_new
+    # Tiles wholly before the first row's position need no mask; only the last few (the causal diagonal) do.
+    unmasked_hi = tl.minimum(tl.maximum((context_len + q_block_local * BLOCK_Q + 1) // TILE, tile_lo), tile_hi)
+    for tile in range(tile_lo, unmasked_hi):
+        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+                                 key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION)
+    for tile in range(unmasked_hi, tile_hi):
+        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+                                 key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION)
 
     if SPLIT:  # unnormalized partials; empty splits store m=-inf, l=0, acc=0 and weigh nothing in the merge
         part = (q_token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
@@ -108,7 +142,7 @@ def _attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"], do_not_specialize_on_alignment=["query_start_loc_ptr"])
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, query_start_loc_ptr, num_seqs, head_dim,
     out_stride_t, out_stride_h,
@@ -120,18 +154,28 @@ def _merge_splits_kernel(
     part = (token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, DIM_P2)
     m = tl.load(part_max_ptr + part)
-    weight = tl.exp(m - tl.max(m, 0))  # the first split always holds key 0, so the max is finite
+    weight = tl.exp2(m - tl.max(m, 0))  # the first split always holds key 0, so the max is finite
     l = tl.sum(tl.load(part_sum_ptr + part) * weight, 0)
     acc = tl.sum(tl.load(part_out_ptr + part[:, None] * DIM_P2 + dims[None, :]) * weight[:, None], 0)
     tl.store(out_ptr + token * out_stride_t + head * out_stride_h + dims, (acc / l).to(out_ptr.dtype.element_ty),
              mask=dims < head_dim)
 
 
-def _tile_config(group: int, max_query_len: int) -> tuple[int, int, int]:
-    """(BLOCK_M query rows per program, TILE keys per step, num_warps). On an H200 with Llama-8B heads, 64-row
-    q-tiles run prefill 2-3x faster than 16-row ones, which decode-only batches prefer (their rows are mostly empty)."""
-    block_m = 16 if max_query_len < 32 else 64  # tl.dot wants >= 16 rows
-    return max(block_m, next_pow2(group)), 64, 4
+class TileConfig(NamedTuple):
+    block_m: int  # query rows per program: BLOCK_M // GROUP tokens times the GROUP heads of one kv head
+    tile: int  # keys per step
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(group: int, max_query_len: int) -> TileConfig:
+    """Decode-only batches take 16-row q-tiles (their rows are mostly empty); prefills 64 rows, and long prefills
+    128 rows over 8 warps (H100, Llama-8B heads, causal 4k prompt: see benchmarks/attention_tiles.py)."""
+    if max_query_len < 32:  # tl.dot wants >= 16 rows
+        return TileConfig(max(16, next_pow2(group)), 64, 4, 3)
+    if max_query_len < 512:
+        return TileConfig(max(64, next_pow2(group)), 64, 4, 3)
+    return TileConfig(max(128, next_pow2(group)), 64, 8, 3)
 
 
 def _num_splits(num_programs: int, max_seq_len: int, tile: int) -> int:
@@ -149,11 +193,11 @@ def use_split_kv(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_l
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_query_len: int, max_seq_len: int,
-                      split_kv: bool | None = None) -> torch.Tensor:
+                      split_kv: bool | None = None, config: TileConfig | None = None) -> torch.Tensor:
     """q/out: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]; query_start_loc: int32 [S + 1];
     seq_lens: int32 [S]; block_tables: int32 [S, max_blocks]. max_query_len/max_seq_len are host ints that
-    only choose the path and the split count (results never depend on them); split_kv=None picks by the
-    heuristic, True/False forces.
+    only choose the path, tiles and split count (results never depend on them); split_kv=None picks by the
+    heuristic, True/False forces; `config` overrides tile_config() (benchmarks sweep it).
     Rows of tokens past query_start_loc[-1] (padding) are left untouched. Returns out."""
     if not use_triton(q):
         return paged_attention_ref(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_tables,
@@ -165,7 +209,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    block_m, tile, num_warps = _tile_config(group, max_query_len)
+    block_m, tile, num_warps, num_stages = config or tile_config(group, max_query_len)
     block_q = block_m // group
     dim_p2 = next_pow2(head_dim)
     if split_kv is None:
@@ -181,7 +225,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     _attention_kernel[grid](
         out, part_out, part_max, part_sum,
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        scale, num_seqs, head_dim,
+        scale * LOG2_E, num_seqs, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
@@ -189,6 +233,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -4,7 +4,7 @@ import torch
 from ._triton import next_pow2, tl, triton, use_triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])  # a view at a batch-dependent offset
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
     key_stride_t, key_stride_h, value_stride_t, value_stride_h,

@@ -25,7 +25,7 @@ def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, pairs, 
     tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])  # a view at a batch-dependent offset
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                    cache_stride, num_q_heads, num_k_heads,
                    IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from engine.kernels.paged_attention import paged_attention_ref, unified_attention, use_split_kv
+from engine.kernels.paged_attention import (TileConfig, paged_attention_ref, tile_config, unified_attention,
+                                           use_split_kv)
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -33,14 +34,14 @@ def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devic
     return q, key_cache, value_cache, query_start_loc, seq_lens_t, block_tables
 
 
-def check(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, split_kv, pad_tokens=0):
+def check(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, split_kv, pad_tokens=0, config=None):
     torch.manual_seed(0)
     q, key_cache, value_cache, query_start_loc, seq_lens_t, block_tables = make_batch(
         q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, pad_tokens)
     args = (query_start_loc, seq_lens_t, block_tables, head_dim ** -0.5, max(q_lens), max(seq_lens))
     out = torch.full_like(q, float("nan"))  # poisoned: any row the kernel forgets stays NaN
     ref = torch.full_like(q, float("nan"))
-    assert unified_attention(q, key_cache, value_cache, out, *args, split_kv=split_kv) is out
+    assert unified_attention(q, key_cache, value_cache, out, *args, split_kv=split_kv, config=config) is out
     paged_attention_ref(q, key_cache, value_cache, ref, *args)
     num_real = sum(q_lens)
     assert not out[:num_real].isnan().any()
@@ -82,6 +83,19 @@ def test_decode_batch_long_context(device, split_kv):
 @pytest.mark.parametrize("split_kv", [False, True])
 def test_padding_tokens_untouched(device, split_kv):
     check([3, 1], [40, 17], 8, 2, 64, torch.float32, device, split_kv=split_kv, pad_tokens=5)
+
+
+@pytest.mark.parametrize("config", [TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2), TileConfig(32, 128, 4, 3)])
+@pytest.mark.parametrize("split_kv", [False, True])
+def test_forced_tile_configs(device, config, split_kv):
+    """Every tile shape the heuristic or a benchmark may pick: a long prompt whose q-blocks see unmasked tiles
+    before the causal diagonal, a chunk over a cached prefix ending mid-block, and a decode."""
+    check([150, 37, 1], [150, 90, 75], 8, 2, 128, torch.bfloat16, device, split_kv=split_kv, config=config)
+
+
+def test_tile_heuristic():
+    assert tile_config(4, 1).block_m == 16 and tile_config(4, 100).block_m == 64
+    assert tile_config(4, 4096).block_m == 128 and tile_config(16, 1).block_m == 16
 
 
 def test_split_heuristic():

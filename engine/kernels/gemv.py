@@ -1,0 +1,78 @@
+"""Skinny matmul for decode at small batch: out[M, N] = x[M, K] @ weight[N, K]^T (+ bias), M of a few rows.
+
+cuBLAS picks split-K GEMM tiles for M = 1 that read the weights below copy bandwidth (H100, Llama-8B shapes:
+the qkv projection at 2.4 TB/s). Here each program streams BLOCK_N whole weight rows along K once and keeps
+the M rows of x in registers: the weights are read exactly once, coalesced, with no reduction pass.
+"""
+from typing import NamedTuple
+
+import torch
+
+from ._triton import next_pow2, tl, triton, use_triton
+
+MAX_ROWS = 8  # beyond this the weight tile no longer dominates and cuBLAS wins
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows_n < N
+    rows_m = tl.arange(0, BLOCK_M)
+    m_mask = rows_m < M
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
+    x_row = x_ptr + rows_m[:, None] * x_stride
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        if EVEN_K:
+            w = tl.load(w_row + k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_row + k[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            w = tl.load(w_row + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.load(x_row + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gemv_config(m: int, n: int, k: int) -> GemvConfig:
+    return GemvConfig(16, 512, 4, 4)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None."""
+    if not use_triton(x):
+        return gemv_ref(x, weight, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_n, block_k, num_warps, num_stages = config or gemv_config(m, n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)

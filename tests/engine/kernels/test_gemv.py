@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k,config", [(37, 200, GemvConfig(16, 64, 4, 2)),  # ragged N and K
+                                        (64, 256, GemvConfig(8, 128, 4, 3)),  # K a multiple of the block
+                                        (20, 96, None)])  # the default config, one partial K block
+def test_gemv_matches_reference(device, dtype, m, n, k, config):
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device).to(dtype)
+    weight = torch.randn(n, k, device=device).to(dtype) / k ** 0.5
+    bias = torch.randn(n, device=device).to(dtype)
+    for b in (None, bias):
+        out = gemv(x, weight, b, config)
+        assert out.shape == (m, n) and not out.isnan().any()
+        torch.testing.assert_close(out, gemv_ref(x, weight, b), **TOL[dtype])
+
+
+def test_gemv_reads_a_strided_row_view(device):
+    """Decode passes rows of a wider activation buffer: only the last dim must be contiguous."""
+    x = torch.randn(4, 2 * 64, device=device)[:, :64]
+    weight = torch.randn(32, 64, device=device)
+    torch.testing.assert_close(gemv(x, weight, None, GemvConfig(8, 32, 4, 2)), gemv_ref(x, weight), atol=1e-4,
+                               rtol=1e-4)
