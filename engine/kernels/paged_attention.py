@@ -168,14 +168,14 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-def tile_config(group: int, max_query_len: int) -> TileConfig:
-    """Decode-only batches take 16-row q-tiles (their rows are mostly empty); prefills 64 rows, and long prefills
-    128 rows over 8 warps (H100, Llama-8B heads, causal 4k prompt: see benchmarks/attention_tiles.py)."""
+def tile_config(group: int, max_query_len: int, split_kv: bool = False) -> TileConfig:
+    """Decode-only batches take 16-row q-tiles (their rows are mostly empty), split ones 32-key tiles; prefills
+    64 rows. Two pipeline stages throughout. H100, Llama-8B heads (benchmarks/kernel_tuning.py): causal 4k prompt
+    464 us (128-row tiles over 8 warps: 510 us); decode 64 x 2k 188 us (three stages: 225 us); split decode
+    1 x 384 6.7 us (64-key tiles: 7.1 us)."""
     if max_query_len < 32:  # tl.dot wants >= 16 rows
-        return TileConfig(max(16, next_pow2(group)), 64, 4, 3)
-    if max_query_len < 512:
-        return TileConfig(max(64, next_pow2(group)), 64, 4, 3)
-    return TileConfig(max(128, next_pow2(group)), 64, 8, 3)
+        return TileConfig(max(16, next_pow2(group)), 32 if split_kv else 64, 4, 2)
+    return TileConfig(max(64, next_pow2(group)), 64, 4, 2)
 
 
 def _num_splits(num_programs: int, max_seq_len: int, tile: int) -> int:
@@ -209,11 +209,11 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    block_m, tile, num_warps, num_stages = config or tile_config(group, max_query_len)
-    block_q = block_m // group
-    dim_p2 = next_pow2(head_dim)
     if split_kv is None:
         split_kv = use_split_kv(num_seqs, num_kv_heads, max_query_len, max_seq_len)
+    block_m, tile, num_warps, num_stages = config or tile_config(group, max_query_len, split_kv)
+    block_q = block_m // group
+    dim_p2 = next_pow2(head_dim)
     num_splits = _num_splits(num_seqs * num_kv_heads, max_seq_len, tile) if split_kv else 1
     if split_kv:
         part_out = torch.empty(num_tokens, num_heads, num_splits, dim_p2, dtype=torch.float32, device=q.device)

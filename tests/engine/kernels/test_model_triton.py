@@ -1,7 +1,7 @@
 """Whole-model greedy outputs with the Triton kernels equal the torch path (kernels interpreted on CPU).
 
 Runs in a fresh interpreter with TRITON_INTERPRET=1 set before anything imports Triton, so every kernel the
-model's layers bound at import time is the interpreted one.
+model's layers bound at import time is the interpreted one; on CPU even where a GPU exists.
 """
 import json
 import os
@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
     out = {}
     for backend in ("torch", "triton"):
-        llm = LLM(path, attention_backend=backend, max_num_batched_tokens=24, block_size=16)
+        llm = LLM(path, device="cpu", attention_backend=backend, max_num_batched_tokens=24, block_size=16)
         res = llm.generate(prompts, params, use_tqdm=False)
         res += llm.generate([prompts[1]], params, use_tqdm=False)  # a prefix-cache hit: prefill over cached blocks
         out[backend] = [[o.outputs[0].token_ids, [max(lp.values()) for lp in o.outputs[0].logprobs]] for o in res]

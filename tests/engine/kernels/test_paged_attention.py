@@ -94,8 +94,8 @@ def test_forced_tile_configs(device, config, split_kv):
 
 
 def test_tile_heuristic():
-    assert tile_config(4, 1).block_m == 16 and tile_config(4, 100).block_m == 64
-    assert tile_config(4, 4096).block_m == 128 and tile_config(16, 1).block_m == 16
+    assert tile_config(4, 1).block_m == 16 and tile_config(4, 100).block_m == 64 and tile_config(16, 1).block_m == 16
+    assert tile_config(4, 1, split_kv=True).tile == 32 and tile_config(4, 1).tile == 64
 
 
 def test_split_heuristic():
