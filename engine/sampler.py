@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kernels.sampling import apply_penalties, sample
+from engine.kernels.sampling import apply_penalties, greedy_sample, sample
 from engine.sampling_params import SamplingParams
 
 
@@ -58,18 +58,22 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerLaunch:
         """Draw the batch's tokens on the device and start copying them to the host."""
-        logits = logits[:, : self.vocab_size].float().contiguous()
-        finite = torch.isfinite(logits).all(dim=-1)  # read back with the tokens: no extra device sync
         raw_logprobs = None
-        if any(s.params.logprobs is not None for s in states):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(s.params.needs_penalties for s in states):
-            self._penalize(logits, states)
-        for i, s in enumerate(states):
-            if len(s.output_token_ids) < s.params.min_tokens and s.stop_ids:
-                logits[i, s.stop_ids] = float("-inf")
-        tokens = self._draw(logits, states)
-        both = torch.stack([tokens, finite.long()])
+        if all(_plain_greedy(s) for s in states):  # one kernel over the raw logits
+            both = greedy_sample(logits, self.vocab_size)
+            tokens = both[0]
+        else:
+            logits = logits[:, : self.vocab_size].float().contiguous()
+            finite = torch.isfinite(logits).all(dim=-1)  # read back with the tokens: no extra device sync
+            if any(s.params.logprobs is not None for s in states):
+                raw_logprobs = torch.log_softmax(logits, dim=-1)
+            if any(s.params.needs_penalties for s in states):
+                self._penalize(logits, states)
+            for i, s in enumerate(states):
+                if _masks_stop_ids(s):
+                    logits[i, s.stop_ids] = float("-inf")
+            tokens = self._draw(logits, states)
+            both = torch.stack([tokens, finite.long()])
         if logits.device.type != "cuda":
             return SamplerLaunch(states, tokens, both, None, raw_logprobs)
         host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
@@ -123,6 +127,15 @@ class Sampler:
         top_p = self._column(states, "top_p") if any(p.top_p < 1.0 for p in params) else None
         min_p = self._column(states, "min_p") if any(p.min_p > 0 for p in params) else None
         return sample(logits, self._column(states, "temperature"), top_k, top_p, min_p, noise)
+
+
+def _masks_stop_ids(s: SamplingState) -> bool:
+    return len(s.output_token_ids) < s.params.min_tokens and bool(s.stop_ids)
+
+
+def _plain_greedy(s: SamplingState) -> bool:
+    """Argmax of the raw logits is the whole answer: no logprobs, penalties or masked stop tokens."""
+    return s.params.greedy and s.params.logprobs is None and not s.params.needs_penalties and not _masks_stop_ids(s)
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

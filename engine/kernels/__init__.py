@@ -9,4 +9,4 @@ from .paged_attention import paged_attention_ref, unified_attention, use_split_k
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rotary import rotary_embedding, rotary_embedding_ref
-from .sampling import apply_penalties, apply_penalties_ref, sample, sample_ref
+from .sampling import apply_penalties, apply_penalties_ref, greedy_sample, greedy_sample_ref, sample, sample_ref

@@ -6,7 +6,7 @@ Neox style rotates the halves (x[:r/2], x[r/2:r]); GPT-J style rotates interleav
 """
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
 
 
 @triton.jit
@@ -29,7 +29,8 @@ def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, pairs, 
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                    cache_stride, num_q_heads, num_k_heads,
                    IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                   Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr):
+                   Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_P2)
@@ -57,7 +58,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin_cache.stride(0), q.shape[1], k.shape[1],
         IS_NEOX=is_neox, ROT_HALF=rot_half, HALF_P2=next_pow2(rot_half),
-        Q_HEADS_P2=next_pow2(q.shape[1]), K_HEADS_P2=next_pow2(k.shape[1]),
+        Q_HEADS_P2=next_pow2(q.shape[1]), K_HEADS_P2=next_pow2(k.shape[1]), USE_PDL=use_pdl(q), launch_pdl=use_pdl(q),
     )
     return q, k
 

@@ -1,7 +1,8 @@
 """Batched sampling that stays on the device (no .item()/.tolist()), plus vLLM-style penalties.
 
 `sample` is plain torch ops (one sort per step, only when top-k or top-p is on); `apply_penalties` is one fused
-Triton kernel over [B, V].
+Triton kernel over [B, V]; `greedy_sample` is one Triton kernel for all-greedy batches (argmax and the finite
+check in one read of the raw logits, no fp32 copy).
 
 Sampling is the exponential race: with noise ~ Exp(1) i.i.d., argmax(probs / noise) is a sample from probs. The
 caller draws the noise (per request, from its own torch.Generator), so a request's tokens depend only on its
@@ -16,7 +17,7 @@ The most probable token is always kept. Rows with temperature < 1e-5 are greedy 
 """
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import tl, triton, use_pdl, use_triton, wait_for_previous
 
 GREEDY_TEMPERATURE = 1e-5
 
@@ -35,6 +36,48 @@ def _penalties_kernel(logits_ptr, prompt_mask_ptr, counts_ptr, repetition_ptr, p
     logit = tl.where(seen, penalized, logit)
     logit = logit - tl.load(frequency_ptr + row) * count - tl.load(presence_ptr + row) * (count > 0).to(tl.float32)
     tl.store(logits_ptr + row * logits_stride + cols, logit, mask=mask)
+
+
+@triton.jit
+def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_id = tl.full([], 0, tl.int64)
+    finite = tl.full([], 1, tl.int64)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(logits_ptr + row * logits_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        bad = mask & ((x != x) | (tl.abs(x) == float("inf")))
+        finite = tl.minimum(finite, 1 - tl.max(bad.to(tl.int64), 0))
+        m = tl.max(x, 0)
+        i = tl.argmax(x, 0, tie_break_left=True)
+        better = m > best  # strictly: the first maximum of the row wins, as torch.argmax
+        best_id = tl.where(better, start + i.to(tl.int64), best_id)
+        best = tl.maximum(best, m)
+    tl.store(out_ptr + row, best_id)
+    tl.store(out_ptr + batch + row, finite)
+
+
+def greedy_sample(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """logits: [B, >= vocab] (any float dtype, last dim contiguous) -> int64 [2, B]: each row's argmax over the first
+    `vocab` columns (the first maximum on ties) and 1 where that row is all finite, else 0."""
+    if not use_triton(logits):
+        return greedy_sample_ref(logits, vocab)
+    assert logits.stride(-1) == 1
+    batch = logits.shape[0]
+    out = torch.empty(2, batch, dtype=torch.int64, device=logits.device)
+    if batch:
+        pdl = use_pdl(logits)
+        _greedy_kernel[(batch,)](logits, out, vocab, logits.stride(0), batch, BLOCK=4096, USE_PDL=pdl,
+                                 num_warps=8, launch_pdl=pdl)
+    return out
+
+
+def greedy_sample_ref(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    logits = logits[:, :vocab].float()
+    return torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()])
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,

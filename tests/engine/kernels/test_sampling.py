@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from engine.kernels.sampling import apply_penalties, apply_penalties_ref, sample, sample_ref
+from engine.kernels.sampling import (apply_penalties, apply_penalties_ref, greedy_sample, greedy_sample_ref,
+                                     sample, sample_ref)
 
 VOCAB = 64
 
@@ -104,3 +105,23 @@ def test_penalties_reference_semantics():
                               torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([0.25]))
     # prompt tokens: 2/2, -2*2; output token seen twice: 2/2 - 0.5 - 2*0.25; unseen token unchanged
     torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_sample_kernel(device, dtype):
+    """Rows longer than one 4096-wide chunk, ties across chunks (the first wins), a maximum in the padded columns
+    past `vocab` (ignored), a NaN row and an inf row (reported not finite)."""
+    vocab, batch = 5000, 6
+    logits = torch.randn(batch, vocab + 8, device=device).to(dtype)
+    logits[0, 4500] = 50.0  # in the second chunk
+    logits[1, 10] = logits[1, 4200] = 40.0  # a tie across chunks
+    logits[2, vocab + 3] = 99.0  # past the vocabulary (tensor-parallel padding): not a candidate
+    logits[3, 7] = float("nan")
+    logits[4, 4999] = float("inf")
+    out = greedy_sample(logits, vocab)
+    ref = greedy_sample_ref(logits, vocab)
+    assert out.dtype == torch.int64 and out.shape == (2, batch)
+    assert out[0, 0] == 4500 and out[0, 1] == 10 and out[0, 2] < vocab
+    assert out[1].tolist() == [1, 1, 1, 0, 0, 1]
+    keep = [0, 1, 2, 5]  # argmax of a row holding NaN is unspecified (the step raises for it anyway)
+    assert torch.equal(out[:, keep], ref[:, keep])
