@@ -18,9 +18,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from grpc.aio import AioRpcError
 from ray.exceptions import (ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RayError,
                             WorkerCrashedError)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.config import LimitsConfig, ModelConfig
@@ -32,8 +34,11 @@ from engine.tokenizer import apply_chat_template, load_tokenizer
 
 logger = logging.getLogger("strata")
 
-# What a replica's death looks like from a handle call (the actor, its worker process or its node is gone).
-REPLICA_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+# What a replica's death looks like from a handle call (the actor, its worker process or its node is gone); over
+# Serve's gRPC path Serve turns an unreachable replica into ActorUnavailableError, and a stream cut off in another
+# way is a raw gRPC error.
+REPLICA_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, NodeDiedError, ObjectLostError,
+                AioRpcError)
 
 
 class ReplicaFailure(Exception):
@@ -66,7 +71,11 @@ class ModelEndpoint:
         self.name = config.served_name
         self.limits = limits
         self.handle = handle
-        self.stream_handle = handle.options(stream=True, method_name="generate")
+        # The handle arrives pickled with the options of the process that built the app (a driver that keeps
+        # Serve's defaults: Ray actor calls); the transport is this process's, so Serve's gRPC path where the
+        # cluster's environment turns it on (cluster/serve_env.py).
+        self.stream_handle = handle.options(stream=True, method_name="generate",
+                                            _by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
         self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision,
                                                       patterns=TOKENIZER_PATTERNS))
 

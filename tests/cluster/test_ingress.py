@@ -160,6 +160,25 @@ def test_models_health_and_metrics(client, base_url):
     assert sum(replica_metric(base_url, "strata_generation_tokens_total", "demo").values()) > 0
 
 
+def test_ingress_streams_from_replicas_over_grpc(base_url):
+    """The handle the ingress gets was pickled by the driver, which keeps Serve's defaults (Ray actor calls); in a
+    process of the cluster, whose environment turns Serve's gRPC path on, the ingress's model endpoint takes it."""
+    import ray
+    from ray import serve
+
+    from cluster.config import engine_deployment_name
+
+    @ray.remote(num_cpus=0)
+    def by_reference(handle) -> bool:
+        from cluster.model_endpoint import ModelEndpoint
+
+        return ModelEndpoint(CONFIG.models[0], handle, CONFIG.limits).stream_handle.handle_options._by_reference
+
+    handle = serve.get_deployment_handle(engine_deployment_name("demo"), CONFIG.app_name)
+    assert handle.handle_options._by_reference  # as build_app's handles leave the driver
+    assert ray.get(by_reference.remote(handle), timeout=60) is False
+
+
 def test_errors_are_openai_shaped(client, base_url):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT)
