@@ -15,7 +15,7 @@ from ray.serve.schema import LoggingConfig
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from cluster.ingress import OpenAIIngress
-from cluster.replica import EngineReplica
+from cluster.replica import EngineReplica, UnroutedEngineReplica
 
 INGRESS_NAME = "OpenAIIngress"
 
@@ -44,7 +44,13 @@ def engine_deployment(m: ModelConfig, routing: str):
         options["num_replicas"] = m.min_replicas
     else:
         options["autoscaling_config"] = autoscaling_config(m)
-    return serve.deployment(EngineReplica).options(**options)
+    replica_class = EngineReplica if reports_routing_stats(m, routing) else UnroutedEngineReplica
+    return serve.deployment(replica_class).options(**options)
+
+
+def reports_routing_stats(m: ModelConfig, routing: str) -> bool:
+    """Only prefix-aware routing reads a replica's routing stats, and only with more than one replica to choose."""
+    return routing == "prefix_aware" and m.max_replicas > 1
 
 
 def replica_resources(m: ModelConfig, gpu: bool) -> tuple[dict, list[dict], str]:

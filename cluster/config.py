@@ -45,7 +45,8 @@ class ModelConfig(EngineConfig):
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Prefix routing skips replicas this many requests above the least loaded.")
     routing_stats_period_s: float = Field(
-        1.0, gt=0, description="How often replicas report their cached prefixes and load to the router.")
+        1.0, gt=0, description="How often replicas report their cached prefixes and load to the router (only "
+        "with prefix_aware routing and max_replicas above 1: otherwise no router reads the report).")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve probes each replica's engine.")
     stream_chunk_rate: float = Field(
         500.0, ge=0, description="Stream chunks per second one replica sends, shared by its streams: with k streams "

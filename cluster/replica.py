@@ -12,7 +12,8 @@ does not fit, where the offline engine would cap it).
 
 Besides serving, the replica reports:
 - `record_routing_stats`: load and recently cached prefix-block hashes, pulled by the Serve controller and
-  handed to every router (cluster/routing.py);
+  handed to every router (cluster/routing.py); only where prefix-aware routing has replicas to choose between
+  (`UnroutedEngineReplica` otherwise: a report costs CPU in the replica, the controller and every router);
 - `record_autoscaling_stats`: queue depth and KV usage, pushed to the controller for QueueDepthPolicy;
 - `engine_stats`: everything for /metrics and `strata status`, fetched with `handle.broadcast`;
 - `check_health`: Serve restarts the replica when the engine loop died or stalled.
@@ -168,3 +169,9 @@ class EngineReplica:
         if engine is not None:
             engine.shutdown()
 
+
+class UnroutedEngineReplica(EngineReplica):
+    """An EngineReplica whose routing stats nobody reads: its model has one replica at most, or Serve's own router.
+    Serve asks a replica for routing stats only when its class has `record_routing_stats`."""
+
+    record_routing_stats = None

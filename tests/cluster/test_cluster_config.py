@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cluster.app import autoscaling_config, replica_resources
+from cluster.app import autoscaling_config, engine_deployment, replica_resources
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from engine import EngineConfig
 
@@ -59,3 +59,14 @@ def test_autoscaling_config_carries_bounds_delays_and_policy():
     assert (a.min_replicas, a.max_replicas, a.upscale_delay_s, a.downscale_delay_s) == (0, 5, 1, 7)
     assert a.policy.policy_function == "cluster.autoscaling:QueueDepthPolicy"
     assert a.policy.policy_kwargs["target_queue_depth"] == 12
+
+
+@pytest.mark.parametrize("routing, max_replicas, reports", [
+    ("prefix_aware", 2, True), ("prefix_aware", 1, False), ("power_of_two", 4, False)])
+def test_replicas_report_routing_stats_only_where_a_router_reads_them(routing, max_replicas, reports):
+    # Serve asks a replica for routing stats (a call through its controller each period) only when the
+    # deployment's class has record_routing_stats.
+    m = ModelConfig(model="demo", device="cpu", max_replicas=max_replicas)
+    deployment = engine_deployment(m, routing)
+    assert deployment.name == engine_deployment_name("demo")
+    assert (getattr(deployment.func_or_class, "record_routing_stats", None) is not None) == reports
