@@ -9,6 +9,16 @@ Serve reads these settings from the environment of each Ray process when it star
   hands each ingress replica a port from a range and blocks a port it failed to bind, so a replica replacing one
   that still holds the port (a redeploy in place) fails: hence opt-in.
 
+A local cluster (one machine, where the engine's own threads share the CPUs with Ray's processes) also gets a
+quieter control plane, since every periodic wake-up of Ray's processes is CPU taken from the engine (measured idle
+on a 2-core machine with one engine replica: Ray's and Serve's processes took 20% of a core with the dashboard,
+18% without it, 10% with these settings and a replica that sends no routing stats, cluster/app.py):
+- the Serve controller's loop every 0.5 s, not 0.1 s (deploys, replica replacement and autoscaling decisions
+  react up to 0.4 s later);
+- Serve's own Ray metrics exported once a second, not ten times (Strata's metrics are its own, at /metrics);
+- no Ray dashboard (its ten processes took 3.6% of a core; minimal mode, 0.4%): start Ray yourself
+  (`ray start --head`) and `strata serve --address auto` to have it.
+
 The README has the measurements (benchmarks/serving_overhead.py). Clusters started by `ray up` or KubeRay get
 the gRPC and event-loop settings from their nodes' environment (deploy/, helm/) and keep Serve's proxies.
 """
@@ -22,6 +32,12 @@ from cluster.config import ClusterConfig
 FAST_PATH_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+
+
+LOCAL_CONTROL_PLANE_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
@@ -41,11 +57,14 @@ def direct_ingress_env(config: ClusterConfig) -> dict[str, str]:
 
 def start_local(config: ClusterConfig, **ray_init_kwargs) -> dict:
     """Start a new local Ray instance for `config` (ray.init(address="local", ...)); returns the `http_options`
-    to start Serve with. Settings already in the environment win, so a user can turn any of them off."""
+    to start Serve with. Settings already in the environment win, so a user can turn any of them off; Ray's
+    dashboard stays off unless `include_dashboard=True` is passed."""
     import ray
     from ray import serve  # noqa: F401 - Serve reads its settings at import: this process keeps the defaults
 
-    env = {**FAST_PATH_ENV, **(direct_ingress_env(config) if config.http.direct_ingress else {})}
+    env = {**FAST_PATH_ENV, **LOCAL_CONTROL_PLANE_ENV,
+           **(direct_ingress_env(config) if config.http.direct_ingress else {})}
+    ray_init_kwargs.setdefault("include_dashboard", False)
     saved = {k: os.environ.get(k) for k in env}
     for key, value in env.items():
         os.environ.setdefault(key, value)
