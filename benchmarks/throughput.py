@@ -49,7 +49,7 @@ def warm_up(llm, prompts, vocab: int, n: int = 32) -> None:
     from engine import SamplingParams
 
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:n]]
-    llm.generate(shifted, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(shifted, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
 
 
 def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, dtype, device) -> dict:

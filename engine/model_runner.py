@@ -133,6 +133,8 @@ class ModelRunner:
             self.kv_caches.append(cache)
         if self.graphs is not None:
             self.graphs.capture()
+        if self.model.is_last and self.device.type == "cuda":
+            self.sampler.warm_up(self.dtype)
 
     # -- one step -------------------------------------------------------------------------------------------
     def _prepare(self, batch: BatchInput):

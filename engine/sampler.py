@@ -53,6 +53,10 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    def warm_up(self, dtype: torch.dtype) -> None:
+        """Compile the greedy kernel at start-up rather than inside the first greedy request."""
+        greedy_sample(torch.zeros(1, self.vocab_size, dtype=dtype, device=self.device), self.vocab_size)
+
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
         return self.finish(self.launch(logits, states))
 

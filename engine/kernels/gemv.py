@@ -32,10 +32,16 @@ def _load_tiles(x_row, w_row, k, K, m_mask, n_mask, EVEN_K: tl.constexpr):
     return x, w
 
 
+@triton.jit
+def _dot_rows(x, w):
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+    """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up."""
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
@@ -46,15 +52,27 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, o
     x_row = x_ptr + rows_m[:, None] * x_stride
     # The weights do not depend on the previous kernel: the first tile streams in while that kernel drains.
     w_mask = n_mask[:, None] if EVEN_K else n_mask[:, None] & (cols[None, :] < K)
+    up_row = w_row + N * w_stride
     w = tl.load(w_row + cols[None, :], mask=w_mask, other=0.0)
+    if GATED:
+        w_up = tl.load(up_row + cols[None, :], mask=w_mask, other=0.0)
     wait_for_previous(USE_PDL)
     x = tl.load(x_row + cols[None, :], mask=m_mask[:, None] & (cols[None, :] < K), other=0.0)
-    acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    acc = _dot_rows(x, w)
+    if GATED:
+        acc_up = _dot_rows(x, w_up)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         x, w = _load_tiles(x_row, w_row, k0 + cols, K, m_mask, n_mask, EVEN_K)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        acc += _dot_rows(x, w)
+        if GATED:
+            _, w_up = _load_tiles(x_row, up_row, k0 + cols, K, m_mask, n_mask, EVEN_K)
+            acc_up += _dot_rows(x, w_up)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -65,12 +83,14 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
-    """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None."""
+         config: GemvConfig | None = None, gated: bool = False) -> torch.Tensor:
+    """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
+    gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
+    SiluAndMul folded in: one kernel instead of two)."""
     if not use_triton(x):
-        return gemv_ref(x, weight, bias)
+        return gemv_ref(x, weight, bias, gated)
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -80,12 +100,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             gated: bool = False) -> torch.Tensor:
     out = x.float() @ weight.float().t()
     if bias is not None:
         out += bias.float()
+    if gated:
+        gate, up = out.chunk(2, dim=-1)
+        out = torch.nn.functional.silu(gate) * up
     return out.to(x.dtype)

@@ -38,26 +38,28 @@ def _penalties_kernel(logits_ptr, prompt_mask_ptr, counts_ptr, repetition_ptr, p
     tl.store(logits_ptr + row * logits_stride + cols, logit, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "logits_stride"])
 def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program per row. Each lane keeps its own running maximum (the first one on ties) across the chunks, so
+    the loop is pure streaming; the lanes are reduced once at the end."""
     wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_id = tl.full([], 0, tl.int64)
-    finite = tl.full([], 1, tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_id = tl.zeros([BLOCK], tl.int32)
+    bad = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + lanes
         mask = cols < vocab
         x = tl.load(logits_ptr + row * logits_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        bad = mask & ((x != x) | (tl.abs(x) == float("inf")))
-        finite = tl.minimum(finite, 1 - tl.max(bad.to(tl.int64), 0))
-        m = tl.max(x, 0)
-        i = tl.argmax(x, 0, tie_break_left=True)
-        better = m > best  # strictly: the first maximum of the row wins, as torch.argmax
-        best_id = tl.where(better, start + i.to(tl.int64), best_id)
-        best = tl.maximum(best, m)
-    tl.store(out_ptr + row, best_id)
-    tl.store(out_ptr + batch + row, finite)
+        bad |= (mask & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
+        better = x > best
+        best = tl.where(better, x, best)
+        best_id = tl.where(better, cols, best_id)
+    top = tl.max(best, 0)
+    first = tl.min(tl.where(best == top, best_id, vocab), 0)  # the lowest column holding the maximum
+    tl.store(out_ptr + row, tl.minimum(first, vocab - 1).to(tl.int64))
+    tl.store(out_ptr + batch + row, 1 - tl.max(bad, 0).to(tl.int64))
 
 
 def greedy_sample(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -70,7 +72,7 @@ def greedy_sample(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     out = torch.empty(2, batch, dtype=torch.int64, device=logits.device)
     if batch:
         pdl = use_pdl(logits)
-        _greedy_kernel[(batch,)](logits, out, vocab, logits.stride(0), batch, BLOCK=4096, USE_PDL=pdl,
+        _greedy_kernel[(batch,)](logits, out, vocab, logits.stride(0), batch, BLOCK=2048, USE_PDL=pdl,
                                  num_warps=8, launch_pdl=pdl)
     return out
 

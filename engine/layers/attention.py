@@ -44,11 +44,20 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         self.use_triton = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]."""
+    def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
+        """(v, key_cache, value_cache, slot_mapping) for a kernel that stores this step's keys/values itself (the
+        rotary kernel on the Triton path), or None where `forward` must store them."""
+        if self.use_triton and self.kv_cache is not None:
+            return v, self.kv_cache[0], self.kv_cache[1], meta.slot_mapping
+        return None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_written: bool = False) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq, D]. kv_written: the caller already stored k/v (kv_write)."""
         if self.use_triton and self.kv_cache is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-            reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+            if not kv_written:
+                reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
             out = torch.empty_like(q)
             return unified_attention(q, key_cache, value_cache, out, meta.query_start_loc, meta.seq_lens,
                                      meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.kernels import rotary_embedding
+from engine.kernels import reshape_and_cache, rotary_embedding
 
 
 def rope_inv_freq(hf_config, head_dim: int, max_len: int) -> tuple[torch.Tensor, float]:
@@ -36,12 +36,17 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.use_triton = False
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; returns them rotated (in place on the Triton path)."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                kv_write: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; returns them rotated (in place on the Triton path, which also stores keys
+        and values in the KV cache given kv_write = (v, key_cache, value_cache, slot_mapping))."""
         if self.use_triton:
-            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, kv_write=kv_write)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if kv_write is not None:
+            reshape_and_cache(k, *kv_write)
+        return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.kernels import gemv
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
@@ -37,8 +38,9 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        kv_write = self.attn.kv_write(v, meta)  # the rotary kernel stores k/v in the cache on the way
+        q, k = self.rotary(positions, q, k, kv_write)
+        return self.o_proj(self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1))
 
 
 def _qkv_bias(cfg, arch: str) -> bool:
@@ -55,6 +57,8 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj.use_triton and x.dim() == 2 and x.shape[0] == 1:  # batch-1 decode: SiLU in the matmul
+            return self.down_proj(gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 

@@ -28,3 +28,19 @@ def test_gemv_reads_a_strided_row_view(device):
     weight = torch.randn(32, 64, device=device)
     torch.testing.assert_close(gemv(x, weight, None, GemvConfig(8, 32, 4, 2)), gemv_ref(x, weight), atol=1e-4,
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(4, 64, 4, 2), None])
+def test_gated_gemv_is_silu_and_mul_of_the_projection(device, config):
+    """The fused [gate; up] weight: silu(x @ gate^T) * (x @ up^T) in one pass, bias on both halves."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 200, device=device)
+    weight = torch.randn(2 * 37, 200, device=device) / 200 ** 0.5
+    bias = torch.randn(2 * 37, device=device)
+    for b in (None, bias):
+        out = gemv(x, weight, b, config, gated=True)
+        full = gemv_ref(x, weight, b)
+        expected = torch.nn.functional.silu(full[:, :37]) * full[:, 37:]
+        assert out.shape == (1, 37)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, gemv_ref(x, weight, b, gated=True), atol=1e-4, rtol=1e-4)

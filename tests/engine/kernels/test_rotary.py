@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from engine.kernels.reshape_and_cache import reshape_and_cache_ref
 from engine.kernels.rotary import rotary_embedding, rotary_embedding_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -46,3 +47,30 @@ def test_reference_matches_complex_rotation():
     neox = torch.cat([halves.real, halves.imag], -1)
     torch.testing.assert_close(rotary_embedding_ref(positions, x.clone(), x.clone(), cache, 64, True)[0], neox,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,rot_dim", [(8, 2, 128, 128), (6, 2, 64, 32)])
+def test_fused_kv_cache_write(device, dtype, num_heads, num_kv_heads, head_dim, rot_dim):
+    """With kv_write the kernel also stores rotated keys (their unrotated tail too) and values at their slots,
+    as rotary then reshape_and_cache would; padding tokens (slot -1) rotate but write nothing."""
+    torch.manual_seed(0)
+    num_tokens, block_size, num_blocks = 9, 4, 6
+    cache = cos_sin_cache(64, rot_dim).to(device)
+    positions = torch.randint(0, 64, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    slots[[2, 7]] = -1
+    key_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    value_cache = key_cache.clone()
+    key_ref, value_ref = key_cache.clone(), value_cache.clone()
+    q_ref, k_ref = rotary_embedding_ref(positions, q.clone(), k.clone(), cache, head_dim)
+    reshape_and_cache_ref(k_ref, v.clone(), key_ref, value_ref, slots)
+    rotary_embedding(positions, q, k, cache, head_dim, kv_write=(v, key_cache, value_cache, slots))
+    tol = dict(atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)  # padding tokens' keys rotate in place too
+    torch.testing.assert_close(key_cache, key_ref, equal_nan=True, **tol)
+    torch.testing.assert_close(value_cache, value_ref, equal_nan=True, **tol)
+    assert key_cache.isnan().sum() == key_ref.isnan().sum() == (num_blocks * block_size - 7) * num_kv_heads * head_dim
