@@ -2,12 +2,11 @@
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import tl, triton, use_triton
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_previous(USE_PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -25,9 +24,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x2, out2 = x.view(-1, 2 * inter), out.view(-1, inter)
     if x2.shape[0] == 0:
         return out
-    block, pdl = min(1024, triton.next_power_of_2(inter)), use_pdl(x)
+    block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out2, x2.stride(0), out2.stride(0), inter,
-                                                                     BLOCK=block, USE_PDL=pdl, launch_pdl=pdl)
+                                                                     BLOCK=block)
     return out
 
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import next_pow2, tl, triton, use_triton
 
 MAX_ROWS = 8  # x stays in registers
 
@@ -40,7 +40,7 @@ def _dot_rows(x, w):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up."""
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,19 +49,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, o
     m_mask = rows_m < M
     cols = tl.arange(0, BLOCK_K)
     w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
-    x_row = x_ptr + rows_m[:, None] * x_stride
-    # The weights do not depend on the previous kernel: the first tile streams in while that kernel drains.
-    w_mask = n_mask[:, None] if EVEN_K else n_mask[:, None] & (cols[None, :] < K)
     up_row = w_row + N * w_stride
-    w = tl.load(w_row + cols[None, :], mask=w_mask, other=0.0)
-    if GATED:
-        w_up = tl.load(up_row + cols[None, :], mask=w_mask, other=0.0)
-    wait_for_previous(USE_PDL)
-    x = tl.load(x_row + cols[None, :], mask=m_mask[:, None] & (cols[None, :] < K), other=0.0)
-    acc = _dot_rows(x, w)
-    if GATED:
-        acc_up = _dot_rows(x, w_up)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    x_row = x_ptr + rows_m[:, None] * x_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         x, w = _load_tiles(x_row, w_row, k0 + cols, K, m_mask, n_mask, EVEN_K)
         acc += _dot_rows(x, w)
         if GATED:
@@ -96,11 +88,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, n, k)
-    pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+        EVEN_K=k % block_k == 0, GATED=gated, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import interpreting, next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import interpreting, next_pow2, tl, triton, use_triton
 
 MAX_SPLITS = 64
 LOG2_E = 1.4426950408889634
@@ -83,9 +83,8 @@ def _attention_kernel(
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     q_block, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -147,9 +146,8 @@ def _attention_kernel(
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, query_start_loc_ptr, num_seqs, head_dim,
     out_stride_t, out_stride_h,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     token, head = tl.program_id(0), tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence's queries
         return
@@ -224,7 +222,6 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     else:
         part_out = part_max = part_sum = out  # never dereferenced
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    pdl = use_pdl(q)
     _attention_kernel[grid](
         out, part_out, part_max, part_sum,
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
@@ -236,12 +233,12 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
+        num_stages=num_stages,
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_max, part_sum, query_start_loc, num_seqs, head_dim, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, DIM_P2=dim_p2, USE_PDL=pdl, launch_pdl=pdl,
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, DIM_P2=dim_p2,
         )
     return out
 

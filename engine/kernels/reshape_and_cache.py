@@ -1,7 +1,7 @@
 """Write this step's keys/values into the paged KV cache at their slots (vLLM's reshape_and_cache)."""
 import torch
 
-from ._triton import next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import next_pow2, tl, triton, use_triton
 
 
 @triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])  # a view at a batch-dependent offset
@@ -10,9 +10,8 @@ def _reshape_and_cache_kernel(
     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     block_size, num_kv_heads, head_dim,
-    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, USE_PDL: tl.constexpr,
+    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token
@@ -46,7 +45,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         key_cache.shape[1], num_kv_heads, head_dim,
-        HEADS_P2=next_pow2(num_kv_heads), DIM_P2=next_pow2(head_dim), USE_PDL=use_pdl(key), launch_pdl=use_pdl(key),
+        HEADS_P2=next_pow2(num_kv_heads), DIM_P2=next_pow2(head_dim),
     )
 
 

@@ -1,13 +1,12 @@
 """RMSNorm and vLLM's fused residual-add + RMSNorm. Math in fp32, results in the input dtype."""
 import torch
 
-from ._triton import next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import next_pow2, tl, triton, use_triton
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, residual_stride, out_stride, hidden, eps,
-                     ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_previous(USE_PDL)
+                     ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -28,10 +27,8 @@ def _launch(x, residual, weight, out, eps):
     r2 = residual.view(-1, hidden) if residual is not None else x2
     if x2.shape[0] == 0:
         return
-    pdl = use_pdl(x)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out2, x2.stride(0), r2.stride(0), out2.stride(0), hidden, eps,
-                                     ADD_RESIDUAL=residual is not None, BLOCK=next_pow2(hidden), USE_PDL=pdl,
-                                     launch_pdl=pdl)
+                                     ADD_RESIDUAL=residual is not None, BLOCK=next_pow2(hidden))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

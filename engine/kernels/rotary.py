@@ -8,7 +8,7 @@ reshape_and_cache folded in: one launch per layer instead of two).
 """
 import torch
 
-from ._triton import next_pow2, tl, triton, use_pdl, use_triton, wait_for_previous
+from ._triton import next_pow2, tl, triton, use_triton
 from .reshape_and_cache import reshape_and_cache_ref
 
 
@@ -46,8 +46,7 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
                    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, head_dim,
                    IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
                    Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr,
-                   WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_previous(USE_PDL)
+                   WRITE_KV: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_P2)
@@ -101,13 +100,12 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                       *value_cache.stride()[:3], key_cache.shape[1])
     else:
         cache_args = (k, k, k, positions, 0, 0, 0, 0, 0, 0, 0, 0, 1)  # never dereferenced
-    pdl = use_pdl(q)
     _rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin_cache.stride(0), q.shape[1], k.shape[1], *cache_args, head_dim,
         IS_NEOX=is_neox, ROT_HALF=rot_half, HALF_P2=next_pow2(rot_half),
         Q_HEADS_P2=next_pow2(q.shape[1]), K_HEADS_P2=next_pow2(k.shape[1]), DIM_P2=next_pow2(head_dim),
-        WRITE_KV=kv_write is not None, USE_PDL=pdl, launch_pdl=pdl,
+        WRITE_KV=kv_write is not None,
     )
     return q, k
 
