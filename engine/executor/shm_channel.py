@@ -81,13 +81,18 @@ class ShmChannel:
 
     def close(self) -> None:
         """Detach; the creator also removes the segment."""
-        if self.words is None:
+        if getattr(self, "words", None) is None:  # closed already, or __init__ never got that far
             return
         self.words.release()
         self.words = None
         self.shm.close()
         if self.owner:
             self.shm.unlink()
+
+    def __del__(self) -> None:
+        # A channel dropped without close() (its engine never shut down): release our view of the segment before
+        # SharedMemory's own finalizer closes it, which otherwise fails with "cannot close exported pointers exist".
+        self.close()
 
     def _slot(self, seq: int) -> tuple[int, int]:
         """(word index of the slot's header, byte offset of its payload) for chunk `seq`."""

@@ -1,6 +1,9 @@
 """The shared-memory ring between processes: order, wrap-around, objects bigger than a slot, timeouts, readers."""
 import multiprocessing
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +94,15 @@ def test_waits_time_out_or_stop():
         assert [channel.read(), channel.read()] == [2, 3] and not channel.ready()
     finally:
         channel.close()
+
+
+def test_a_channel_dropped_without_close_exits_cleanly():
+    """An engine that never shut down leaves its channels to the garbage collector: no BufferError from
+    SharedMemory's finalizer and no leaked segment at exit."""
+    code = ("from engine.executor.shm_channel import ShmChannel\n"
+            "c = ShmChannel.create(1)\nc.write({'a': 1})\nprint(c.name)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert "BufferError" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
+    assert not Path("/dev/shm", proc.stdout.strip().lstrip("/")).exists()
