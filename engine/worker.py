@@ -65,7 +65,7 @@ class Worker:
         Without pipeline stages a step is launched and finished as two jobs of the rank's thread, so a next step
         that has already arrived (async scheduling sends it early) is launched before this one is waited for:
         the GPU gets step n+1 queued while the host waits for step n's tokens."""
-        split = self.pp.size == 1 and bool(batch.req_ids)
+        split = self.pp.size == 1 and bool(batch.req_ids) and not self._gathers_when_finishing(batch)
         async with self.turn:
             await self.turn.wait_for(lambda: self.next_seq == seq)
             done = self.pool.submit(self._timed, self.runner.launch if split else self._step, batch)
@@ -82,6 +82,14 @@ class Worker:
         with `execute`'s semantics; the rank that reports outputs writes one per step (None for an empty batch)
         to the channel `outputs`. Returns when stopped, raises when a step fails."""
         await self._run(self._serve, batches, reader, outputs)
+
+    def _gathers_when_finishing(self, batch: BatchInput) -> bool:
+        """Prompt logprobs gather logits over the TP group when the step finishes. Such a step runs as one job in
+        step order: split, one rank could launch the next step (its all-reduces) before finishing this one while
+        another finishes first, and the two ranks' collectives would not pair up."""
+        params = [seq.params for seq in batch.new_sequences]
+        params += [state.params for r in batch.req_ids if (state := self.runner.states.get(r)) is not None]
+        return any(p.prompt_logprobs is not None for p in params)
 
     def _serve(self, batches_name: str, reader: int, outputs_name: str | None) -> None:
         batches = ShmChannel.attach(batches_name, reader)

@@ -179,7 +179,9 @@ def two_nodes():
 
 
 def test_workers_on_two_nodes_match_and_a_dead_worker_fails_the_health_check(two_nodes, tiny_model_dir, reference):
-    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2)  # one CPU per node: PACK has to spread
+    # one CPU per node: PACK has to spread. Async scheduling sends step n+1 while n runs (the Ray-call path then
+    # launches n+1 on a rank before finishing n); PARAMS asks for prompt logprobs, whose finish gathers over TP.
+    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, async_scheduling=True)
     executor = llm.engine.executor
     nodes = executor.worker_nodes()
     try:
