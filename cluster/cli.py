@@ -130,6 +130,9 @@ def serve_command(args) -> int:
     else:
         ray.init(address=args.address)
         http_options = {"host": config.http.host, "port": config.http.port}
+    # Ctrl-C and SIGTERM stop it even where SIGINT came in ignored (a process started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options=http_options)
