@@ -26,6 +26,19 @@ from benchmarks.report import write_result  # noqa: E402
 L2_DEFEAT_BYTES = 256 << 20
 
 
+def try_candidate(run, cfg, **tags) -> dict:
+    """run(cfg) -> its figures; a tile the compiler rejects (too large for registers or shared memory) is recorded
+    as an error instead of ending the sweep."""
+    try:
+        return {"config": list(cfg), **tags, **run(cfg)}
+    except Exception as e:  # noqa: BLE001
+        return {"config": list(cfg), **tags, "error": type(e).__name__}
+
+
+def fastest(candidates: list[dict], max_abs_err: float) -> dict:
+    return min((c for c in candidates if "ms" in c and c["max_abs_err"] < max_abs_err), key=lambda c: c["ms"])
+
+
 def graph_ms(fns, reps: int = 5) -> float:
     """Mean ms of one call, with calls fns[0], fns[1], ... (distinct buffers) captured back to back in a graph."""
     for f in fns:
@@ -77,18 +90,14 @@ def sweep_gemv(rows: list[int]) -> dict:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             ref = gemv_ref(x, weights[0])
             cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights])
+
+            def run(cfg):
+                err = (gemv(x, weights[0], None, cfg).float() - ref.float()).abs().max().item()
+                return {"ms": graph_ms([lambda w=w: gemv(x, w, None, cfg) for w in weights]), "max_abs_err": err}
+
             row = {"n": n, "k": k, "m": m, "cublas_ms": cublas, "cublas_tb_per_s": weight_bytes / cublas / 1e9,
-                   "configs": []}
-            for cfg in gemv_candidates(m):
-                try:
-                    err = (gemv(x, weights[0], None, cfg).float() - ref.float()).abs().max().item()
-                    ms = graph_ms([lambda w=w: gemv(x, w, None, cfg) for w in weights])
-                except Exception as e:  # a tile too large for shared memory or registers
-                    row["configs"].append({"config": list(cfg), "error": type(e).__name__})
-                    continue
-                row["configs"].append({"config": list(cfg), "ms": ms, "max_abs_err": err})
-            ok = [c for c in row["configs"] if "ms" in c and c["max_abs_err"] < 0.1]
-            best = min(ok, key=lambda c: c["ms"])
+                   "configs": [try_candidate(run, cfg) for cfg in gemv_candidates(m)]}
+            best = fastest(row["configs"], 0.1)
             default = gemv_config(m, n, k)
             row["default"] = {"config": list(default), "ms": graph_ms([lambda w=w: gemv(x, w) for w in weights])}
             row["best"] = best
@@ -144,19 +153,12 @@ def sweep_attention() -> dict:
             return {"config": list(cfg) if cfg else None, "ms": ms, "max_abs_err": err,
                     "tflops": flops / ms / 1e9, "kv_tb_per_s": kv_bytes / ms / 1e9}
 
-        row = {"num_seqs": seqs, "context": ctx, "q_len": q_len, "configs": []}
-        for cfg in attention_candidates(q_len):
-            for split in ([False, True] if q_len == 1 else [False]):
-                try:
-                    r = timed(cfg, split)
-                except Exception as e:
-                    row["configs"].append({"config": list(cfg), "split": split, "error": type(e).__name__})
-                    continue
-                r["split"] = split
-                row["configs"].append(r)
+        row = {"num_seqs": seqs, "context": ctx, "q_len": q_len,
+               "configs": [try_candidate(lambda c: timed(c, split), cfg, split=split)
+                           for cfg in attention_candidates(q_len)
+                           for split in ([False, True] if q_len == 1 else [False])]}
         row["default"] = timed(None) | {"config": list(tile_config(4, q_len))}
-        ok = [c for c in row["configs"] if "ms" in c and c["max_abs_err"] < 0.05]
-        row["best"] = min(ok, key=lambda c: c["ms"])
+        row["best"] = fastest(row["configs"], 0.05)
         results[name] = row
         b, d = row["best"], row["default"]
         print(f"attention {name}: default {d['config']} {d['ms'] * 1e3:.1f} us ({d['tflops']:.0f} TFLOP/s, "

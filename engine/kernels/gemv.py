@@ -22,14 +22,13 @@ class GemvConfig(NamedTuple):
 
 
 @triton.jit
-def _load_tiles(x_row, w_row, k, K, m_mask, n_mask, EVEN_K: tl.constexpr):
+def _load_rows(row_ptr, k, K, row_mask, EVEN_K: tl.constexpr):
+    """Columns k of the rows at row_ptr (one pointer per row), zeros past K and for masked rows."""
     if EVEN_K:
-        w = tl.load(w_row + k[None, :], mask=n_mask[:, None], other=0.0)
-        x = tl.load(x_row + k[None, :], mask=m_mask[:, None], other=0.0)
+        mask = row_mask[:, None]
     else:
-        w = tl.load(w_row + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0.0)
-        x = tl.load(x_row + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
-    return x, w
+        mask = row_mask[:, None] & (k[None, :] < K)
+    return tl.load(row_ptr + k[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -54,11 +53,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, o
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x, w = _load_tiles(x_row, w_row, k0 + cols, K, m_mask, n_mask, EVEN_K)
-        acc += _dot_rows(x, w)
+        x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
+        acc += _dot_rows(x, _load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
         if GATED:
-            _, w_up = _load_tiles(x_row, up_row, k0 + cols, K, m_mask, n_mask, EVEN_K)
-            acc_up += _dot_rows(x, w_up)
+            acc_up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:

@@ -9,12 +9,15 @@ from engine.kernels import gemv
 from engine.parallel_state import TPGroup
 
 
+def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
+    """A batch-1 decode row on the Triton path takes the matrix-vector kernel, which reads the weights faster than
+    cuBLAS does at M = 1."""
+    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1
+
+
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight^T + bias; a batch-1 decode row takes the Triton matrix-vector kernel, which reads the weights
-    faster than cuBLAS does at M = 1."""
-    if layer.use_triton and x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, layer.weight, bias)
-    return F.linear(x, layer.weight, bias)
+    """x @ weight^T + bias."""
+    return gemv(x, layer.weight, bias) if takes_gemv(layer, x) else F.linear(x, layer.weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -8,7 +8,7 @@ from engine.kernels import gemv
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                  VocabParallelEmbedding)
+                                  VocabParallelEmbedding, takes_gemv)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel_state import TPGroup
@@ -57,7 +57,7 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj.use_triton and x.dim() == 2 and x.shape[0] == 1:  # batch-1 decode: SiLU in the matmul
+        if takes_gemv(self.gate_up_proj, x):  # SiLU-and-mul folded into the matrix-vector kernel
             return self.down_proj(gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
