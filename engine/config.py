@@ -31,6 +31,9 @@ class EngineConfig(BaseModel):
         None, ge=1, description="Token budget per step (default: 8192 on CUDA, 2048 on CPU).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch threads per shard on CPU (default: the cores this process may use, split "
+                                "between the tp x pp ranks; Ray would otherwise give a replica one thread).")
     seed: int = Field(0, description="Seed for weights-free randomness (sampling without a per-request seed).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use.")
     kv_cache_memory_bytes: int | None = Field(

@@ -67,7 +67,9 @@ class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
-                 custom_all_reduce: bool = True):
+                 custom_all_reduce: bool = True, cpu_threads: int | None = None):
+        if device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
         self.hf_config = hf_config
@@ -88,7 +90,8 @@ class ModelRunner:
     def describe(self) -> dict:
         return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
                 "one_shot_all_reduce": self.one_shot_all_reduce,
-                "device": str(self.device), "dtype": str(self.dtype)}
+                "device": str(self.device), "dtype": str(self.dtype),
+                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None}
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:

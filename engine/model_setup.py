@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,16 @@ class ModelSetup:
         return dict(model_dir=self.model_dir, hf_config=self.hf_config, dtype=self.dtype, device=self.device,
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
-                    max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce)
+                    max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce,
+                    cpu_threads=self.cpu_threads())
+
+    def cpu_threads(self) -> int:
+        """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a Serve replica), which would leave a CPU
+        replica's torch on one core; the shards of one engine share the cores instead."""
+        c = self.config
+        if c.cpu_threads:
+            return c.cpu_threads
+        return max(1, len(os.sched_getaffinity(0)) // (c.tensor_parallel_size * c.pipeline_parallel_size))
 
     def make_executor(self):
         c = self.config
