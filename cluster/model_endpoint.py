@@ -47,11 +47,12 @@ class ReplicaFailure(Exception):
 
 @dataclass
 class ReplicaStream:
-    """An accepted request: the replica's stream of StreamDeltas."""
+    """An accepted request: the replica's stream of StreamDeltas (the first may have come with `Accepted`)."""
 
     generator: DeploymentResponseGenerator
     replica_id: str
     queue_time: float
+    first_delta: StreamDelta | None = None
 
     def cancel(self) -> None:
         cancel_quietly(self.generator)
@@ -137,7 +138,9 @@ class ModelEndpoint:
             raise APIError(first.status, first.message, first.type, param=first.param, code=first.code,
                            headers=headers)
         assert isinstance(first, Accepted), f"unexpected first item from a replica: {first!r}"
-        return ReplicaStream(generator, first.replica_id, time.monotonic() - start)
+        # The replica may have held Accepted back for the first delta: that time is the engine's, not queue time.
+        return ReplicaStream(generator, first.replica_id, max(0.0, time.monotonic() - start - first.held_s),
+                             first.first_delta)
 
     async def engine_stats(self, timeout_s: float = 5.0) -> list[dict] | None:
         """Every replica's `engine_stats`, or None when the model has no replica right now."""
@@ -180,6 +183,9 @@ class ModelEndpoint:
 
 async def stream_deltas(stream: ReplicaStream) -> AsyncIterator[StreamDelta]:
     """The replica's deltas. Raises ReplicaFailure when the replica dies or its engine goes down mid-stream."""
+    first, stream.first_delta = stream.first_delta, None
+    if first is not None:
+        yield first
     try:
         async for item in stream.generator:
             if isinstance(item, ReplicaFailed):

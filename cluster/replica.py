@@ -7,6 +7,11 @@ engine itself went down meanwhile, one `ReplicaFailed` (the request was not at f
 to another replica). A delta with `error` set is the engine failing on this request alone. Cancelling the call
 (the client went away) aborts the engine request, which frees its KV blocks.
 
+`Accepted` carries the first delta when the engine makes it within `ACCEPT_WAIT_S` (a short prompt on an idle
+engine): every streamed item costs a message through Serve, and this one then no longer comes before the first
+token. A request that waits longer is accepted alone, its deltas following, so the ingress still learns soon
+that a replica took it (the ingress bounds queue time by it, and retries on another replica only before it).
+
 The replica checks the request against the engine's context length first (the API rejects a `max_tokens` that
 does not fit, where the offline engine would cap it).
 
@@ -20,16 +25,21 @@ Besides serving, the replica reports:
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
 from ray import serve
 
 from cluster.config import ModelConfig
-from engine import SamplingParams
+from engine import SamplingParams, StreamDelta
 
 logger = logging.getLogger("strata")
+
+# How long a replica holds `Accepted` back for the request's first delta, to send both as one streamed item.
+ACCEPT_WAIT_S = 0.05
 
 
 @dataclass
@@ -42,6 +52,8 @@ class GenerateRequest:
 @dataclass
 class Accepted:
     replica_id: str
+    first_delta: StreamDelta | None = None  # the engine's first delta, when it came within ACCEPT_WAIT_S
+    held_s: float = 0.0  # how long the replica waited for it (not queue time)
 
 
 @dataclass
@@ -106,19 +118,35 @@ class EngineReplica:
             return
         self.num_active += 1
         finished = False
+        accepted = time.monotonic()
+        first = asyncio.ensure_future(anext(stream, None))  # a task: a timed-out wait must not cancel the stream
         try:
-            yield Accepted(self.replica_id)
-            async for delta in stream:
-                if delta.error is not None and self.engine.errored:  # the details stay in the replica's log
+            await asyncio.wait((first,), timeout=ACCEPT_WAIT_S)
+            delta = first.result() if first.done() else None
+            if delta is not None and not self._engine_failed(delta):
+                yield Accepted(self.replica_id, delta, time.monotonic() - accepted)
+                delta = await anext(stream, None)
+            else:
+                yield Accepted(self.replica_id)
+                delta = await first
+            while delta is not None:
+                if self._engine_failed(delta):  # the details stay in the replica's log
                     yield ReplicaFailed("its engine went down")
                     break
                 yield delta
+                delta = await anext(stream, None)
             finished = True
         finally:
             self.num_active -= 1
             if not finished:  # cancelled: the stream may never have started, so abort explicitly too
                 self.engine.abort(request.request_id)
+                if not first.done():
+                    first.cancel()
+                    await asyncio.wait((first,))
                 await stream.aclose()
+
+    def _engine_failed(self, delta: StreamDelta) -> bool:
+        return delta.error is not None and self.engine.errored
 
     def _stream_interval(self) -> float:
         """Each stream's share of the replica's chunk rate: a message per token is what costs a server most."""

@@ -179,6 +179,37 @@ def test_ingress_streams_from_replicas_over_grpc(base_url):
     assert ray.get(by_reference.remote(handle), timeout=60) is False
 
 
+def test_replica_sends_the_first_token_with_accepted(base_url):
+    """A short prompt's first delta comes within the replica's ACCEPT_WAIT_S: it rides on `Accepted`, the first item
+    of the replica's stream, rather than costing a streamed item of its own before the first token."""
+    import asyncio
+
+    from ray import serve
+
+    from cluster.config import engine_deployment_name
+    from cluster.replica import Accepted, GenerateRequest
+
+    handle = serve.get_deployment_handle(engine_deployment_name("demo"), CONFIG.app_name).options(
+        stream=True, method_name="generate")
+
+    async def first_items(i: int) -> tuple[Accepted, list]:
+        stream = handle.remote(GenerateRequest(f"first-delta-{i}", [1, 2, 3, 4], SamplingParams(max_tokens=4,
+                                                                                                ignore_eos=True)))
+        first = await stream.__anext__()
+        return first, [item async for item in stream]
+
+    async def attempts() -> list[tuple[Accepted, list]]:
+        return [await first_items(i) for i in range(5)]
+
+    results = asyncio.run(attempts())
+    for accepted, rest in results:
+        assert isinstance(accepted, Accepted)
+        deltas = ([accepted.first_delta] if accepted.first_delta else []) + rest
+        assert sum(len(d.token_ids) for d in deltas) == 4  # with it or without it, every token comes once
+    # One that came later than ACCEPT_WAIT_S (a busy machine) would be accepted alone; not all of them.
+    assert any(a.first_delta is not None and a.first_delta.token_ids for a, _ in results)
+
+
 def test_errors_are_openai_shaped(client, base_url):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT)
