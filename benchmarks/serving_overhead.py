@@ -25,7 +25,9 @@ from benchmarks.serving import (InProcessBackend, OpenAIBackend, make_dataset, m
 
 
 def engine_options(args) -> dict:
-    opts = dict(model=args.model, enable_prefix_caching=False, max_num_seqs=args.max_num_seqs)
+    # cpu_threads: a CPU replica otherwise takes every core it may use, whatever OMP_NUM_THREADS says.
+    opts = dict(model=args.model, enable_prefix_caching=False, max_num_seqs=args.max_num_seqs,
+                cpu_threads=args.threads)
     if args.device:
         opts["device"] = args.device
     return opts
@@ -97,12 +99,13 @@ def main() -> int:
     ap.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (ClusterConfig key)")
     ap.add_argument("--direct-ingress", action="store_true", help="the ingress serves HTTP itself (http key)")
     ap.add_argument("--stream-chunk-rate", type=float, help="ModelConfig key (0: a chunk per token)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in both (the replica's CPUs)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch CPU threads in both (the engines' cpu_threads, the replica's CPUs)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # this process and, through Ray, the replica: same threads
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # OpenMP in this process and, through Ray, the replica
     import torch
 
     torch.set_num_threads(args.threads)
