@@ -32,7 +32,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(list(self.qkv_proj.shard_sizes.values()), dim=-1)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention from the projected q/k/v to the heads' outputs [T, heads * head_dim], before o_proj."""
+        q, k, v = qkv.split(list(self.qkv_proj.shard_sizes.values()), dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -40,7 +44,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         kv_write = self.attn.kv_write(v, meta)  # the rotary kernel stores k/v in the cache on the way
         q, k = self.rotary(positions, q, k, kv_write)
-        return self.o_proj(self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1))
+        return self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1)
 
 
 def _qkv_bias(cfg, arch: str) -> bool:
@@ -79,6 +83,16 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def decode_one(self, positions, h, meta) -> torch.Tensor:
+        """One token on one GPU (see LlamaForCausalLM.takes_decode_one): `h` is the residual stream, updated in
+        place. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add inside the one
+        before it, so the layer is four of those plus rotary and attention: no norm kernels."""
+        attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln.weight, ln.eps))
+        gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, attn.o_proj.bias, residual=h)
+        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps))
+        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+
 
 class LlamaForCausalLM(nn.Module):
     """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits."""
@@ -110,11 +124,20 @@ class LlamaForCausalLM(nn.Module):
         """Returns (hidden, residual); on the last stage `hidden` is already normed, ready for `logits`."""
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
+        if self.takes_decode_one(hidden):
+            for layer in self.layers.values():
+                hidden = layer.decode_one(positions, hidden, meta)
+            return self.norm(hidden), None
         for layer in self.layers.values():
             hidden, residual = layer(positions, hidden, residual, meta)
         if self.is_last:
             hidden, _ = self.norm(hidden, residual)
         return hidden, residual
+
+    def takes_decode_one(self, hidden: torch.Tensor) -> bool:
+        """A single token through the whole model on one GPU's Triton path: the layers' fused batch-1 form."""
+        return (self.is_first and self.is_last and self.lm_head.tp.size == 1
+                and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

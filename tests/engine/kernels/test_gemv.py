@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
+from engine.kernels.rms_norm import rms_norm_ref
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -44,3 +45,35 @@ def test_gated_gemv_is_silu_and_mul_of_the_projection(device, config):
         assert out.shape == (1, 37)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out, gemv_ref(x, weight, b, gated=True), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [GemvConfig(4, 64, 4, 2), GemvConfig(8, 128, 4, 3), None])
+def test_gemv_with_rms_norm_first_equals_norm_then_product(device, dtype, config):
+    """norm=(weight, eps): the RMSNorm before a projection (decode layers fold theirs in), ragged and even K."""
+    torch.manual_seed(0)
+    for k in (200, 256):
+        x = (3 * torch.randn(2, k, device=device)).to(dtype)
+        norm_weight = (1 + 0.1 * torch.randn(k, device=device)).to(dtype)
+        weight = (torch.randn(2 * 37, k, device=device) / k ** 0.5).to(dtype)
+        bias = torch.randn(2 * 37, device=device).to(dtype)
+        normed = rms_norm_ref(x.float(), norm_weight.float(), 1e-5)
+        for gated in (False, True):
+            out = gemv(x, weight, bias, config, gated=gated, norm=(norm_weight, 1e-5))
+            expected = gemv_ref(normed, weight.float(), bias.float(), gated=gated)
+            assert not out.isnan().any()
+            torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+            torch.testing.assert_close(out, gemv_ref(x, weight, bias, gated, norm=(norm_weight, 1e-5)), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_adds_into_the_residual_in_place(device, dtype):
+    """residual=: the projection's output is added to the residual rows it owns, in place (no other row moves)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 96, device=device).to(dtype)
+    weight = (torch.randn(70, 96, device=device) / 96 ** 0.5).to(dtype)
+    residual = torch.randn(1, 70, device=device).to(dtype)
+    before = residual.clone()
+    out = gemv(x, weight, None, GemvConfig(16, 64, 4, 2), residual=residual)
+    assert out.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(residual.float(), before.float() + gemv_ref(x, weight).float(), **TOL[dtype])
