@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_tuning.py                  # both sweeps, Llama-3-8B shapes, TP=1 and TP=2
     python benchmarks/kernel_tuning.py --only gemv
+    python benchmarks/kernel_tuning.py --only fusions   # batch-1 layer: norm/residual folded into the gemvs
 
 Every candidate runs inside a CUDA graph that repeats it over enough distinct buffers to defeat the L2 cache (as
 decode does: the next layer's weights are never cached), so a figure is the kernel's steady-state time without
@@ -112,6 +113,63 @@ def sweep_gemv(rows: list[int]) -> dict:
     return results
 
 
+FUSIONS = {  # name: (N, K, gemv options) of the batch-1 decode layer (models/llama.py decode_one), Llama-3-8B
+    "qkv+norm": (6144, 4096, {"norm": True}), "o+residual": (4096, 4096, {"residual": True}),
+    "gate_up+norm": (28672, 4096, {"gated": True, "norm": True}), "down+residual": (4096, 14336, {"residual": True}),
+}
+
+
+def fusion_candidates():
+    from engine.kernels.gemv import GemvConfig
+
+    return [GemvConfig(*c) for c in itertools.product([2, 4, 8, 16], [512, 1024, 2048], [4, 8], [2])]
+
+
+def sweep_fusions() -> dict:
+    """Each batch-1 layer gemv with its RMSNorm / residual add folded in, against the plain gemv plus the separate
+    fused-add-RMSNorm kernel it replaces; the folded form's tiles swept."""
+    from engine.kernels import fused_add_rms_norm
+    from engine.kernels.gemv import gemv, gemv_ref
+
+    results = {}
+    hidden = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    residuals = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") for _ in range(64)]
+    norm_w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
+    norm_ms = graph_ms([lambda r=r: fused_add_rms_norm(hidden, r, norm_w, 1e-5) for r in residuals])
+    results["fused_add_rms_norm_ms"] = norm_ms
+    print(f"fused_add_rms_norm [1, 4096]: {norm_ms * 1e3:.1f} us", flush=True)
+    for name, (n, k, opts) in FUSIONS.items():
+        copies = max(2, -(-L2_DEFEAT_BYTES // (n * k * 2)))
+        weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5 for _ in range(copies)]
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        gated = opts.get("gated", False)
+        norm = (torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5) if opts.get("norm") else None
+        out_n = n // 2 if gated else n
+        residual = torch.zeros(1, out_n, dtype=torch.bfloat16, device="cuda") if opts.get("residual") else None
+        ref = gemv_ref(x, weights[0], None, gated, norm)
+
+        def fused(cfg=None, w=weights[0]):
+            return gemv(x, w, None, cfg, gated=gated, norm=norm, residual=residual)
+
+        def run(cfg):
+            if residual is not None:
+                residual.zero_()
+            err = (fused(cfg).float() - ref.float()).abs().max().item()
+            return {"ms": graph_ms([lambda w=w: fused(cfg, w) for w in weights]), "max_abs_err": err}
+
+        plain = graph_ms([lambda w=w: gemv(x, w, None, gated=gated) for w in weights])
+        row = {"n": n, "k": k, "options": opts, "plain_ms": plain,
+               "fused_default_ms": graph_ms([lambda w=w: fused(None, w) for w in weights]),
+               "configs": [try_candidate(run, cfg) for cfg in fusion_candidates()]}
+        row["best"] = fastest(row["configs"], 0.1)
+        results[name] = row
+        print(f"{name}: plain {plain * 1e3:.1f} us, folded {row['fused_default_ms'] * 1e3:.1f} us (default tiles), "
+              f"best {row['best']['config']} {row['best']['ms'] * 1e3:.1f} us", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return results
+
+
 # -- paged attention ----------------------------------------------------------------------------------------
 ATTENTION_CASES = {  # name: (num_seqs, context, query tokens per sequence)
     "prefill_1x4096": (1, 4096, 4096),
@@ -171,7 +229,7 @@ def sweep_attention() -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["gemv", "attention"], default=None)
+    ap.add_argument("--only", choices=["gemv", "attention", "fusions"], default=None)
     ap.add_argument("--gemv-rows", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -182,6 +240,8 @@ def main(argv=None) -> dict:
         figures["attention"] = sweep_attention()
     if args.only in (None, "gemv"):
         figures["gemv"] = sweep_gemv(args.gemv_rows)
+    if args.only in (None, "fusions"):
+        figures["fusions"] = sweep_fusions()
     print("wrote", write_result("kernel-tuning", vars(args) | {"out_dir": None}, figures, args.out_dir))
     return figures
 

@@ -62,18 +62,18 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, M, N, K, x_stride,
     x_row = x_ptr + rows_m[:, None] * x_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    sum_sq = tl.zeros([BLOCK_M], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
     for k0 in range(0, K, BLOCK_K):
         x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
         if NORM:
             x = x.to(tl.float32)
-            sum_sq += tl.sum(x * x, 1)
+            sum_sq += x * x
             x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
         acc += _dot_rows(x, _load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
         if GATED:
             acc_up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
     if NORM:
-        inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
     if HAS_BIAS:
