@@ -99,7 +99,7 @@ def sweep_gemv(rows: list[int]) -> dict:
             row = {"n": n, "k": k, "m": m, "cublas_ms": cublas, "cublas_tb_per_s": weight_bytes / cublas / 1e9,
                    "configs": [try_candidate(run, cfg) for cfg in gemv_candidates(m)]}
             best = fastest(row["configs"], 0.1)
-            default = gemv_config(m, n, k)
+            default = gemv_config(m)
             row["default"] = {"config": list(default), "ms": graph_ms([lambda w=w: gemv(x, w) for w in weights])}
             row["best"] = best
             row["best_tb_per_s"] = weight_bytes / best["ms"] / 1e9
