@@ -190,11 +190,13 @@ def attention_candidates(q_len: int):
     return [TileConfig(*c) for c in grid]
 
 
-def sweep_attention() -> dict:
+def sweep_attention(cases: list[str] | None = None) -> dict:
     from engine.kernels.paged_attention import paged_attention_ref, tile_config, unified_attention
 
     results = {}
     for name, (seqs, ctx, q_len) in ATTENTION_CASES.items():
+        if cases and name not in cases:
+            continue
         q, kc, vc, qsl, seq_lens, tables = paged_setup(seqs, ctx, q_len)
         kv_bytes = 2 * seqs * ctx * kc.shape[2] * kc.shape[3] * 2
         flops = 4 * q.shape[1] * q.shape[2] * seqs * (q_len * ctx - q_len * (q_len - 1) / 2)  # causal pairs
@@ -231,13 +233,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["gemv", "attention", "fusions"], default=None)
     ap.add_argument("--gemv-rows", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--attention-cases", nargs="+", choices=list(ATTENTION_CASES), help="default: all")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_tuning.py needs a CUDA GPU")
     figures = {}
     if args.only in (None, "attention"):
-        figures["attention"] = sweep_attention()
+        figures["attention"] = sweep_attention(args.attention_cases)
     if args.only in (None, "gemv"):
         figures["gemv"] = sweep_gemv(args.gemv_rows)
     if args.only in (None, "fusions"):
