@@ -34,7 +34,7 @@ def main(argv=None) -> Path:
                 settings = run["settings"]
                 kernels = settings.get("kernels", settings.get("attention_backend"))
                 mode = {True: " async", False: " sync"}.get(settings.get("async_scheduling_resolved"), "")
-                seqs = settings.get("max_num_seqs", 256)
+                seqs = settings.get("max_num_seqs_resolved") or settings.get("max_num_seqs") or 256
                 labels.append(f"Strata\n{kernels}{mode}" + (f"\n{seqs} seqs" if seqs != 256 else ""))
                 values.append(fig_["output_tok_s"])
                 if "transformers" in fig_ and "transformers" not in labels:
