@@ -170,9 +170,14 @@ def test_ingress_streams_from_replicas_over_grpc(base_url):
 
     @ray.remote(num_cpus=0)
     def by_reference(handle) -> bool:
+        import asyncio
+
         from cluster.model_endpoint import ModelEndpoint
 
-        return ModelEndpoint(CONFIG.models[0], handle, CONFIG.limits).stream_handle.handle_options._by_reference
+        async def build() -> bool:  # as the ingress does, on an event loop (the cluster's routers run on the caller's)
+            return ModelEndpoint(CONFIG.models[0], handle, CONFIG.limits).stream_handle.handle_options._by_reference
+
+        return asyncio.run(build())
 
     handle = serve.get_deployment_handle(engine_deployment_name("demo"), CONFIG.app_name)
     assert handle.handle_options._by_reference  # as build_app's handles leave the driver
