@@ -44,14 +44,13 @@ def _dot_rows(x, w):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, add_ptr, sum_ptr, M, N, K, x_stride, w_stride,
-                 out_stride, add_stride, sum_stride, eps,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, M, N, K, x_stride, w_stride, out_stride, eps,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, ADD_INPUT: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, ADD_OUT: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
-    ADD_INPUT: the input is x + add (a residual), which program 0 also stores at sum_ptr.
-    NORM: the input is RMS-normalized (times norm_w) first; every program reads all of it anyway, so the sum of
-    squares comes with the product and 1/rms scales the result."""
+    NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
+    comes with the product and 1/rms scales the result. ADD_OUT: out += result (a residual added in place; each
+    element is read and written by the one program that owns its row)."""
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
@@ -65,21 +64,14 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, add_ptr, sum_ptr, 
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + cols
-        x = _load_rows(x_row, k, K, m_mask, EVEN_K)
-        if ADD_INPUT:  # rounded to the residual's dtype and normalized from that, as the unfused path does
-            x = (x.to(tl.float32) + _load_rows(add_ptr + rows_m[:, None] * add_stride, k, K, m_mask, EVEN_K)
-                 .to(tl.float32)).to(sum_ptr.dtype.element_ty)
-            if pid == 0:
-                tl.store(sum_ptr + rows_m[:, None] * sum_stride + k[None, :], x,
-                         mask=m_mask[:, None] & (k[None, :] < K))
+        x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
         if NORM:
             x = x.to(tl.float32)
             sum_sq += x * x
-            x = x * _load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)[None, :]
-        acc += _dot_rows(x, _load_rows(w_row, k, K, n_mask, EVEN_K))
+            x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
+        acc += _dot_rows(x, _load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
         if GATED:
-            acc_up += _dot_rows(x, _load_rows(up_row, k, K, n_mask, EVEN_K))
+            acc_up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
@@ -90,8 +82,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, add_ptr, sum_ptr, 
             acc_up += tl.load(bias_ptr + N + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    out = out_ptr + rows_m[:, None] * out_stride + rows_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if ADD_OUT:
+        acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -107,52 +102,34 @@ def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, gated: bool = False,
-         norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two).
-    norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection)."""
+    norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
+    residual: [M, N] contiguous rows: residual += the result, in place, and returned (the add after one)."""
     if not use_triton(x):
-        return gemv_ref(x, weight, bias, gated, norm)
-    return _launch(x, weight, bias, config, gated, norm, None, None)
-
-
-def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                  norm: tuple[torch.Tensor, float], gated: bool = False,
-                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's fused residual add + RMSNorm folded into the projection after it: h = x + residual (x alone when
-    residual is None), returns (gemv(h, weight, bias, norm=norm, gated=gated), h). h is a new tensor."""
-    if residual is None:
-        return gemv(x, weight, bias, config, gated, norm), x
-    if not use_triton(x):
-        h = (x.float() + residual.float()).to(residual.dtype)
-        return gemv_ref(h, weight, bias, gated, norm), h
-    assert residual.shape == x.shape and residual.stride(-1) == 1
-    h = torch.empty_like(residual)
-    return _launch(x, weight, bias, config, gated, norm, residual, h), h
-
-
-def _launch(x, weight, bias, config, gated, norm, add, total) -> torch.Tensor:
+        return gemv_ref(x, weight, bias, gated, norm, residual)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(-1) == 1
+    out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
-    add = x if add is None else add
-    total = x if total is None else total
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, add, total, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0), add.stride(0), total.stride(0), norm[1] if norm else 0.0,
+        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), norm[1] if norm else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_INPUT=add is not x,
+        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_OUT=residual is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-             norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+             norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
@@ -162,4 +139,6 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if gated:
         gate, up = out.chunk(2, dim=-1)
         out = torch.nn.functional.silu(gate) * up
+    if residual is not None:
+        return residual.copy_(residual.float() + out)
     return out.to(x.dtype)

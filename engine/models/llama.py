@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.kernels import gemv_add_norm
+from engine.kernels import gemv
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
@@ -61,6 +61,8 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if takes_gemv(self.gate_up_proj, x):  # SiLU-and-mul folded into the matrix-vector kernel
+            return self.down_proj(gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -73,8 +75,6 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, positions, x, residual, meta):
-        if takes_gemv(self.self_attn.qkv_proj, x):
-            return self.forward_one(positions, x, residual, meta)
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -83,16 +83,15 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_one(self, positions, x, residual, meta):
-        """One token on the Triton path (batch-1 decode): each residual add + RMSNorm runs inside the
-        matrix-vector kernel after it (qkv, gate/up), so a layer is four of those, rotary and attention, plus the
-        all-reduces under tensor parallelism."""
+    def decode_one(self, positions, h, meta) -> torch.Tensor:
+        """One token on one GPU (see LlamaForCausalLM.takes_decode_one): `h` is the residual stream, updated in
+        place. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add inside the one
+        before it, so the layer is four of those plus rotary and attention: no norm kernels."""
         attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        qkv, residual = gemv_add_norm(x, residual, attn.qkv_proj.weight, attn.qkv_proj.bias, (ln.weight, ln.eps))
-        x = attn.o_proj(attn.attend(positions, qkv, meta))
-        act, residual = gemv_add_norm(x, residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                                      (post_ln.weight, post_ln.eps), gated=True)
-        return mlp.down_proj(act), residual
+        qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln.weight, ln.eps))
+        gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, attn.o_proj.bias, residual=h)
+        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps))
+        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -125,11 +124,20 @@ class LlamaForCausalLM(nn.Module):
         """Returns (hidden, residual); on the last stage `hidden` is already normed, ready for `logits`."""
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
+        if self.takes_decode_one(hidden):
+            for layer in self.layers.values():
+                hidden = layer.decode_one(positions, hidden, meta)
+            return self.norm(hidden), None
         for layer in self.layers.values():
             hidden, residual = layer(positions, hidden, residual, meta)
         if self.is_last:
             hidden, _ = self.norm(hidden, residual)
         return hidden, residual
+
+    def takes_decode_one(self, hidden: torch.Tensor) -> bool:
+        """A single token through the whole model on one GPU's Triton path: the layers' fused batch-1 form."""
+        return (self.is_first and self.is_last and self.lm_head.tp.size == 1
+                and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
