@@ -21,7 +21,8 @@ def main(argv=None) -> Path:
     import matplotlib.pyplot as plt
 
     runs = {k: json.loads(getattr(args, k).read_text()) for k in ("tp1", "tp2", "pp2", "replicas")}
-    labels = {"tp1": "TP=1\n(1 GPU)", "tp2": "TP=2", "pp2": "PP=2", "replicas": "2 x TP=1\nreplicas"}
+    labels = {k: v + f"\n{runs[k]['commit']}" for k, v in
+              {"tp1": "TP=1\n(1 GPU)", "tp2": "TP=2", "pp2": "PP=2", "replicas": "2 x TP=1\nreplicas"}.items()}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     w1 = {k: runs[k]["figures"]["W1"]["ms_per_token"] for k in ("tp1", "tp2", "pp2")}
     left.bar([labels[k] for k in w1], list(w1.values()), color="tab:blue")
@@ -36,7 +37,7 @@ def main(argv=None) -> Path:
     for ax, values in ((left, w1), (right, w3)):
         for i, v in enumerate(values.values()):
             ax.text(i, v, f"{v:,.1f}" if v < 100 else f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"{runs['tp1']['device']} x2, Llama-3-8B-shaped bf16 (commit {runs['tp1']['commit']})")
+    fig.suptitle(f"{runs['tp1']['device']} x2, Llama-3-8B-shaped bf16 (commit under each bar)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     return args.out
