@@ -6,9 +6,10 @@ Serve reads these settings from the environment of each Ray process when it star
 - user code on the replica's own event loop, not a second thread that every message hops to and back;
 - on a local cluster only, a handle's router on the event loop of the process using it (the ingress, Serve's
   proxy), not on a thread of its own that every request and streamed item hops to and back (demo model, 2 cores,
-  concurrency 16: 2,500-2,960 tok/s against 1,930-2,130 direct, 1,770 against 1,440 through Serve's proxy). Such
-  a handle cannot be used outside a running event loop (`.results()` in `strata status`): clusters whose nodes
-  set the environment for every process (deploy/, helm/) keep Serve's default;
+  concurrency 16, direct ingress: 2,211-2,964 tok/s in three runs against 1,933-2,125 in three without; through
+  Serve's proxy 1,773 and 2,275 against 1,442). Such a handle cannot be used outside a running event loop
+  (`.results()` in `strata status`): clusters whose nodes set the environment for every process (deploy/, helm/)
+  keep Serve's default;
 - with `http.direct_ingress` (opt-in), the ingress replica serves HTTP itself on `http.port`, so requests skip
   Serve's HTTP proxy (one hop fewer each way). Serve still starts a proxy on the head node, on a spare port. Serve
   hands each ingress replica a port from a range and blocks a port it failed to bind, so a replica replacing one
