@@ -184,14 +184,14 @@ def attention_candidates(q_len: int):
     from engine.kernels.paged_attention import TileConfig
 
     if q_len == 1:
-        grid = itertools.product([16], [32, 64, 128], [2, 4, 8], [2, 3, 4])
-    else:
-        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
+        grid = itertools.product([16], [32, 64, 128], [2, 4, 8], [2, 3, 4], [None])
+    else:  # maxnreg 128: two 8-warp (four 4-warp) programs per SM, where the compiler alone takes ~190 registers
+        grid = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3], [None, 128])
     return [TileConfig(*c) for c in grid]
 
 
 def sweep_attention(cases: list[str] | None = None) -> dict:
-    from engine.kernels.paged_attention import paged_attention_ref, tile_config, unified_attention
+    from engine.kernels.paged_attention import paged_attention_ref, tile_config, unified_attention, use_split_kv
 
     results = {}
     for name, (seqs, ctx, q_len) in ATTENTION_CASES.items():
@@ -217,7 +217,7 @@ def sweep_attention(cases: list[str] | None = None) -> dict:
                "configs": [try_candidate(lambda c: timed(c, split), cfg, split=split)
                            for cfg in attention_candidates(q_len)
                            for split in ([False, True] if q_len == 1 else [False])]}
-        row["default"] = timed(None) | {"config": list(tile_config(4, q_len))}
+        row["default"] = timed(None) | {"config": list(tile_config(4, q_len, q_len == 1 and use_split_kv(seqs, 8, 1, ctx)))}
         row["best"] = fastest(row["configs"], 0.05)
         results[name] = row
         b, d = row["best"], row["default"]

@@ -85,7 +85,8 @@ def _attention_kernel(
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_block, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
+    q_block, kv_head, split = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -166,16 +167,21 @@ class TileConfig(NamedTuple):
     tile: int  # keys per step
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # registers per thread the compiler may use (None: its choice)
 
 
-def tile_config(group: int, max_query_len: int, split_kv: bool = False) -> TileConfig:
-    """Decode-only batches take 16-row q-tiles (their rows are mostly empty), split ones 32-key tiles; prefills
-    64 rows. Two pipeline stages throughout. H100, Llama-8B heads (benchmarks/kernel_tuning.py): causal 4k prompt
-    464 us (128-row tiles over 8 warps: 510 us); decode 64 x 2k 188 us (three stages: 225 us); split decode
-    1 x 384 6.7 us (64-key tiles: 7.1 us)."""
+def tile_config(group: int, max_query_len: int, split_kv: bool = False, head_dim: int = 128) -> TileConfig:
+    """Decode-only batches take 16-row q-tiles (their rows are mostly empty), split ones 32-key tiles. Prefills
+    take 128-row tiles over 8 warps capped at 128 registers a thread, so two programs share an SM: the compiler's
+    own choice (191 registers) leaves one 4-warp program of 64 rows per SM half, 12.5% occupancy and most cycles
+    without an eligible warp (benchmarks/ncu_attention.sh). H100, Llama-8B heads (benchmarks/kernel_tuning.py):
+    causal 4k prompt 400 us against 440 for 64 x 64 tiles on 4 warps uncapped, 4 prompts of 1k 139 against 157;
+    decode 64 x 2k 188 us (three stages: 225 us); split decode 1 x 384 6.7 us (64-key tiles: 7.1 us)."""
     if max_query_len < 32:  # tl.dot wants >= 16 rows
         return TileConfig(max(16, next_pow2(group)), 32 if split_kv else 64, 4, 2)
-    return TileConfig(max(64, next_pow2(group)), 64, 4, 2)
+    if head_dim > 128:
+        return TileConfig(max(64, next_pow2(group)), 64, 4, 2)
+    return TileConfig(max(128, next_pow2(group)), 64, 8, 2, 128)
 
 
 def _num_splits(num_programs: int, max_seq_len: int, tile: int) -> int:
@@ -211,7 +217,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     group = num_heads // num_kv_heads
     if split_kv is None:
         split_kv = use_split_kv(num_seqs, num_kv_heads, max_query_len, max_seq_len)
-    block_m, tile, num_warps, num_stages = config or tile_config(group, max_query_len, split_kv)
+    block_m, tile, num_warps, num_stages, maxnreg = config or tile_config(group, max_query_len, split_kv, head_dim)
     block_q = block_m // group
     dim_p2 = next_pow2(head_dim)
     num_splits = _num_splits(num_seqs * num_kv_heads, max_seq_len, tile) if split_kv else 1
@@ -233,7 +239,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](

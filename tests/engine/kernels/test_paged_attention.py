@@ -85,7 +85,8 @@ def test_padding_tokens_untouched(device, split_kv):
     check([3, 1], [40, 17], 8, 2, 64, torch.float32, device, split_kv=split_kv, pad_tokens=5)
 
 
-@pytest.mark.parametrize("config", [TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2), TileConfig(32, 128, 4, 3)])
+@pytest.mark.parametrize("config", [TileConfig(128, 64, 8, 2, 128), TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2),
+                                    TileConfig(32, 128, 4, 3)])
 @pytest.mark.parametrize("split_kv", [False, True])
 def test_forced_tile_configs(device, config, split_kv):
     """Every tile shape the heuristic or a benchmark may pick: a long prompt whose q-blocks see unmasked tiles
@@ -94,7 +95,8 @@ def test_forced_tile_configs(device, config, split_kv):
 
 
 def test_tile_heuristic():
-    assert tile_config(4, 1).block_m == 16 and tile_config(4, 100).block_m == 64 and tile_config(16, 1).block_m == 16
+    assert tile_config(4, 1).block_m == 16 and tile_config(4, 100).block_m == 128 and tile_config(16, 1).block_m == 16
+    assert tile_config(4, 100).maxnreg == 128 and tile_config(4, 100, head_dim=256) == (64, 64, 4, 2, None)
     assert tile_config(4, 1, split_kv=True).tile == 32 and tile_config(4, 1).tile == 64
 
 
