@@ -4,6 +4,7 @@ Rank r is TP rank r % tp of stage r // tp. Size 1 everywhere means no communicat
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,10 +53,22 @@ class TPGroup:
         self._one_shot_buffer = buffer
         return True
 
+    def staging(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where a partial sum of this shape can be written for all_reduce to take it without a copy (the one-shot
+        path's symmetric buffer); None where all_reduce would not take that path."""
+        buffer, numel = self._one_shot_buffer, math.prod(shape)
+        if buffer is None or numel > buffer.numel() or dtype != buffer.dtype:
+            return None
+        return buffer[:numel].view(shape)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
         buffer = self._one_shot_buffer
+        if buffer is not None and x.data_ptr() == buffer.data_ptr():  # written into staging() by the caller
+            out = torch.empty_like(x)
+            torch.ops.symm_mem.one_shot_all_reduce_out(x, "sum", self.group.group_name, out)
+            return out
         if buffer is not None and x.numel() <= buffer.numel() and x.dtype == buffer.dtype and x.is_contiguous():
             staged = buffer[: x.numel()].view_as(x)
             staged.copy_(x)

@@ -44,13 +44,14 @@ def _dot_rows(x, w):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, M, N, K, x_stride, w_stride, out_stride, eps,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, ADD_OUT: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride, out_stride,
+                 residual_stride, eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                 ADD_RESIDUAL: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
-    comes with the product and 1/rms scales the result. ADD_OUT: out += result (a residual added in place; each
-    element is read and written by the one program that owns its row)."""
+    comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
+    itself: each element is read and written by the one program that owns its row)."""
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
@@ -82,11 +83,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, M, N, K, x_stride,
             acc_up += tl.load(bias_ptr + N + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    out = out_ptr + rows_m[:, None] * out_stride + rows_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if ADD_OUT:
-        acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if ADD_RESIDUAL:
+        acc += tl.load(residual_ptr + rows_m[:, None] * residual_stride + rows_n[None, :], mask=out_mask,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -102,28 +104,35 @@ def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, gated: bool = False,
-         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two).
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
-    residual: [M, N] contiguous rows: residual += the result, in place, and returned (the add after one)."""
+    residual: [M, N]: the result plus residual (the add after a projection).
+    out: [M, N] with contiguous rows to write into (default: residual itself, in place, or a new tensor)."""
     if not use_triton(x):
-        return gemv_ref(x, weight, bias, gated, norm, residual)
+        result = gemv_ref(x, weight, bias, gated, norm, residual)
+        out = residual if out is None else out
+        return result if out is None else out.copy_(result)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(-1) == 1
-    out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(-1) == 1
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), norm[1] if norm else 0.0,
+        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight,
+        residual if residual is not None else out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        (residual if residual is not None else out).stride(0), norm[1] if norm else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_OUT=residual is not None,
+        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -140,5 +149,5 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         gate, up = out.chunk(2, dim=-1)
         out = torch.nn.functional.silu(gate) * up
     if residual is not None:
-        return residual.copy_(residual.float() + out)
+        return (residual.float() + out).to(residual.dtype)
     return out.to(x.dtype)

@@ -84,14 +84,24 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def decode_one(self, positions, h, meta) -> torch.Tensor:
-        """One token on one GPU (see LlamaForCausalLM.takes_decode_one): `h` is the residual stream, updated in
-        place. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add inside the one
-        before it, so the layer is four of those plus rotary and attention: no norm kernels."""
+        """One token through a single-stage model on the Triton path (LlamaForCausalLM.takes_decode_one): `h` is
+        the residual stream. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add
+        inside the one before it, so a layer is four of those, rotary, attention and, under tensor parallelism,
+        the two all-reduces: no norm or add kernels."""
         attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln.weight, ln.eps))
-        gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, attn.o_proj.bias, residual=h)
+        h = _add_projection(attn.o_proj, attn.attend(positions, qkv, meta), h)
         act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps))
-        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+        return _add_projection(mlp.down_proj, act, h)
+
+
+def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h + proj(x). Tensor-parallel rank 0 adds h to its partial product and the all-reduce sums that with the
+    other ranks' (each written straight into the all-reduce's buffer where it has one); on one GPU, h in place."""
+    first = proj.tp.rank == 0
+    part = gemv(x, proj.weight, proj.bias if first else None, residual=h if first else None,
+                out=proj.tp.staging(h.shape, h.dtype))
+    return proj.tp.all_reduce(part)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,9 +145,9 @@ class LlamaForCausalLM(nn.Module):
         return hidden, residual
 
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
-        """A single token through the whole model on one GPU's Triton path: the layers' fused batch-1 form."""
-        return (self.is_first and self.is_last and self.lm_head.tp.size == 1
-                and takes_gemv(self.lm_head, hidden))
+        """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'
+        fused batch-1 form."""
+        return self.is_first and self.is_last and takes_gemv(self.lm_head, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -77,3 +77,16 @@ def test_gemv_adds_into_the_residual_in_place(device, dtype):
     out = gemv(x, weight, None, GemvConfig(16, 64, 4, 2), residual=residual)
     assert out.data_ptr() == residual.data_ptr()
     torch.testing.assert_close(residual.float(), before.float() + gemv_ref(x, weight).float(), **TOL[dtype])
+
+
+def test_gemv_writes_residual_plus_product_into_another_buffer(device):
+    """out=: residual + product lands in `out` (a tensor-parallel rank's all-reduce buffer); residual is unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 96, device=device)
+    weight = torch.randn(70, 96, device=device) / 96 ** 0.5
+    residual = torch.randn(1, 70, device=device)
+    before = residual.clone()
+    buffer = torch.full((2, 70), float("nan"), device=device)
+    out = gemv(x, weight, None, GemvConfig(16, 64, 4, 2), residual=residual, out=buffer[0:1])
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(residual, before) and buffer[1].isnan().all()
+    torch.testing.assert_close(out, before + gemv_ref(x, weight), atol=1e-4, rtol=1e-4)

@@ -37,3 +37,34 @@ def test_triton_path_matches_torch_path(kind, tiny_model_dir):
     for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"]):
         assert tok_triton == tok_torch
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ray
+    from engine import LLM, SamplingParams
+    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
+    ray.init(num_cpus=4, include_dashboard=False)
+    out = {}
+    for backend, tp in (("torch", 1), ("triton", 2)):
+        llm = LLM(path, device="cpu", attention_backend=backend, tensor_parallel_size=tp, block_size=16)
+        res = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # one at a time: batch-1 decode
+        out[backend] = [[o.outputs[0].token_ids, [max(lp.values()) for lp in o.outputs[0].logprobs]] for o in res]
+        llm.shutdown()
+    print(json.dumps(out))
+""")
+
+
+def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_model_dir):
+    """Tensor-parallel ranks fold the residual add into rank 0's partial product of the o/down projections before
+    the all-reduce (LlamaDecoderLayer.decode_one); gloo on CPU, kernels interpreted in the workers."""
+    prompts = [[5, 9, 200, 17, 3], [300 + i for i in range(19)]]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(tiny_model_dir("llama")), json.dumps(prompts)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"]):
+        assert tok_triton == tok_torch
+        assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
