@@ -26,17 +26,22 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_triton_path_matches_torch_path(kind, tiny_model_dir):
-    prompts = [[5, 9, 200, 17, 3], list(range(40, 77)), [300 + i for i in range(19)]]
+def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]]) -> None:
+    """Run `script` on the model and prompts with TRITON_INTERPRET=1; its "triton" outputs equal its "torch" ones."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir(kind)), json.dumps(prompts)],
+    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"]):
         assert tok_triton == tok_torch
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_triton_path_matches_torch_path(kind, tiny_model_dir):
+    prompts = [[5, 9, 200, 17, 3], list(range(40, 77)), [300 + i for i in range(19)]]
+    assert_triton_equals_torch(SCRIPT, tiny_model_dir(kind), prompts)
 
 
 TP_SCRIPT = textwrap.dedent("""
@@ -59,12 +64,4 @@ TP_SCRIPT = textwrap.dedent("""
 def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_model_dir):
     """Tensor-parallel ranks fold the residual add into rank 0's partial product of the o/down projections before
     the all-reduce (LlamaDecoderLayer.decode_one); gloo on CPU, kernels interpreted in the workers."""
-    prompts = [[5, 9, 200, 17, 3], [300 + i for i in range(19)]]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(tiny_model_dir("llama")), json.dumps(prompts)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"]):
-        assert tok_triton == tok_torch
-        assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
+    assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
