@@ -64,18 +64,17 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        buffer = self._one_shot_buffer
-        if buffer is not None and x.data_ptr() == buffer.data_ptr():  # written into staging() by the caller
-            out = torch.empty_like(x)
-            torch.ops.symm_mem.one_shot_all_reduce_out(x, "sum", self.group.group_name, out)
-            return out
-        if buffer is not None and x.numel() <= buffer.numel() and x.dtype == buffer.dtype and x.is_contiguous():
-            staged = buffer[: x.numel()].view_as(x)
-            staged.copy_(x)
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group.group_name, x)
-        else:
+        staged = self.staging(x.shape, x.dtype) if x.is_contiguous() else None
+        if staged is None:
             torch.distributed.all_reduce(x, group=self.group)
-        return x
+            return x
+        out = x
+        if staged.data_ptr() == x.data_ptr():  # the caller wrote its partial sum into staging()
+            out = torch.empty_like(x)
+        else:
+            staged.copy_(x)
+        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group.group_name, out)
+        return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's `x` along the last dimension."""

@@ -124,13 +124,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if out is None:
         out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(-1) == 1
+    added = residual if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight,
-        residual if residual is not None else out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        (residual if residual is not None else out).stride(0), norm[1] if norm else 0.0,
+        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), added.stride(0), norm[1] if norm else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         num_warps=num_warps, num_stages=num_stages)
