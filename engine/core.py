@@ -34,7 +34,7 @@ class EngineCore:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.pipeline_depth = config.pipeline_parallel_size  # steps kept in flight so no stage waits
+        self.pipeline_depth = config.pipeline_parallel_size  # micro-batches, so no stage waits for another
         self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
                                    config.scheduling_policy, micro_batches=self.pipeline_depth)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -46,6 +46,12 @@ class EngineCore:
         self.async_scheduling = self.pipeline_depth == 1 and (
             config.async_scheduling if config.async_scheduling is not None
             else self.executor.describe()["device"].startswith("cuda"))
+        # Pipeline parallel, async: each micro-batch's next step is launched before its tokens reach the driver
+        # (the first stage takes them from the last stage's output), so the first stage never waits for the
+        # driver's round trip: pp + 1 steps in flight.
+        self.pipeline_ahead = self.pipeline_depth > 1 and config.async_scheduling is not False and getattr(
+            self.executor, "forwards_sampled_tokens", False)
+        self.max_in_flight = self.pipeline_depth + self.pipeline_ahead
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
@@ -174,18 +180,20 @@ class EngineCore:
         return self._isolate(sched, batch)
 
     def _step_pipelined(self) -> list[StreamDelta]:
-        while len(self.in_flight) < self.pipeline_depth:
-            sched = self.scheduler.schedule()
+        while len(self.in_flight) < self.max_in_flight:
+            sched = self.scheduler.schedule(ahead=True) if self.pipeline_ahead else None
+            if sched is None:  # synchronous, or an ahead step would need a preemption
+                sched = self.scheduler.schedule()
             if not sched.scheduled and self.in_flight:
                 self.scheduler.requeue_finished_ids(sched)
                 break
             for s in sched.scheduled:
-                s.req.in_flight = True
+                s.req.in_flight += 1
             self._launch(sched)
         sched, _, handle = self.in_flight.popleft()
         result = self.executor.wait(handle)
         for s in sched.scheduled:
-            s.req.in_flight = False
+            s.req.in_flight -= 1
         return self._finish_step(sched, result)
 
     def _batch(self, sched) -> BatchInput:

@@ -157,8 +157,10 @@ class ModelRunner:
         for n in q_lens:
             qsl.append(qsl[-1] + n)
         last = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]  # the rows that sample
+        # Later pipeline stages take hidden states, not tokens: their placeholders stay as they are.
         pending = [(qsl[i + 1] - 1, self._last_rows[rid]) for i, (rid, tokens) in
-                   enumerate(zip(batch.req_ids, batch.token_ids)) if tokens and tokens[-1] == PENDING_TOKEN]
+                   enumerate(zip(batch.req_ids, batch.token_ids)) if tokens and tokens[-1] == PENDING_TOKEN
+                   ] if self.model.is_first else []
         dst, src = (list(x) for x in zip(*pending)) if pending else ([], [])
         # Two host-to-device copies per step, not one per tensor: each costs tens of microseconds of host time.
         longs = self._tensor(ids + positions + slots + last + dst + src, torch.long)

@@ -34,7 +34,8 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_published_blocks = 0  # leading blocks already in the prefix cache
-        self.in_flight = False  # scheduled in a pipeline-parallel step whose result has not come back
+        self.in_flight = 0  # pipeline-parallel steps launched with this sequence whose results have not come back
+        self.last_step = 0  # the number of the last launched step with this sequence (Scheduler.advance)
         self.num_pending = 0  # tokens sampled by launched steps but not yet known here (async scheduling)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

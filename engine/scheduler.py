@@ -41,6 +41,8 @@ class Scheduler:
         # Pipeline parallel: a step takes at most 1/pp of the sequences, so the pp steps in flight (each skips the
         # sequences of the others) split the running batch between them and every stage stays busy.
         self.max_seqs_per_step = -(-max_num_seqs // micro_batches)
+        self.micro_batches = micro_batches
+        self.steps_launched = 0
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.waiting: list[Request] = []  # sorted by _order
@@ -65,8 +67,9 @@ class Scheduler:
     def schedule(self, ahead: bool = False) -> SchedulerOutput | None:
         """The next step. `ahead`: a step launched before the previous one's tokens are known (async
         scheduling): a request whose token is pending decodes it as a placeholder (the worker reads it from the
-        previous step's output) when `can_decode_ahead`; returns None, changing nothing, where the step would
-        need a preemption (the caller then waits for the step in flight and schedules normally)."""
+        step that sampled it) when `_decodes_ahead`, and a request still in a pipeline step may join (its next
+        prompt chunk); returns None, changing nothing, where the step would need a preemption (the caller then
+        waits for a step in flight and schedules normally)."""
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.max_num_batched_tokens
@@ -75,9 +78,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(out.scheduled) < self.max_seqs_per_step:
             req = self.running[i]
             i += 1
-            if req.in_flight:  # its previous step is still in the pipeline
+            if req.in_flight and not ahead:  # its previous step is still in the pipeline
                 continue
-            if req.num_pending and not (ahead and req.can_decode_ahead):
+            if req.num_pending and not (ahead and self._decodes_ahead(req)):
                 continue
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             if n <= 0:
@@ -130,6 +133,13 @@ class Scheduler:
             budget -= n
         return out
 
+    def _decodes_ahead(self, req: Request) -> bool:
+        """Whether a request with a token pending may decode it as a placeholder in the next step. Under pipeline
+        parallelism the token must leave the last stage before the first stage starts the step, so the step that
+        sampled it is at least `micro_batches` steps older (each request rides every pp-th step)."""
+        return (req.can_decode_ahead and req.num_pending == 1
+                and self.steps_launched + 1 - req.last_step >= self.micro_batches)
+
     def requeue_finished_ids(self, out: SchedulerOutput) -> None:
         """An unsent empty step hands its finished ids back for the next one."""
         self._finished_ids = out.finished_ids + self._finished_ids
@@ -149,9 +159,11 @@ class Scheduler:
 
     def advance(self, out: SchedulerOutput) -> None:
         """A step was launched: its tokens count as computed, and each sampled sequence has a token pending."""
+        self.steps_launched += 1
         for s in out.scheduled:
             s.req.num_computed_tokens += s.num_new_tokens
             s.req.num_pending += s.sample
+            s.req.last_step = self.steps_launched
 
     def rewind(self, out: SchedulerOutput) -> None:
         """Undo `advance` for a launched step whose output was dropped (it failed, or one before it did)."""

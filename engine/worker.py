@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.executor.shm_channel import ShmChannel
-from engine.model_runner import BatchInput, ModelRunner, StepOutput
+from engine.model_runner import PENDING_TOKEN, BatchInput, ModelRunner, StepOutput
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
 
 
@@ -29,6 +29,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.tp, self.pp = TPGroup(), PPStage()
         self.device = torch.device("cpu")
+        self.sampled_tokens = SampledTokens()  # kept across serve_channel calls, as the steps' numbering is
 
     async def _run(self, fn, *args):
         return await asyncio.wrap_future(self.pool.submit(fn, *args))
@@ -77,11 +78,13 @@ class Worker:
         out = await asyncio.wrap_future(self.pool.submit(self._timed, self.runner.finish, launched))
         return out if self.tp.rank == 0 else None
 
-    async def serve_channel(self, batches: str, reader: int, outputs: str | None) -> None:
+    async def serve_channel(self, batches: str, reader: int, outputs: str | None, sampled: str | None = None,
+                            sampled_reader: int = 0) -> None:
         """Run the steps of the shared-memory channel `batches` (this rank reads as `reader`) until a None comes,
         with `execute`'s semantics; the rank that reports outputs writes one per step (None for an empty batch)
-        to the channel `outputs`. Returns when stopped, raises when a step fails."""
-        await self._run(self._serve, batches, reader, outputs)
+        to the channel `outputs`. `sampled`: that output channel, which a first pipeline stage reads (as
+        `sampled_reader`) for the tokens its batches decode ahead. Returns when stopped, raises when a step fails."""
+        await self._run(self._serve, batches, reader, outputs, sampled, sampled_reader)
 
     def _gathers_when_finishing(self, batch: BatchInput) -> bool:
         """Prompt logprobs gather logits over the TP group when the step finishes. Such a step runs as one job in
@@ -91,9 +94,14 @@ class Worker:
         params += [state.params for r in batch.req_ids if (state := self.runner.states.get(r)) is not None]
         return any(p.prompt_logprobs is not None for p in params)
 
-    def _serve(self, batches_name: str, reader: int, outputs_name: str | None) -> None:
+    def _serve(self, batches_name: str, reader: int, outputs_name: str | None, sampled_name: str | None,
+               sampled_reader: int) -> None:
         batches = ShmChannel.attach(batches_name, reader)
         outputs = outputs_name and ShmChannel.attach(outputs_name)
+        sampled = None
+        if sampled_name:
+            sampled = self.sampled_tokens
+            sampled.channel = ShmChannel.attach(sampled_name, sampled_reader)
 
         def report(out: StepOutput | None) -> None:
             if outputs:
@@ -108,7 +116,8 @@ class Worker:
                 if pending is not None and (pending.hidden is not None or not batches.ready()):
                     report(self._timed(self.runner.finish, pending))
                     pending = None
-                batch = batches.read()
+                # While it waits, a first stage reads outputs, so the last stage always has room to write one.
+                batch = batches.read(should_stop=sampled and sampled.drain)
                 launched = None
                 if batch is not None and self.pp.size == 1 and batch.req_ids:
                     launched = self._timed(self.runner.launch, batch)
@@ -118,11 +127,11 @@ class Worker:
                 if batch is None:
                     return
                 if launched is None:
-                    report(self._timed(self._step, batch))
+                    report(self._timed(self._step, batch, sampled))
         finally:
-            batches.close()
-            if outputs:
-                outputs.close()
+            for channel in (batches, outputs, sampled and sampled.channel):
+                if channel:
+                    channel.close()
 
     def _timed(self, fn, *args):
         """Run fn on the rank's thread, marking when it started (ping reports a step that hangs)."""
@@ -132,7 +141,9 @@ class Worker:
         finally:
             self.step_started = None
 
-    def _step(self, batch: BatchInput) -> StepOutput | None:
+    def _step(self, batch: BatchInput, sampled: SampledTokens | None = None) -> StepOutput | None:
+        if sampled is not None:
+            sampled.fill(batch)
         if not batch.req_ids:
             self.runner.update_states(batch)
             return None
@@ -150,3 +161,45 @@ class Worker:
         """Seconds the current step has been running (0 when idle): a hung step shows up here."""
         started = self.step_started
         return 0.0 if started is None else time.monotonic() - started
+
+
+class SampledTokens:
+    """The first pipeline stage's view of the last stage's outputs, for the steps the driver schedules ahead: a
+    sequence's step may decode the token its previous step sampled before the driver has seen it (PENDING_TOKEN).
+    That step is at least pp steps older (Scheduler._decodes_ahead), so its output has usually been written by
+    the time this stage needs it. Outputs come one per step, in step order."""
+
+    def __init__(self):
+        self.channel: ShmChannel | None = None
+        self.outputs_read = 0
+        self.steps_seen = 0
+        self.sampled_in: dict[str, int] = {}  # req id -> the step that sampled its latest token
+        self.tokens: dict[str, int] = {}  # req id -> the latest token read for it
+
+    def drain(self) -> bool:
+        """Read the outputs already written. Returns False: a `should_stop` that never stops."""
+        while self.channel.ready():
+            self._read()
+        return False
+
+    def _read(self) -> None:
+        out = self.channel.read()
+        for req_id, result in (out.sampled.items() if out is not None else ()):
+            self.tokens[req_id] = result.token_id
+        self.outputs_read += 1
+
+    def fill(self, batch: BatchInput) -> None:
+        """Put the real tokens in place of the batch's placeholders, waiting for their steps' outputs."""
+        for req_id in batch.finished_ids:
+            self.sampled_in.pop(req_id, None)
+            self.tokens.pop(req_id, None)
+        self.drain()
+        for req_id, tokens in zip(batch.req_ids, batch.token_ids):
+            if tokens and tokens[-1] == PENDING_TOKEN:
+                while self.outputs_read <= self.sampled_in[req_id]:
+                    self._read()
+                tokens[-1] = self.tokens[req_id]
+        for req_id, sample in zip(batch.req_ids, batch.sample):
+            if sample:
+                self.sampled_in[req_id] = self.steps_seen
+        self.steps_seen += 1

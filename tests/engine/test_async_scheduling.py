@@ -93,3 +93,20 @@ def test_async_scheduling_over_tensor_parallel_workers(tiny_model_dir, local_ray
     assert_same(got, expected)
     assert stats.kv_blocks_used == 0
     assert any(any(t and t[-1] == PENDING_TOKEN for t in b.token_ids) for b in launched)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_kv_blocks": 10, "block_size": 16, "max_num_batched_tokens": 32}],
+                         ids=["default", "chunked-preempting"])
+def test_async_scheduling_over_pipeline_stages(tiny_model_dir, local_ray, options):
+    """Each micro-batch's next step leaves the driver before its tokens come back: the first stage fills the
+    placeholders from the last stage's outputs."""
+    path = str(tiny_model_dir("llama"))
+    options = dict(options, max_num_seqs=4)  # micro-batches of two sequences, so both stages have one
+    expected, _, _ = run(path, False, **options)
+    got, stats, launched = run(path, True, pipeline_parallel_size=2, **options)
+    assert_same(got, expected)
+    assert stats.kv_blocks_used == 0
+    ahead = [b for b in launched if any(t and t[-1] == PENDING_TOKEN for t in b.token_ids)]
+    assert len(ahead) > len(launched) // 3, "most decode steps should run on tokens the driver has not seen"
+    if "num_kv_blocks" in options:
+        assert stats.preemptions > 0
