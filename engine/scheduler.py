@@ -38,9 +38,7 @@ class Scheduler:
                  micro_batches: int = 1):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
-        # Pipeline parallel: a step takes at most 1/pp of the sequences, so the pp steps in flight (each skips the
-        # sequences of the others) split the running batch between them and every stage stays busy.
-        self.max_seqs_per_step = -(-max_num_seqs // micro_batches)
+        self.max_num_seqs = max_num_seqs
         self.micro_batches = micro_batches
         self.steps_launched = 0
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -74,8 +72,9 @@ class Scheduler:
         self._finished_ids = []
         budget = self.max_num_batched_tokens
         preempted = False
+        step_seqs = self._seqs_per_step()
         i = 0
-        while i < len(self.running) and budget > 0 and len(out.scheduled) < self.max_seqs_per_step:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < step_seqs:
             req = self.running[i]
             i += 1
             if req.in_flight and not ahead:  # its previous step is still in the pipeline
@@ -107,7 +106,7 @@ class Scheduler:
             return out
         j = 0
         while (j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
-               and len(out.scheduled) < self.max_seqs_per_step):
+               and len(out.scheduled) < step_seqs):
             req = self.waiting[j]
             if req.parent is not None and not self._parent_ready(req.parent):
                 j += 1  # a sibling waits until the shared prompt is computed
@@ -133,12 +132,23 @@ class Scheduler:
             budget -= n
         return out
 
+    def _seqs_per_step(self) -> int:
+        """Pipeline parallel: a step takes 1/pp of the sequences, so the pp steps in flight (each skips the
+        sequences of the others) split the batch between them and every stage has work."""
+        if self.micro_batches == 1:
+            return self.max_num_seqs
+        active = len(self.running) + len(self.waiting)
+        return max(1, min(-(-self.max_num_seqs // self.micro_batches), -(-active // self.micro_batches)))
+
     def _decodes_ahead(self, req: Request) -> bool:
         """Whether a request with a token pending may decode it as a placeholder in the next step. Under pipeline
-        parallelism the token must leave the last stage before the first stage starts the step, so the step that
-        sampled it is at least `micro_batches` steps older (each request rides every pp-th step)."""
+        parallelism the first stage waits for that token to leave the last stage, so the step that sampled it
+        should be one micro-batch round older: pp steps, or fewer when fewer sequences than that run (batch 1:
+        each step follows the previous one straight from the last stage to the first, without the driver)."""
+        active = len(self.running) + len(self.waiting)
+        lanes = min(self.micro_batches, -(-active // self._seqs_per_step()))
         return (req.can_decode_ahead and req.num_pending == 1
-                and self.steps_launched + 1 - req.last_step >= self.micro_batches)
+                and self.steps_launched + 1 - req.last_step >= max(1, lanes))
 
     def requeue_finished_ids(self, out: SchedulerOutput) -> None:
         """An unsent empty step hands its finished ids back for the next one."""

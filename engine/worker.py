@@ -102,6 +102,8 @@ class Worker:
         if sampled_name:
             sampled = self.sampled_tokens
             sampled.channel = ShmChannel.attach(sampled_name, sampled_reader)
+            # It waits a whole pipeline pass for a token: poll finely, or the wait overshoots by up to 1 ms.
+            sampled.channel.max_sleep_s = 100e-6
 
         def report(out: StepOutput | None) -> None:
             if outputs:

@@ -101,7 +101,6 @@ def test_async_scheduling_over_pipeline_stages(tiny_model_dir, local_ray, option
     """Each micro-batch's next step leaves the driver before its tokens come back: the first stage fills the
     placeholders from the last stage's outputs."""
     path = str(tiny_model_dir("llama"))
-    options = dict(options, max_num_seqs=4)  # micro-batches of two sequences, so both stages have one
     expected, _, _ = run(path, False, **options)
     got, stats, launched = run(path, True, pipeline_parallel_size=2, **options)
     assert_same(got, expected)

@@ -130,3 +130,31 @@ def test_pipeline_steps_split_the_running_batch():
         s.req.in_flight = False
     third, c = launch()
     assert c == a and all(s.num_new_tokens == 1 and s.sample for s in third.scheduled)
+
+
+def test_pipeline_steps_split_few_sequences_and_decode_ahead():
+    """However few sequences run, the pp steps in flight split them; a step decodes ahead the sequences of the
+    step one round older, and with a single sequence each step follows the previous one directly."""
+    from engine.kv_cache import KVCacheManager
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    def scheduler(n):
+        sched = Scheduler(KVCacheManager(256, 16), max_num_seqs=256, max_num_batched_tokens=512, micro_batches=2)
+        for i in range(n):
+            sched.add(Request(f"r{i}", [i + 3] * 10, SamplingParams(max_tokens=20, ignore_eos=True), set(), 20))
+        return sched
+
+    def launch(sched):
+        out = sched.schedule(ahead=True)
+        sched.advance(out)
+        return {s.req.request_id for s in out.scheduled}
+
+    four = scheduler(4)
+    a, b = launch(four), launch(four)
+    assert len(a) == len(b) == 2 and not a & b
+    assert launch(four) == a  # pending tokens from step 1, two steps back
+    assert launch(four) == b
+    assert launch(four) == set()  # every sequence has a step in flight that has not come back
+    one = scheduler(1)
+    assert launch(one) == launch(one) == {"r0"}
