@@ -31,15 +31,32 @@ def run_engine(llm, prompts, out_lens) -> dict:
     from engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    # Time the driver spends blocked on the workers: near zero means the driver's own work (scheduling,
+    # detokenizing, building batches) limits the step rate, not the devices.
+    core, waited = llm.engine, [0.0]
+    wait = core.executor.wait
+
+    def timed_wait(handle):
+        t = time.perf_counter()
+        try:
+            return wait(handle)
+        finally:
+            waited[0] += time.perf_counter() - t
+
+    core.executor.wait, steps = timed_wait, core.steps
     _sync()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        core.executor.wait = wait
     _sync()
     seconds = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), "every request must produce exactly its fixed output length"
     return {"seconds": seconds, "output_tokens": produced, "output_tok_s": produced / seconds,
-            "total_tok_s": (produced + sum(map(len, prompts))) / seconds}
+            "total_tok_s": (produced + sum(map(len, prompts))) / seconds, "steps": core.steps - steps,
+            "driver_waiting_s": waited[0]}
 
 
 def warm_up(llm, prompts, vocab: int, n: int = 32) -> None:
@@ -175,6 +192,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    ap.add_argument("--pipeline-layer-split", type=int, nargs="+", default=None,
+                    help="layers per stage (default: the engine's weight-balanced split)")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's (1024 on GPUs, 256 on CPU)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -198,6 +217,7 @@ def main(argv=None) -> dict:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size,
+                          pipeline_layer_split=args.pipeline_layer_split,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     setup = ModelSetup.from_config(config)
     vocab = setup.hf_config.vocab_size
@@ -229,7 +249,8 @@ def main(argv=None) -> dict:
                     max_num_seqs_resolved=setup.max_num_seqs,
                     kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size, kernels=kernels,
                     cuda_graphs=graphs, async_scheduling_resolved=llm.engine.async_scheduling,
-                    one_shot_all_reduce=shard.get("one_shot_all_reduce"))
+                    one_shot_all_reduce=shard.get("one_shot_all_reduce"),
+                    layer_ranges=getattr(llm.engine.executor, "layer_ranges", None))
     path = None
     for name, (prompts, out_lens, folded) in workloads.items():
         if args.cprofile and name == "W1":
@@ -243,7 +264,8 @@ def main(argv=None) -> dict:
             res["speedup_vs_transformers"] = res["output_tok_s"] / baselines[name]["output_tok_s"]
         res.update(num_prompts=len(prompts), ids_folded_into_vocab=folded)
         figures[name] = res
-        line = f"{name}: {res['output_tok_s']:.1f} output tok/s over {len(prompts)} prompts"
+        line = (f"{name}: {res['output_tok_s']:.1f} output tok/s over {len(prompts)} prompts ({res['steps']} steps, "
+                f"the driver waited on the devices {res['driver_waiting_s']:.1f} of {res['seconds']:.1f} s)")
         if "speedup_vs_transformers" in res:
             line += f" ({res['speedup_vs_transformers']:.2f}x transformers)"
         print(line, flush=True)

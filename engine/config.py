@@ -16,7 +16,8 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (CPU ranks) per pipeline stage.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages.")
     pipeline_layer_split: list[int] | None = Field(
-        None, description="Decoder layers per pipeline stage (default: even, first stages take the remainder).")
+        None, description="Decoder layers per pipeline stage (default: balanced by weight bytes, so the last stage, "
+                          "which also holds the LM head, takes fewer).")
     placement_strategy: Literal["PACK", "STRICT_PACK"] = Field(
         "PACK", description="Ray placement of the tp x pp workers: PACK may span nodes, STRICT_PACK keeps one node.")
     distributed_init_timeout_s: float = Field(

@@ -114,9 +114,22 @@ class PPStage:
         return buf[0], buf[1]
 
 
+def balanced_layer_split(hf_config, pp: int) -> list[int]:
+    """Layers per stage so that each stage reads about as many weights per step: the last stage also holds the
+    LM head (Llama-3-8B: 2.4 layers' worth, so two stages take 17 and 15), the others share the rest evenly."""
+    h, n = hf_config.hidden_size, hf_config.num_hidden_layers
+    d = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * hf_config.intermediate_size
+    head = hf_config.vocab_size * h / layer
+    last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
+    rest = n - last
+    return [rest // (pp - 1) + (i < rest % (pp - 1)) for i in range(pp - 1)] + [last] if pp > 1 else [n]
+
+
 def layer_ranges(num_layers: int, pp: int, split: list[int] | None = None) -> list[tuple[int, int]]:
     """Each stage's [start, end) layers: `split` gives the count per stage; by default even, the first stages
-    taking the remainder (the last one also computes logits)."""
+    taking the remainder."""
     if split is None:
         split = [num_layers // pp + (i < num_layers % pp) for i in range(pp)]
     if len(split) != pp or sum(split) != num_layers or min(split) < 1:

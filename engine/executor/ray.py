@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.model_runner import BatchInput, StepOutput
 from engine.executor.shm_channel import ShmChannel
-from engine.parallel_state import DistributedInitError, layer_ranges
+from engine.parallel_state import DistributedInitError, balanced_layer_split, layer_ranges
 from engine.worker import Worker
 
 logger = logging.getLogger("strata")
@@ -71,8 +71,8 @@ class RayExecutor:
 
     # -- start ----------------------------------------------------------------------------------------------
     def _start(self, setup, strategy: str) -> None:
-        split = getattr(setup.config, "pipeline_layer_split", None)
-        ranges = layer_ranges(setup.hf_config.num_hidden_layers, self.pp, split)
+        split = getattr(setup.config, "pipeline_layer_split", None) or balanced_layer_split(setup.hf_config, self.pp)
+        self.layer_ranges = ranges = layer_ranges(setup.hf_config.num_hidden_layers, self.pp, split)
         device, dtype = _worker_device(setup)
         bundle = self._placement_group(device, strategy)
         remote = ray.remote(self.worker_cls)

@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.executor.ray import RayExecutor, RayWorker
 from engine.model_runner import BatchInput, NewSequence
 from engine.model_setup import ModelSetup
-from engine.parallel_state import DistributedInitError, layer_ranges
+from engine.parallel_state import DistributedInitError, balanced_layer_split, layer_ranges
 from test_model_parity import random_prompts
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3)
@@ -59,6 +59,19 @@ def test_layer_ranges():
     assert layer_ranges(8, 2, [3, 5]) == [(0, 3), (3, 8)]
     with pytest.raises(ValueError, match="at least one layer"):
         layer_ranges(4, 2, [4, 0])
+
+
+def test_the_default_split_gives_the_last_stage_fewer_layers_for_its_lm_head():
+    from transformers import LlamaConfig
+
+    llama3_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256)
+    assert balanced_layer_split(llama3_8b, 2) == [17, 15]
+    assert balanced_layer_split(llama3_8b, 4) == [9, 9, 8, 6]
+    small_vocab = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              vocab_size=32)
+    assert balanced_layer_split(small_vocab, 3) == [1, 1, 1]
+    assert balanced_layer_split(small_vocab, 1) == [3]
 
 
 @pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama_tied_mha", 1, 2),
