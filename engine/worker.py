@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.executor.shm_channel import ShmChannel
-from engine.model_runner import PENDING_TOKEN, BatchInput, ModelRunner, StepOutput
+from engine.model_runner import PENDING_TOKEN, BatchInput, LaunchedStep, ModelRunner, StepOutput
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
 
 
@@ -109,9 +109,11 @@ class Worker:
             if outputs:
                 outputs.write(out)
 
-        # A launched step not finished yet (no pipeline stages): finished once no batch is waiting, or at once when
-        # it has prompt logprobs, whose logits gather over the TP group: every rank must do that before launching
-        # the next step, whatever each has received by then.
+        # A launched step not finished yet (one stage, or the last pipeline stage): the next step is launched
+        # before it is finished, so the device has work queued while this thread waits for the sampled tokens. It
+        # is finished first when no batch is waiting; at once when it has prompt logprobs, whose logits gather over
+        # the TP group (every rank must do that before launching the next step, whatever each has received by
+        # then); and before a pipeline step that decodes its tokens, which the first stage is waiting for.
         pending = None
         try:
             while True:
@@ -120,9 +122,12 @@ class Worker:
                     pending = None
                 # While it waits, a first stage reads outputs, so the last stage always has room to write one.
                 batch = batches.read(should_stop=sampled and sampled.drain)
+                if pending is not None and batch is not None and self._decodes_from(batch, pending):
+                    report(self._timed(self.runner.finish, pending))
+                    pending = None
                 launched = None
-                if batch is not None and self.pp.size == 1 and batch.req_ids:
-                    launched = self._timed(self.runner.launch, batch)
+                if batch is not None and batch.req_ids and self.pp.is_last:
+                    launched = self._timed(self._launch, batch)
                 if pending is not None:
                     report(self._timed(self.runner.finish, pending))
                 pending = launched
@@ -143,17 +148,29 @@ class Worker:
         finally:
             self.step_started = None
 
+    def _decodes_from(self, batch: BatchInput, step: LaunchedStep) -> bool:
+        if self.pp.size == 1:  # the runner takes the tokens from the device
+            return False
+        sampled = {step.batch.req_ids[i] for i in step.rows}
+        return any(t and t[-1] == PENDING_TOKEN and r in sampled for r, t in zip(batch.req_ids, batch.token_ids))
+
+    def _receive(self, batch: BatchInput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The previous stage's hidden states and residuals for this batch (None on the first stage)."""
+        if self.pp.is_first:
+            return None
+        n = sum(len(t) for t in batch.token_ids)
+        return self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
+
+    def _launch(self, batch: BatchInput) -> LaunchedStep:
+        return self.runner.launch(batch, self._receive(batch))
+
     def _step(self, batch: BatchInput, sampled: SampledTokens | None = None) -> StepOutput | None:
         if sampled is not None:
             sampled.fill(batch)
         if not batch.req_ids:
             self.runner.update_states(batch)
             return None
-        intermediate = None
-        if not self.pp.is_first:
-            n = sum(len(t) for t in batch.token_ids)
-            intermediate = self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
-        out = self.runner.execute(batch, intermediate)
+        out = self.runner.execute(batch, self._receive(batch))
         if not self.pp.is_last:
             self.pp.send(*out)
             return None
