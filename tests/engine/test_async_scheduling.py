@@ -61,8 +61,11 @@ def test_async_scheduling_generates_what_synchronous_steps_do(tiny_model_dir, op
         assert stats.preemptions > 0
 
 
-def test_abort_while_steps_are_in_flight_frees_every_block(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama")), async_scheduling=True)
+@pytest.mark.parametrize("pp", [1, 2])
+def test_abort_while_steps_are_in_flight_frees_every_block(tiny_model_dir, request, pp):
+    if pp > 1:
+        request.getfixturevalue("local_ray")
+    llm = LLM(str(tiny_model_dir("llama")), async_scheduling=True, pipeline_parallel_size=pp)
     core = llm.engine
     for i, p in enumerate(PROMPTS):
         core.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
