@@ -38,7 +38,6 @@ class Scheduler:
                  micro_batches: int = 1):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
-        self.max_num_seqs = max_num_seqs
         self.micro_batches = micro_batches
         self.steps_launched = 0
         self.max_num_batched_tokens = max_num_batched_tokens
