@@ -242,16 +242,20 @@ def parse_slos(items: list[str] | None) -> dict[str, float]:
 
 
 async def sweep(backend_factory, requests: list[Request], rates: list[float], concurrencies: list[int | None],
-                slos: dict, warmup: int = 2, log=print) -> list[dict]:
-    """One run per (rate, concurrency) point, after `warmup` requests that are not counted."""
+                slos: dict, warmup: int = 2, log=print, cpu_meter=None) -> list[dict]:
+    """One run per (rate, concurrency) point, after `warmup` requests that are not counted. `cpu_meter`
+    (proc_cpu.CPUMeter) adds each point's CPU time per process under "cpu"."""
     points = []
     async with backend_factory() as backend:
         if warmup:
             await run_load(backend, requests[:warmup], max_concurrency=1)
         for rate in rates:
             for conc in concurrencies:
+                meter = cpu_meter() if cpu_meter else None
                 results, seconds = await run_load(backend, requests, rate, conc)
                 figures = summarize(results, seconds, slos)
+                if meter:
+                    figures["cpu"] = meter.stop(figures["output_tokens"], seconds)
                 figures.update(request_rate=rate if rate != math.inf else "inf", max_concurrency=conc)
                 log(f"rate={figures['request_rate']} concurrency={conc}: {figures['completed']} ok "
                     f"{figures['failed']} failed, {figures['output_throughput']:.1f} out tok/s, TTFT p50 "

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import local_serve  # noqa: E402
+from benchmarks.proc_cpu import CPUMeter, format_rows  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
 from benchmarks.serving import (InProcessBackend, OpenAIBackend, make_dataset, model_vocab, plot,  # noqa: E402
                                 sweep)
@@ -39,7 +40,7 @@ async def in_process(args, requests) -> list[dict]:
     engine = AsyncEngine(**engine_options(args))
     try:
         return await sweep(lambda: InProcessBackend(engine), requests, [float("inf")], args.max_concurrency, {},
-                           args.warmup, log=lambda s: print("in-process", s, flush=True))
+                           args.warmup, log=lambda s: print("in-process", s, flush=True), cpu_meter=CPUMeter)
     finally:
         engine.shutdown()
 
@@ -55,7 +56,7 @@ def through_cluster(args, requests) -> list[dict]:
     try:
         return asyncio.run(sweep(lambda: OpenAIBackend(base_url, "bench"), requests, [float("inf")],
                                  args.max_concurrency, {}, args.warmup,
-                                 log=lambda s: print("cluster", s, flush=True)))
+                                 log=lambda s: print("cluster", s, flush=True), cpu_meter=CPUMeter))
     finally:
         local_serve.stop()
         wait_for_free_gpu()
@@ -103,8 +104,12 @@ def main() -> int:
                     help="torch CPU threads in both (the engines' cpu_threads, the replica's CPUs)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
+    ap.add_argument("--env", nargs="*", default=[], type=lambda kv: tuple(kv.split("=", 1)), metavar="KEY=VALUE",
+                    help="environment of both engines (e.g. OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
+    for key, value in args.env:  # before Ray starts: its processes, the replica's included, inherit them
+        os.environ[key] = value
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # OpenMP in this process and, through Ray, the replica
     import torch
 
@@ -114,6 +119,9 @@ def main() -> int:
     cluster = through_cluster(args, requests)  # first: its replica process frees the GPU when Ray stops
     local = asyncio.run(in_process(args, requests))
     comparison = compare(local, cluster)
+    for name, points in (("cluster", cluster), ("in-process", local)):
+        for p in points:
+            print(f"{name}, concurrency {p['max_concurrency']}: CPU per process\n{format_rows(p['cpu'])}")
     for c in comparison:
         print(f"concurrency {c['max_concurrency']}: TTFT p50 overhead {c['ttft_p50_overhead_ms']:+.1f} ms, "
               f"throughput {100 * c['throughput_ratio']:.1f}% of in-process")
