@@ -69,4 +69,6 @@ def test_replicas_report_routing_stats_only_where_a_router_reads_them(routing, m
     m = ModelConfig(model="demo", device="cpu", max_replicas=max_replicas)
     deployment = engine_deployment(m, routing)
     assert deployment.name == engine_deployment_name("demo")
+    # Ray's default worker niceness (15) would put the engine below Ray's own processes
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
     assert (getattr(deployment.func_or_class, "record_routing_stats", None) is not None) == reports
