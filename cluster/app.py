@@ -27,21 +27,19 @@ def build_app(config: ClusterConfig | dict) -> Application:
         m.model_dump()) for m in config.models}
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=ingress_capacity(config),
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(SERVING_ENV)}},
-        logging_config=logging_config)
+        ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
     return ingress.bind(config.model_dump(), engines)
 
 
-# Ray starts its worker processes at niceness 15, below the raylet, GCS and log monitor (niceness 0), so the
-# serving path gave way to each of their wake-ups: on a 2-core machine (smollm2, c=1, interleaved runs) TTFT p50
-# 581-623 ms and TPOT 62-65 ms with the engine replica at niceness 15, 504-537 and 54-57 at 0 (in-process engine:
-# 521, 57). The ingress too, or a busy engine starves it of CPU on such a machine.
-SERVING_ENV = {"RAY_worker_niceness": "0"}
+# Ray starts its worker processes at niceness 15, below the raylet, GCS and log monitor (niceness 0). On a 2-core
+# machine (smollm2, c=1, back to back, Serve's other workers at 15) TTFT p50 581-623 ms and TPOT 62-65 ms with the
+# engine replica at 15, 504-537 and 54-57 at 0 (in-process engine: 521, 57).
+ENGINE_ENV = {"RAY_worker_niceness": "0"}
 
 
 def engine_deployment(m: ModelConfig, routing: str):
     actor_options, bundles, strategy = replica_resources(m, uses_gpus(m))
-    actor_options["runtime_env"] = {"env_vars": dict(SERVING_ENV)}
+    actor_options["runtime_env"] = {"env_vars": dict(ENGINE_ENV)}
     options = dict(
         name=engine_deployment_name(m.served_name), ray_actor_options=actor_options,
         placement_group_bundles=bundles, placement_group_strategy=strategy,

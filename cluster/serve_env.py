@@ -22,8 +22,6 @@ on a 2-core machine with one engine replica: Ray's and Serve's processes took 20
 - the Serve controller's loop every 0.5 s, not 0.1 s (deploys, replica replacement and autoscaling decisions
   react up to 0.4 s later);
 - Serve's own Ray metrics exported once a second, not ten times (Strata's metrics are its own, at /metrics);
-- Ray's workers (Serve's proxy and controller, the replicas) at niceness 0 like Ray's own processes, not 15: the
-  engine and the request path share the cores as equals (cluster/app.py sets it for the replicas everywhere);
 - no Ray dashboard (its ten processes took 3.6% of a core; minimal mode, 0.4%): start Ray yourself
   (`ray start --head`) and `strata serve --address auto` to have it.
 
@@ -50,7 +48,6 @@ LOCAL_ROUTER_ENV = {
 
 
 LOCAL_CONTROL_PLANE_ENV = {
-    "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
