@@ -122,16 +122,22 @@ def balanced_layer_split(hf_config, pp: int) -> list[int]:
     kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * hf_config.intermediate_size
     head = hf_config.vocab_size * h / layer
+    if pp == 1:
+        return [n]
     last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
-    rest = n - last
-    return [rest // (pp - 1) + (i < rest % (pp - 1)) for i in range(pp - 1)] + [last] if pp > 1 else [n]
+    return _even_split(n - last, pp - 1) + [last]
+
+
+def _even_split(n: int, parts: int) -> list[int]:
+    """n split into `parts` counts, the first ones taking the remainder."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 def layer_ranges(num_layers: int, pp: int, split: list[int] | None = None) -> list[tuple[int, int]]:
     """Each stage's [start, end) layers: `split` gives the count per stage; by default even, the first stages
     taking the remainder."""
     if split is None:
-        split = [num_layers // pp + (i < num_layers % pp) for i in range(pp)]
+        split = _even_split(num_layers, pp)
     if len(split) != pp or sum(split) != num_layers or min(split) < 1:
         raise ValueError(f"pipeline_layer_split {split} must give each of the {pp} stages at least one layer "
                          f"and sum to the model's {num_layers} layers")

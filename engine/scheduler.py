@@ -72,13 +72,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
         step_seqs = self._seqs_per_step()
+        round_steps = self._steps_per_round(step_seqs)
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < step_seqs:
             req = self.running[i]
             i += 1
             if req.in_flight and not ahead:  # its previous step is still in the pipeline
                 continue
-            if req.num_pending and not (ahead and self._decodes_ahead(req)):
+            if req.num_pending and not (ahead and self._decodes_ahead(req, round_steps)):
                 continue
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             if n <= 0:
@@ -139,15 +140,18 @@ class Scheduler:
         active = len(self.running) + len(self.waiting)
         return max(1, min(-(-self.max_num_seqs // self.micro_batches), -(-active // self.micro_batches)))
 
-    def _decodes_ahead(self, req: Request) -> bool:
+    def _steps_per_round(self, step_seqs: int) -> int:
+        """Steps until every active sequence had one: pp, or fewer when fewer sequences than that run."""
+        active = len(self.running) + len(self.waiting)
+        return max(1, min(self.micro_batches, -(-active // step_seqs)))
+
+    def _decodes_ahead(self, req: Request, round_steps: int) -> bool:
         """Whether a request with a token pending may decode it as a placeholder in the next step. Under pipeline
         parallelism the first stage waits for that token to leave the last stage, so the step that sampled it
-        should be one micro-batch round older: pp steps, or fewer when fewer sequences than that run (batch 1:
-        each step follows the previous one straight from the last stage to the first, without the driver)."""
-        active = len(self.running) + len(self.waiting)
-        lanes = min(self.micro_batches, -(-active // self._seqs_per_step()))
+        should be one micro-batch round older (batch 1: each step follows the previous one straight from the last
+        stage to the first, without the driver)."""
         return (req.can_decode_ahead and req.num_pending == 1
-                and self.steps_launched + 1 - req.last_step >= max(1, lanes))
+                and self.steps_launched + 1 - req.last_step >= round_steps)
 
     def requeue_finished_ids(self, out: SchedulerOutput) -> None:
         """An unsent empty step hands its finished ids back for the next one."""

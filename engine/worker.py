@@ -115,21 +115,25 @@ class Worker:
         # the TP group (every rank must do that before launching the next step, whatever each has received by
         # then); and before a pipeline step that decodes its tokens, which the first stage is waiting for.
         pending = None
+
+        def finish_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                report(self._timed(self.runner.finish, pending))
+                pending = None
+
         try:
             while True:
                 if pending is not None and (pending.hidden is not None or not batches.ready()):
-                    report(self._timed(self.runner.finish, pending))
-                    pending = None
+                    finish_pending()
                 # While it waits, a first stage reads outputs, so the last stage always has room to write one.
                 batch = batches.read(should_stop=sampled and sampled.drain)
                 if pending is not None and batch is not None and self._decodes_from(batch, pending):
-                    report(self._timed(self.runner.finish, pending))
-                    pending = None
+                    finish_pending()
                 launched = None
                 if batch is not None and batch.req_ids and self.pp.is_last:
                     launched = self._timed(self._launch, batch)
-                if pending is not None:
-                    report(self._timed(self.runner.finish, pending))
+                finish_pending()
                 pending = launched
                 if batch is None:
                     return
