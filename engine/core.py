@@ -47,7 +47,7 @@ class EngineCore:
             config.async_scheduling if config.async_scheduling is not None
             else self.executor.describe()["device"].startswith("cuda"))
         # Pipeline parallel, async: each micro-batch's next step is launched before its tokens reach the driver
-        # (the first stage takes them from the last stage's output), so the first stage never waits for the
+        # (the last stage sends them to the first, device to device), so the first stage never waits for the
         # driver's round trip: pp + 1 steps in flight.
         self.pipeline_ahead = self.pipeline_depth > 1 and config.async_scheduling is not False and getattr(
             self.executor, "forwards_sampled_tokens", False)

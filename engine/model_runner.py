@@ -1,6 +1,7 @@
 """Runs one model shard on one device: turns a step's batch into tensors, runs the forward pass, samples."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
-from engine.parallel_state import TPGroup
+from engine.parallel_state import DeviceTokens, TPGroup
 from engine.sampler import SampleResult, Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
 from engine.sampling_params import SamplingParams
 
@@ -80,8 +81,9 @@ class ModelRunner:
         self.sampler = Sampler(hf_config.vocab_size, device, seed)
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
-        self._last_rows: dict[str, int] = {}  # req id -> row of `_last_tokens`, the last launched step's samples
-        self._last_tokens: torch.Tensor | None = None
+        # req id -> its latest launched step's sampled tokens and its row there, for the placeholders of steps
+        # launched before the host has those tokens (first stage only)
+        self._sampled_rows: dict[str, tuple[DeviceTokens, int]] = {}
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.use_triton and not enforce_eager:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
@@ -158,10 +160,12 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
         last = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]  # the rows that sample
         # Later pipeline stages take hidden states, not tokens: their placeholders stay as they are.
-        pending = [(qsl[i + 1] - 1, self._last_rows[rid]) for i, (rid, tokens) in
-                   enumerate(zip(batch.req_ids, batch.token_ids)) if tokens and tokens[-1] == PENDING_TOKEN
-                   ] if self.model.is_first else []
-        dst, src = (list(x) for x in zip(*pending)) if pending else ([], [])
+        pending = [(qsl[i + 1] - 1, rid) for i, (rid, tokens) in enumerate(zip(batch.req_ids, batch.token_ids))
+                   if tokens and tokens[-1] == PENDING_TOKEN] if self.model.is_first else []
+        rows = [self._sampled_rows[rid] for _, rid in pending]
+        sources = list(dict.fromkeys(tokens for tokens, _ in rows))  # usually one step's
+        offsets = dict(zip(sources, itertools.accumulate((len(s.tensor) for s in sources), initial=0)))
+        dst, src = [row for row, _ in pending], [offsets[tokens] + j for tokens, j in rows]
         # Two host-to-device copies per step, not one per tensor: each costs tens of microseconds of host time.
         longs = self._tensor(ids + positions + slots + last + dst + src, torch.long)
         ids_t, positions_t, slots_t, last_t, dst_t, src_t = longs.split(
@@ -172,8 +176,9 @@ class ModelRunner:
             slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t,
             block_tables=tables_t.view(len(batch.block_tables), width),
             max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        if pending:  # tokens the previous step sampled on the device and the host has not seen yet
-            ids_t[dst_t] = self._last_tokens[src_t]
+        if pending:  # tokens earlier steps sampled on the device that the host has not seen yet
+            tokens = [s.get() for s in sources]
+            ids_t[dst_t] = (tokens[0] if len(tokens) == 1 else torch.cat(tokens))[src_t]
         return ids_t, positions_t, meta, qsl, last_t
 
     def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
@@ -188,6 +193,7 @@ class ModelRunner:
     def update_states(self, batch: BatchInput) -> None:
         for req_id in batch.finished_ids:
             self.states.pop(req_id, None)
+            self._sampled_rows.pop(req_id, None)
         for seq in batch.new_sequences:
             gen = None
             if seq.seed is not None:
@@ -217,9 +223,15 @@ class ModelRunner:
         if step.rows:
             states = [self.states[batch.req_ids[i]] for i in step.rows]
             step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states)
-            self._last_rows = {batch.req_ids[i]: j for j, i in enumerate(step.rows)}
-            self._last_tokens = step.sampled.tokens
+            if self.model.is_first:
+                self.expect_tokens(batch, DeviceTokens(step.sampled.tokens))
         return step
+
+    def expect_tokens(self, batch: BatchInput, tokens: DeviceTokens) -> None:
+        """The tokens a launched step samples (on a first pipeline stage: to be received from the last), in the
+        order of the batch's sampling rows; later steps' placeholders for these sequences read them."""
+        for j, req_id in enumerate(r for r, sample in zip(batch.req_ids, batch.sample) if sample):
+            self._sampled_rows[req_id] = (tokens, j)
 
     @torch.inference_mode()
     def finish(self, step: LaunchedStep) -> StepOutput:

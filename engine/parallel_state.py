@@ -3,6 +3,7 @@
 Rank r is TP rank r % tp of stage r // tp. Size 1 everywhere means no communication at all (one process)."""
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -85,13 +86,18 @@ class TPGroup:
 
 @dataclass
 class PPStage:
-    """This rank's pipeline stage; hidden states and residuals go to the same TP rank of the next stage."""
+    """This rank's pipeline stage; hidden states and residuals go to the same TP rank of the next stage, and the
+    last stage's sampled tokens back to the same TP rank of the first (for the steps scheduled ahead)."""
 
     index: int = 0
     size: int = 1
     rank: int = 0  # global rank
     tp_size: int = 1
+    # This TP rank's first and last stage. Its own communicator (NCCL stream): on the one that carries hidden
+    # states, a receive of tokens would hold back every later send of hidden states until the tokens came.
+    token_group: Any = None
     _sends: list = field(default_factory=list)
+    _token_sends: collections.deque = field(default_factory=collections.deque)
 
     @property
     def is_first(self) -> bool:
@@ -112,6 +118,33 @@ class PPStage:
         buf = torch.empty(2, num_tokens, hidden_size, dtype=dtype, device=device)
         dist.recv(buf, self.rank - self.tp_size)
         return buf[0], buf[1]
+
+    def send_tokens(self, tokens: torch.Tensor) -> None:
+        """Last stage: a step's sampled tokens to the first stage, without waiting for them to arrive."""
+        self._token_sends.append(dist.isend(tokens, self.rank - (self.size - 1) * self.tp_size,
+                                            group=self.token_group))
+        while len(self._token_sends) > 2 * self.size:  # long received; keeps the buffers alive until then
+            self._token_sends.popleft().wait()
+
+    def recv_tokens(self, num_tokens: int, device: torch.device) -> DeviceTokens:
+        """First stage: the tokens the last stage samples for a step this stage has just launched."""
+        buf = torch.empty(num_tokens, dtype=torch.long, device=device)
+        return DeviceTokens(buf, dist.irecv(buf, self.rank + (self.size - 1) * self.tp_size, group=self.token_group))
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one per step
+class DeviceTokens:
+    """A step's sampled tokens on this device: the sampler's output, or on a first pipeline stage a receive from
+    the last stage that the device (NCCL) or host (gloo) waits for only when a later step reads them."""
+
+    tensor: torch.Tensor
+    work: Any = None
+
+    def get(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor
 
 
 def balanced_layer_split(hf_config, pp: int) -> list[int]:
@@ -187,7 +220,10 @@ def init_distributed(rank: int, world: int, tp: int, addr: str, port: int, timeo
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
-    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(world // tp)]
+    pp = world // tp
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(pp)]
+    token_groups = [dist.new_group([r, (pp - 1) * tp + r]) if pp > 1 else None for r in range(tp)]
     stage = rank // tp
     same_node = len(set(node_ips[stage * tp:(stage + 1) * tp])) == 1
-    return TPGroup(rank % tp, tp, groups[stage], same_node), PPStage(stage, world // tp, rank, tp)
+    return (TPGroup(rank % tp, tp, groups[stage], same_node),
+            PPStage(stage, pp, rank, tp, token_groups[rank % tp] if stage in (0, pp - 1) else None))

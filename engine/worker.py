@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.executor.shm_channel import ShmChannel
-from engine.model_runner import PENDING_TOKEN, BatchInput, LaunchedStep, ModelRunner, StepOutput
+from engine.model_runner import BatchInput, LaunchedStep, ModelRunner, StepOutput
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
 
 
@@ -29,7 +29,6 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.tp, self.pp = TPGroup(), PPStage()
         self.device = torch.device("cpu")
-        self.sampled_tokens = SampledTokens()  # kept across serve_channel calls, as the steps' numbering is
 
     async def _run(self, fn, *args):
         return await asyncio.wrap_future(self.pool.submit(fn, *args))
@@ -78,13 +77,11 @@ class Worker:
         out = await asyncio.wrap_future(self.pool.submit(self._timed, self.runner.finish, launched))
         return out if self.tp.rank == 0 else None
 
-    async def serve_channel(self, batches: str, reader: int, outputs: str | None, sampled: str | None = None,
-                            sampled_reader: int = 0) -> None:
+    async def serve_channel(self, batches: str, reader: int, outputs: str | None) -> None:
         """Run the steps of the shared-memory channel `batches` (this rank reads as `reader`) until a None comes,
         with `execute`'s semantics; the rank that reports outputs writes one per step (None for an empty batch)
-        to the channel `outputs`. `sampled`: that output channel, which a first pipeline stage reads (as
-        `sampled_reader`) for the tokens its batches decode ahead. Returns when stopped, raises when a step fails."""
-        await self._run(self._serve, batches, reader, outputs, sampled, sampled_reader)
+        to the channel `outputs`. Returns when stopped, raises when a step fails."""
+        await self._run(self._serve, batches, reader, outputs)
 
     def _gathers_when_finishing(self, batch: BatchInput) -> bool:
         """Prompt logprobs gather logits over the TP group when the step finishes. Such a step runs as one job in
@@ -94,16 +91,9 @@ class Worker:
         params += [state.params for r in batch.req_ids if (state := self.runner.states.get(r)) is not None]
         return any(p.prompt_logprobs is not None for p in params)
 
-    def _serve(self, batches_name: str, reader: int, outputs_name: str | None, sampled_name: str | None,
-               sampled_reader: int) -> None:
+    def _serve(self, batches_name: str, reader: int, outputs_name: str | None) -> None:
         batches = ShmChannel.attach(batches_name, reader)
         outputs = outputs_name and ShmChannel.attach(outputs_name)
-        sampled = None
-        if sampled_name:
-            sampled = self.sampled_tokens
-            sampled.channel = ShmChannel.attach(sampled_name, sampled_reader)
-            # It waits a whole pipeline pass for a token: poll finely, or the wait overshoots by up to 1 ms.
-            sampled.channel.max_sleep_s = 100e-6
 
         def report(out: StepOutput | None) -> None:
             if outputs:
@@ -111,9 +101,9 @@ class Worker:
 
         # A launched step not finished yet (one stage, or the last pipeline stage): the next step is launched
         # before it is finished, so the device has work queued while this thread waits for the sampled tokens. It
-        # is finished first when no batch is waiting; at once when it has prompt logprobs, whose logits gather over
-        # the TP group (every rank must do that before launching the next step, whatever each has received by
-        # then); and before a pipeline step that decodes its tokens, which the first stage is waiting for.
+        # is finished first when no batch is waiting, and at once when it has prompt logprobs, whose logits gather
+        # over the TP group (every rank must do that before launching the next step, whatever each has received by
+        # then). The first stage does not wait for it: it receives the sampled tokens device to device.
         pending = None
 
         def finish_pending() -> None:
@@ -126,10 +116,7 @@ class Worker:
             while True:
                 if pending is not None and (pending.hidden is not None or not batches.ready()):
                     finish_pending()
-                # While it waits, a first stage reads outputs, so the last stage always has room to write one.
-                batch = batches.read(should_stop=sampled and sampled.drain)
-                if pending is not None and batch is not None and self._decodes_from(batch, pending):
-                    finish_pending()
+                batch = batches.read()
                 launched = None
                 if batch is not None and batch.req_ids and self.pp.is_last:
                     launched = self._timed(self._launch, batch)
@@ -138,9 +125,9 @@ class Worker:
                 if batch is None:
                     return
                 if launched is None:
-                    report(self._timed(self._step, batch, sampled))
+                    report(self._timed(self._step, batch))
         finally:
-            for channel in (batches, outputs, sampled and sampled.channel):
+            for channel in (batches, outputs):
                 if channel:
                     channel.close()
 
@@ -152,12 +139,6 @@ class Worker:
         finally:
             self.step_started = None
 
-    def _decodes_from(self, batch: BatchInput, step: LaunchedStep) -> bool:
-        if self.pp.size == 1:  # the runner takes the tokens from the device
-            return False
-        sampled = {step.batch.req_ids[i] for i in step.rows}
-        return any(t and t[-1] == PENDING_TOKEN and r in sampled for r, t in zip(batch.req_ids, batch.token_ids))
-
     def _receive(self, batch: BatchInput) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The previous stage's hidden states and residuals for this batch (None on the first stage)."""
         if self.pp.is_first:
@@ -165,64 +146,31 @@ class Worker:
         n = sum(len(t) for t in batch.token_ids)
         return self.pp.recv(n, self.runner.hf_config.hidden_size, self.runner.dtype, self.device)
 
-    def _launch(self, batch: BatchInput) -> LaunchedStep:
-        return self.runner.launch(batch, self._receive(batch))
+    def _launch(self, batch: BatchInput) -> LaunchedStep | None:
+        """Queue a step's work on the device. A stage before the last sends its hidden states on (and the first
+        stage expects the tokens its sampling rows get); the last stage sends the first its sampled tokens,
+        which steps scheduled ahead decode before the driver has seen them."""
+        out = self.runner.launch(batch, self._receive(batch))
+        if not self.pp.is_last:
+            self.pp.send(*out)
+            if self.pp.is_first and any(batch.sample):
+                self.runner.expect_tokens(batch, self.pp.recv_tokens(sum(batch.sample), self.device))
+            return None
+        if self.pp.size > 1 and out.sampled is not None:
+            self.pp.send_tokens(out.sampled.tokens)
+        return out
 
-    def _step(self, batch: BatchInput, sampled: SampledTokens | None = None) -> StepOutput | None:
-        if sampled is not None:
-            sampled.fill(batch)
+    def _step(self, batch: BatchInput) -> StepOutput | None:
         if not batch.req_ids:
             self.runner.update_states(batch)
             return None
-        out = self.runner.execute(batch, self._receive(batch))
-        if not self.pp.is_last:
-            self.pp.send(*out)
+        step = self._launch(batch)
+        if step is None:
             return None
+        out = self.runner.finish(step)
         return out if self.tp.rank == 0 else None
 
     async def ping(self) -> float:
         """Seconds the current step has been running (0 when idle): a hung step shows up here."""
         started = self.step_started
         return 0.0 if started is None else time.monotonic() - started
-
-
-class SampledTokens:
-    """The first pipeline stage's view of the last stage's outputs, for the steps the driver schedules ahead: a
-    sequence's step may decode the token its previous step sampled before the driver has seen it (PENDING_TOKEN).
-    That step is at least pp steps older (Scheduler._decodes_ahead), so its output has usually been written by
-    the time this stage needs it. Outputs come one per step, in step order."""
-
-    def __init__(self):
-        self.channel: ShmChannel | None = None
-        self.outputs_read = 0
-        self.steps_seen = 0
-        self.sampled_in: dict[str, int] = {}  # req id -> the step that sampled its latest token
-        self.tokens: dict[str, int] = {}  # req id -> the latest token read for it
-
-    def drain(self) -> bool:
-        """Read the outputs already written. Returns False: a `should_stop` that never stops."""
-        while self.channel.ready():
-            self._read()
-        return False
-
-    def _read(self) -> None:
-        out = self.channel.read()
-        for req_id, result in (out.sampled.items() if out is not None else ()):
-            self.tokens[req_id] = result.token_id
-        self.outputs_read += 1
-
-    def fill(self, batch: BatchInput) -> None:
-        """Put the real tokens in place of the batch's placeholders, waiting for their steps' outputs."""
-        for req_id in batch.finished_ids:
-            self.sampled_in.pop(req_id, None)
-            self.tokens.pop(req_id, None)
-        self.drain()
-        for req_id, tokens in zip(batch.req_ids, batch.token_ids):
-            if tokens and tokens[-1] == PENDING_TOKEN:
-                while self.outputs_read <= self.sampled_in[req_id]:
-                    self._read()
-                tokens[-1] = self.tokens[req_id]
-        for req_id, sample in zip(batch.req_ids, batch.sample):
-            if sample:
-                self.sampled_in[req_id] = self.steps_seen
-        self.steps_seen += 1

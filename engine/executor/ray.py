@@ -10,9 +10,9 @@ k+1 works on step n-1.
 
 When every worker runs on the driver's node, steps skip Ray: the driver writes batches to a shared-memory ring
 that every worker reads, and the rank that reports outputs writes them to a second ring that the driver reads
-(engine/executor/shm_channel.py), and under pipeline parallelism the first stage's ranks as well: they take
-the tokens of steps the driver scheduled ahead from there (engine/worker.py, SampledTokens). Each worker's
-`serve_channel` call lasts as long as its loop, so a failed worker shows up as that call ending."""
+(engine/executor/shm_channel.py). Each worker's `serve_channel` call lasts as long as its loop, so a failed
+worker shows up as that call ending. Under pipeline parallelism the last stage also sends its sampled tokens to
+the first (torch.distributed), so the driver can schedule a micro-batch's next step before it has seen them."""
 from __future__ import annotations
 
 import itertools
@@ -98,11 +98,8 @@ class RayExecutor:
         self._get([w.load.remote(kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
         here = ray.get_runtime_context().get_node_id()
         if all(i["node_id"] == here for i in self.infos):
-            # Under pipeline parallelism the first stage's ranks read the outputs too (forwards_sampled_tokens),
-            # up to pp + 1 steps behind the driver: room for twice that.
-            readers = 1 + (self.tp if self.pp > 1 else 0)
             self.batches = ShmChannel.create(self.world)
-            self.outputs = ShmChannel.create(readers, num_slots=max(4, 2 * (self.pp + 1)), reader=0)
+            self.outputs = ShmChannel.create(1, reader=0)
         logger.info("%d workers (tp %d x pp %d) on %s, layers %s, steps through %s", self.world, self.tp, self.pp,
                     sorted({i["node_id"][:8] for i in self.infos}), ranges,
                     "shared memory" if self.batches else "Ray calls")
@@ -203,9 +200,8 @@ class RayExecutor:
             ref = ray.put(batch)
             return [w.execute.remote(seq, ref) for w in self.workers]
         if not self._serving:
-            out, forward = self._output_rank, self.outputs.name if self.forwards_sampled_tokens else None
-            self._serving = [w.serve_channel.remote(self.batches.name, r, self.outputs.name if r == out else None,
-                                                    forward if r < self.tp else None, 1 + r)
+            self._serving = [w.serve_channel.remote(self.batches.name, r,
+                                                    self.outputs.name if r == self._output_rank else None)
                              for r, w in enumerate(self.workers)]
         # Read outputs while the ring is full: the output rank may be waiting for room to write one.
         self._through(self.batches.write, batch, should_stop=self._drain_outputs_then_check)
@@ -223,8 +219,8 @@ class RayExecutor:
     @property
     def forwards_sampled_tokens(self) -> bool:
         """Whether a step may decode a token an earlier step sampled that the driver has not seen yet: the first
-        pipeline stage reads it from the last stage's outputs (shared memory only, so one node)."""
-        return self.pp > 1 and self.batches is not None
+        pipeline stage receives it from the last (engine/worker.py)."""
+        return self.pp > 1
 
     @property
     def _output_rank(self) -> int:
