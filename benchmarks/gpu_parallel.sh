@@ -8,7 +8,8 @@
 #             (benchmarks/serving_overhead.py at a fixed concurrency)
 # Device tool: carry [".whl"] (../shared/tools/device-bundle.sh: Ray, Serve, pydantic), then
 #   STAGES="smoke tp1 tp2" bash benchmarks/gpu_parallel.sh        # default: every stage, in the order above
-# Each stage's full log goes to $OUT/<stage>.log; JSON results to $OUT (default benchmarks/results).
+# Each stage's full log goes to $OUT/<stage>$TAG.log; JSON results to $OUT (default benchmarks/results).
+# EXTRA_ARGS go to the offline throughput stages (tp1, tp2, pp2), e.g. EXTRA_ARGS="--max-num-seqs 512" TAG=-512.
 set -uo pipefail
 . .whl/device-install.sh || exit 1
 export PYTHONPATH=$PYTHONPATH:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache RAY_DEDUP_LOGS=0
@@ -24,19 +25,20 @@ stage() {  # stage NAME CMD...: run when NAME is in $STAGES, bounded by STAGE_TI
   [[ " ${STAGES:-smoke tp1 tp2 pp2 replicas serving} " == *" $name "* ]] || return 0
   echo "== $name: $*"
   local t0=$SECONDS
-  timeout "${STAGE_TIMEOUT:-400}" "$@" > "$OUT/$name.log" 2>&1
+  local log="$OUT/$name${TAG:-}.log"
+  timeout "${STAGE_TIMEOUT:-400}" "$@" > "$log" 2>&1
   local rc=$?
   grep -E "^(engine ready|W[123]:|[0-9]+ replicas|concurrency|cluster rate|in-process rate|wrote|PASSED|FAILED|ERROR|=+ .* in )" \
-    "$OUT/$name.log" | tail -n 20
-  [ $rc -eq 0 ] || { echo "-- $name failed (rc $rc); log tail:"; tail -n 25 "$OUT/$name.log"; }
+    "$log" | tail -n 20
+  [ $rc -eq 0 ] || { echo "-- $name failed (rc $rc); log tail:"; tail -n 25 "$log"; }
   echo "-- $name: $((SECONDS - t0)) s"
   ray stop --force > /dev/null 2>&1
 }
 
 stage smoke python3 -m pytest -q -rA -p no:cacheprovider tests/engine/test_parallel_gpu.py
-stage tp1 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT"
-stage tp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --tp 2
-stage pp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --pp 2
+stage tp1 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" ${EXTRA_ARGS:-}
+stage tp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --tp 2 ${EXTRA_ARGS:-}
+stage pp2 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --pp 2 ${EXTRA_ARGS:-}
 stage replicas python3 benchmarks/replicas.py --model "$MODEL" --replicas 2 --workload W3 --out-dir "$OUT"
 stage serving python3 benchmarks/serving_overhead.py --model "$MODEL" --device cuda --dataset W3 --num-prompts 0 \
   --max-concurrency "$CONCURRENCY" --max-num-seqs 256 --warmup 8 --out-dir "$OUT"
