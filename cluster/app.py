@@ -1,4 +1,5 @@
-"""build_app: a ClusterConfig -> the Serve application (one ingress, one engine deployment per model).
+"""build_app: a ClusterConfig -> the Serve application (one ingress, one engine deployment per model; or, with
+`engine_in_ingress`, the ingress alone with the one model's engine in its process).
 
 Also the Serve application builder: a Serve config file names `import_path: cluster.app:build_app` and passes
 the ClusterConfig keys as `args` (`strata config render` writes such a file).
@@ -23,12 +24,15 @@ INGRESS_NAME = "OpenAIIngress"
 def build_app(config: ClusterConfig | dict) -> Application:
     config = config if isinstance(config, ClusterConfig) else ClusterConfig.model_validate(config or {})
     logging_config = LoggingConfig(enable_access_log=config.access_log)
-    engines = {m.served_name: engine_deployment(m, config.routing).options(logging_config=logging_config).bind(
-        m.model_dump()) for m in config.models}
-    ingress = serve.deployment(OpenAIIngress).options(
-        name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=ingress_capacity(config),
-        ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
-    return ingress.bind(config.model_dump(), engines)
+    if config.engine_in_ingress:
+        ingress, engines = ingress_with_engine(config.models[0]), {}
+    else:
+        engines = {m.served_name: engine_deployment(m, config.routing).options(logging_config=logging_config).bind(
+            m.model_dump()) for m in config.models}
+        ingress = serve.deployment(OpenAIIngress).options(
+            name=INGRESS_NAME, num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": 0})
+    return ingress.options(max_ongoing_requests=ingress_capacity(config), logging_config=logging_config).bind(
+        config.model_dump(), engines)
 
 
 # Ray starts its worker processes at niceness 15, below the raylet, GCS and log monitor (niceness 0). On a 2-core
@@ -38,13 +42,9 @@ ENGINE_ENV = {"RAY_worker_niceness": "0"}
 
 
 def engine_deployment(m: ModelConfig, routing: str):
-    actor_options, bundles, strategy = replica_resources(m, uses_gpus(m))
-    actor_options["runtime_env"] = {"env_vars": dict(ENGINE_ENV)}
     options = dict(
-        name=engine_deployment_name(m.served_name), ray_actor_options=actor_options,
-        placement_group_bundles=bundles, placement_group_strategy=strategy,
+        name=engine_deployment_name(m.served_name), **engine_process_options(m),
         max_ongoing_requests=replica_capacity(m), max_queued_requests=m.max_queue_size,
-        health_check_period_s=m.health_check_period_s, health_check_timeout_s=max(30.0, m.health_check_period_s),
         request_router_config=request_router_config(m, routing))
     fixed = m.min_replicas == m.max_replicas and m.initial_replicas in (None, m.min_replicas)
     if fixed:
@@ -53,6 +53,21 @@ def engine_deployment(m: ModelConfig, routing: str):
         options["autoscaling_config"] = autoscaling_config(m)
     replica_class = EngineReplica if reports_routing_stats(m, routing) else UnroutedEngineReplica
     return serve.deployment(replica_class).options(**options)
+
+
+def ingress_with_engine(m: ModelConfig):
+    """The ingress deployment with the model's engine in its one replica (ClusterConfig.engine_in_ingress): the
+    engine replica's resources, placement group and health check."""
+    return serve.deployment(OpenAIIngress).options(name=INGRESS_NAME, num_replicas=1, **engine_process_options(m))
+
+
+def engine_process_options(m: ModelConfig) -> dict:
+    """Deployment options of a process that runs the model's engine: resources, placement group, health check."""
+    actor_options, bundles, strategy = replica_resources(m, uses_gpus(m))
+    actor_options["runtime_env"] = {"env_vars": dict(ENGINE_ENV)}
+    return dict(ray_actor_options=actor_options, placement_group_bundles=bundles, placement_group_strategy=strategy,
+                health_check_period_s=m.health_check_period_s,
+                health_check_timeout_s=max(30.0, m.health_check_period_s))
 
 
 def reports_routing_stats(m: ModelConfig, routing: str) -> bool:

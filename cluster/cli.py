@@ -199,15 +199,17 @@ def status_command(args) -> int:
     print(f"{'MODEL':<28} {'STATUS':<10} {'REPLICAS':<9} {'WAITING':>7} {'RUNNING':>7} {'KV USE':>7} "
           f"{'PREFIX HIT':>10}")
     for name, deployment in sorted(app.deployments.items()):
-        if name == INGRESS_NAME:
-            continue
         running = sum(n for state, n in deployment.replica_states.items() if _enum_name(state) == "RUNNING")
+        # The ingress runs an engine itself only with engine_in_ingress.
+        method = "local_engine_stats" if name == INGRESS_NAME else "engine_stats"
         try:
-            stats = serve.get_deployment_handle(name, args.app_name).broadcast("engine_stats").results(
+            stats = serve.get_deployment_handle(name, args.app_name).broadcast(method).results(
                 timeout_s=10, return_exceptions=True)
         except Exception:  # noqa: BLE001 - no replica: scaled to zero or starting
             stats = []
-        stats = [s for s in stats if isinstance(s, dict)]
+        stats = [s for r in stats for s in (r if isinstance(r, list) else [r]) if isinstance(s, dict)]
+        if name == INGRESS_NAME and not stats:
+            continue
         model = stats[0]["model"] if stats else name.removeprefix("EngineReplica-")
         print(f"{model:<28} {_enum_name(deployment.status):<10} {running:<9} {sum(s['waiting'] for s in stats):>7} "
               f"{sum(s['running'] for s in stats):>7} {_mean(stats, 'kv_cache_usage'):>7.1%} "

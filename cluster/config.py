@@ -116,6 +116,9 @@ class ClusterConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     app_name: str = Field("strata", description="Name of the Serve application.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    engine_in_ingress: bool = Field(
+        False, description="Run the model's engine inside the HTTP ingress replica, as `vllm serve` does: no Serve "
+                           "call between them. Only for one model with one replica (no autoscaling, no routing).")
     access_log: bool = Field(False, description="Serve's access log: a line per request in each replica's log "
                                                 "(costs CPU on every request).")
     log_requests: bool = Field(False, description="Log every request's body, prompts included (debugging only: "
@@ -137,6 +140,19 @@ class ClusterConfig(BaseModel):
         deployments = [engine_deployment_name(n) for n in names]
         if len(set(deployments)) != len(deployments):
             raise ValueError("two model names map to the same deployment name; rename one with `name:`")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_in_ingress_fits(self) -> ClusterConfig:
+        if not self.engine_in_ingress:
+            return self
+        if len(self.models) != 1 or self.ingress_replicas != 1:
+            raise ValueError("engine_in_ingress serves one model from one ingress replica; this config has "
+                             f"{len(self.models)} models and ingress_replicas {self.ingress_replicas}")
+        m = self.models[0]
+        if (m.min_replicas, m.max_replicas, m.initial_replicas or 1) != (1, 1, 1):
+            raise ValueError("engine_in_ingress runs exactly one replica: set min_replicas and max_replicas to 1 "
+                             "(or turn engine_in_ingress off to autoscale)")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ServingMetrics
-from cluster.model_endpoint import ModelEndpoint, ReplicaFailure, ReplicaStream, merge_streams
+from cluster.model_endpoint import LocalModelEndpoint, ModelEndpoint, ReplicaFailure, ReplicaStream, merge_streams
 from cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
                               SamplingRequest, invalid_text_field, new_id, request_body_schemas)
 from cluster.responses import Prompt, ResponseBuilder, sse
@@ -151,15 +151,27 @@ class RequestTiming:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, config: dict, engines: dict):
+        """`engines`: each model's engine deployment handle; a model without one runs its engine in this process
+        (engine_in_ingress)."""
         self.config = ClusterConfig.model_validate(config)
         self.metrics = ServingMetrics()
-        self.models = {m.served_name: ModelEndpoint(m, engines[m.served_name], self.config.limits)
-                       for m in self.config.models}
+        limits = self.config.limits
+        self.models = {m.served_name: ModelEndpoint(m, engines[m.served_name], limits) if m.served_name in engines
+                       else LocalModelEndpoint(m, limits) for m in self.config.models}
         # Keys from a secret (the Helm chart's apiKeySecret) arrive as STRATA_API_KEYS, comma-separated.
         env_keys = [k.strip() for k in os.environ.get("STRATA_API_KEYS", "").split(",") if k.strip()]
         self.api_keys = [hashlib.sha256(k.encode()).digest() for k in [*self.config.api_keys, *env_keys]]
         app.openapi_schema = None  # one ingress per process: its schema names its models
         app.openapi = lambda: openapi_schema(list(self.models))
+
+    def check_health(self) -> None:
+        """Serve's health check of this replica: an engine in this process must be running."""
+        for endpoint in self.models.values():
+            endpoint.check_health()
+
+    async def local_engine_stats(self) -> list[dict]:
+        """`engine_stats` of the engines in this process (`strata status`)."""
+        return [s for e in self.models.values() if isinstance(e, LocalModelEndpoint) for s in await e.engine_stats()]
 
     # -- endpoints ------------------------------------------------------------------------------------------
     @app.post("/v1/completions")

@@ -9,13 +9,17 @@ are busy — and 400 when the engine refused the input.
 A replica that dies (its actor or node is gone) or whose engine went down is not the request's fault: before
 the replica accepted, `submit` sends the request to another replica, up to `request_retries` times; afterwards
 the stream raises `ReplicaFailure`, and the ingress retries what has not reached the client yet.
+
+LocalModelEndpoint: the same for an engine in the ingress's own process (`engine_in_ingress`): the replica's
+protocol, called directly.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from grpc.aio import AioRpcError
@@ -49,7 +53,7 @@ class ReplicaFailure(Exception):
 class ReplicaStream:
     """An accepted request: the replica's stream of StreamDeltas (the first may have come with `Accepted`)."""
 
-    generator: DeploymentResponseGenerator
+    generator: DeploymentResponseGenerator | AsyncGenerator
     replica_id: str
     queue_time: float
     first_delta: StreamDelta | None = None
@@ -58,11 +62,22 @@ class ReplicaStream:
         cancel_quietly(self.generator)
 
 
-def cancel_quietly(generator: DeploymentResponseGenerator) -> None:
-    """Cancel a handle call (aborting its engine request); Serve's cancel() re-raises the call's own error."""
+def cancel_quietly(generator: DeploymentResponseGenerator | AsyncGenerator) -> None:
+    """Cancel a handle call, or close a local replica's stream (aborting its engine request); Serve's cancel()
+    re-raises the call's own error."""
+    if inspect.isasyncgen(generator):
+        asyncio.ensure_future(_close(generator))
+        return
     try:
         generator.cancel()
     except Exception:  # noqa: BLE001 - the call already failed or finished: nothing left to cancel
+        pass
+
+
+async def _close(generator: AsyncGenerator) -> None:
+    try:
+        await generator.aclose()
+    except RuntimeError:  # a task iterating it is being cancelled, which closes it as well
         pass
 
 
@@ -75,8 +90,8 @@ class ModelEndpoint:
         # The handle arrives pickled with the options of the process that built the app (a driver that keeps
         # Serve's defaults: Ray actor calls); the transport is this process's, so Serve's gRPC path where the
         # cluster's environment turns it on (cluster/serve_env.py).
-        self.stream_handle = handle.options(stream=True, method_name="generate",
-                                            _by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+        self.stream_handle = handle and handle.options(stream=True, method_name="generate",
+                                                       _by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
         self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision,
                                                       patterns=TOKENIZER_PATTERNS))
 
@@ -121,7 +136,7 @@ class ModelEndpoint:
         generator: DeploymentResponseGenerator | None = None
         try:
             # Serve raises BackPressureError from .remote() itself or from the first item, depending on its loop.
-            generator = self.stream_handle.remote(request)
+            generator = self._call(request)
             first = await asyncio.wait_for(generator.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
         except BaseException as e:  # includes cancellation: the client went away while we waited
             if generator is not None:
@@ -141,6 +156,12 @@ class ModelEndpoint:
         # The replica may have held Accepted back for the first delta: that time is the engine's, not queue time.
         return ReplicaStream(generator, first.replica_id, max(0.0, time.monotonic() - start - first.held_s),
                              first.first_delta)
+
+    def _call(self, request: GenerateRequest) -> DeploymentResponseGenerator | AsyncGenerator:
+        return self.stream_handle.remote(request)
+
+    def check_health(self) -> None:
+        """The ingress's health check: replicas in other processes have their own."""
 
     async def engine_stats(self, timeout_s: float = 5.0) -> list[dict] | None:
         """Every replica's `engine_stats`, or None when the model has no replica right now."""
@@ -179,6 +200,27 @@ class ModelEndpoint:
 
     def unavailable(self, message: str) -> APIError:
         return APIError(503, message, "service_unavailable", code="model_unavailable", headers=self._retry_after())
+
+
+class LocalModelEndpoint(ModelEndpoint):
+    """A model whose one engine replica lives in this process (`engine_in_ingress`). It holds what the model's
+    replicas and queue would hold together; beyond that the API answers 429."""
+
+    def __init__(self, config: ModelConfig, limits: LimitsConfig):
+        from cluster.replica import EngineReplica
+
+        super().__init__(config, None, limits)
+        self.replica = EngineReplica(config.model_dump())
+        self.replica.max_ongoing_requests += config.max_queue_size
+
+    def _call(self, request: GenerateRequest) -> AsyncGenerator:
+        return self.replica.generate(request)
+
+    def check_health(self) -> None:
+        self.replica.check_health()
+
+    async def engine_stats(self, timeout_s: float = 5.0) -> list[dict] | None:
+        return [self.replica.engine_stats()]
 
 
 async def stream_deltas(stream: ReplicaStream) -> AsyncIterator[StreamDelta]:

@@ -97,7 +97,8 @@ class EngineReplica:
 
     async def generate(self, request: GenerateRequest):
         if self.num_active >= self.max_ongoing_requests:  # Serve's own limit normally stops requests earlier
-            yield Rejected(429, f"replica queue is full ({self.num_active} requests)", "rate_limit_error")
+            yield Rejected(429, f"model {self.config.served_name!r} holds {self.num_active} requests, as many as it "
+                                f"can; retry later", "rate_limit_error", code="queue_full")
             return
         rejected = self._check_context(request)
         if rejected is not None:

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cluster.app import autoscaling_config, engine_deployment, replica_resources
+from cluster.app import INGRESS_NAME, autoscaling_config, build_app, engine_deployment, replica_resources
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from engine import EngineConfig
 
@@ -31,6 +31,9 @@ def test_yaml_round_trip(tmp_path):
     {"models": [{"model": "demo", "no_such_key": 1}]},
     {"routing": "random"},
     {"models": []},
+    {"engine_in_ingress": True, "models": [{"model": "demo"}, {"model": "demo", "name": "b"}]},
+    {"engine_in_ingress": True, "models": [{"model": "demo", "max_replicas": 2}]},
+    {"engine_in_ingress": True, "ingress_replicas": 2},
 ])
 def test_invalid_configs_are_rejected(data):
     with pytest.raises(ValidationError):
@@ -72,3 +75,13 @@ def test_replicas_report_routing_stats_only_where_a_router_reads_them(routing, m
     # Ray's default worker niceness (15) would put the engine below Ray's own processes
     assert deployment.ray_actor_options["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
     assert (getattr(deployment.func_or_class, "record_routing_stats", None) is not None) == reports
+
+
+def test_engine_in_ingress_gives_the_ingress_the_engines_resources():
+    config = ClusterConfig(engine_in_ingress=True, models=[ModelConfig(model="demo", device="cpu",
+                                                                       num_cpus_per_replica=2)])
+    ingress = build_app(config)._bound_deployment
+    assert ingress.name == INGRESS_NAME and ingress.num_replicas == 1
+    assert ingress.ray_actor_options["num_cpus"] == 2
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
+    assert ingress.init_args[1] == {}  # no engine deployment: the ingress builds its own engine
