@@ -28,12 +28,12 @@ def main(argv=None) -> Path:
     left.bar([labels[k] for k in w1], list(w1.values()), color="tab:blue")
     left.axhline(w1["tp1"] / 1.6, color="tab:red", linestyle="--", label="target: TP=1 / 1.6")
     left.set_title("W1 batch-1 decode, ms per token (lower is better)")
-    left.legend()
+    left.legend(loc="lower left", framealpha=0.9)
     w3 = {k: runs[k]["figures"]["W3"]["output_tok_s"] for k in runs}
     right.bar([labels[k] for k in w3], list(w3.values()), color="tab:blue")
     right.axhline(0.85 * w3["replicas"], color="tab:red", linestyle="--", label="target: PP=2 at 85% of 2 x TP=1")
     right.set_title("W3 output tokens/s")
-    right.legend()
+    right.legend(loc="lower left", framealpha=0.9)
     for ax, values in ((left, w1), (right, w3)):
         for i, v in enumerate(values.values()):
             ax.text(i, v, f"{v:,.1f}" if v < 100 else f"{v:,.0f}", ha="center", va="bottom", fontsize=8)

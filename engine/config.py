@@ -47,8 +47,8 @@ class EngineConfig(BaseModel):
         False, description="Tensor parallel on GPUs: NCCL for every all-reduce, not the one-shot symmetric-memory "
                            "kernel for small ones.")
     async_scheduling: bool | None = Field(
-        None, description="Schedule and launch step n+1 while step n runs; under pipeline parallelism on one node, "
-                          "each micro-batch's next step before its tokens reach the driver. Default: on with CUDA, "
+        None, description="Schedule and launch step n+1 while step n runs; under pipeline parallelism, each "
+                          "micro-batch's next step before its tokens reach the driver. Default: on with CUDA, "
                           "and with pipeline parallelism.")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
