@@ -26,7 +26,6 @@ Besides serving, the replica reports:
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -94,10 +93,6 @@ class EngineReplica:
         self.engine = AsyncEngine(self.config.engine_config())
         self.max_ongoing_requests = self.config.max_ongoing_requests or self.engine.max_num_seqs
         self.num_active = 0
-        # Move what is alive now (Ray, Serve, torch, the model) out of the collector's reach: otherwise each full
-        # collection, which the engine's per-step garbage triggers, walks all of it (vLLM freezes likewise).
-        gc.collect()
-        gc.freeze()
         logger.info("replica %s of %r ready", self.replica_id, self.config.served_name)
 
     async def generate(self, request: GenerateRequest):
