@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
@@ -39,7 +38,6 @@ from engine import SamplingParams, StreamDelta
 
 logger = logging.getLogger("strata")
 
-GIL_SWITCH_INTERVAL_S = 0.0005
 # How long a replica holds `Accepted` back for the request's first delta, to send both as one streamed item.
 ACCEPT_WAIT_S = 0.05
 
@@ -95,9 +93,6 @@ class EngineReplica:
         self.engine = AsyncEngine(self.config.engine_config())
         self.max_ongoing_requests = self.config.max_ongoing_requests or self.engine.max_num_seqs
         self.num_active = 0
-        # The engine's thread takes the GIL back after every torch op; while this process's event loop streams a
-        # token (a burst of Python), it would wait up to the whole burst. Hand the GIL over sooner (default 5 ms).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         logger.info("replica %s of %r ready", self.replica_id, self.config.served_name)
 
     async def generate(self, request: GenerateRequest):
