@@ -35,7 +35,10 @@ def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int =
     hashes: list[int] = []
     parent = None
     for i in range(min((len(token_ids) - 1) // block_size, max_blocks)):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+        try:
+            parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+        except OverflowError:  # ids no vocabulary has: the replica turns the request away with a 400
+            return []
         hashes.append(parent)
     return hashes
 

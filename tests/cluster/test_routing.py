@@ -56,6 +56,13 @@ def test_router_hashes_are_the_engines_prefix_cache_hashes():
         llm.shutdown()
 
 
+def test_prompts_of_impossible_token_ids_route_without_affinity():
+    # The router hashes a prompt before any replica has checked it; ids beyond any vocabulary must not fail the
+    # routing (the request hung), so the replica can answer 400.
+    assert prefix_block_hashes([2 ** 40] + [1] * 40, block_size=16) == []
+    assert len(prefix_block_hashes([5] * 41, block_size=16)) == 2
+
+
 def test_power_of_two_switch_uses_serves_router():
     assert request_router_config(MODEL, "power_of_two").request_router_class.endswith("PowerOfTwoChoicesRequestRouter")
     prefix = request_router_config(MODEL, "prefix_aware")
