@@ -9,6 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ClusterConfig
 
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
+
 
 def free_port() -> int:
     with socket.socket() as s:

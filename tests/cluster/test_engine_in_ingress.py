@@ -12,13 +12,11 @@ import pytest
 from cluster.app import INGRESS_NAME
 from cluster.config import ClusterConfig, ModelConfig
 from engine import LLM, SamplingParams
-from cluster_testing import deploy, replica_metric, wait_for
+from cluster_testing import MESSAGES, PROMPT, deploy, replica_metric, wait_for
 
 # Capacity: one request held by the replica plus one in the model's queue; a third is turned away with 429.
 CONFIG = ClusterConfig(app_name="colocated", engine_in_ingress=True,
                        models=[ModelConfig(model="demo", num_kv_blocks=256, max_ongoing_requests=1, max_queue_size=1)])
-PROMPT = "The capital of France is"
-MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
 @pytest.fixture(scope="module")

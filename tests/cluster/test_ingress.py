@@ -11,7 +11,7 @@ import pytest
 
 from cluster.config import ClusterConfig, LimitsConfig, ModelConfig
 from engine import SamplingParams
-from cluster_testing import deploy, metrics, replica_metric, wait_for
+from cluster_testing import MESSAGES, PROMPT, deploy, metrics, replica_metric, wait_for
 
 API_KEY = "test-key"
 CONFIG = ClusterConfig(
@@ -23,8 +23,6 @@ CONFIG = ClusterConfig(
     api_keys=[API_KEY],
     limits=LimitsConfig(max_request_bytes=64 * 1024, max_n=4),
 )
-PROMPT = "The capital of France is"
-MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
 @pytest.fixture(scope="module")
