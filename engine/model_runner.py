@@ -201,11 +201,9 @@ class ModelRunner:
                 gen.manual_seed(seq.seed)
             self.states[seq.req_id] = SamplingState(seq.params, seq.prompt_token_ids, seq.stop_ids, gen)
 
-    def execute(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """`intermediate`: (hidden, residual) from the previous pipeline stage. A stage before the last returns
-        its own (hidden, residual) instead of a StepOutput."""
-        step = self.launch(batch, intermediate)
-        return step if isinstance(step, tuple) else self.finish(step)
+    def execute(self, batch: BatchInput) -> StepOutput:
+        """One whole step on a single-stage model: launch, then wait for its output."""
+        return self.finish(self.launch(batch))
 
     @torch.inference_mode()
     def launch(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
