@@ -49,8 +49,7 @@ class EngineCore:
         # Pipeline parallel, async: each micro-batch's next step is launched before its tokens reach the driver
         # (the last stage sends them to the first, device to device), so the first stage never waits for the
         # driver's round trip: pp + 1 steps in flight.
-        self.pipeline_ahead = self.pipeline_depth > 1 and config.async_scheduling is not False and getattr(
-            self.executor, "forwards_sampled_tokens", False)
+        self.pipeline_ahead = self.pipeline_depth > 1 and config.async_scheduling is not False
         self.max_in_flight = self.pipeline_depth + self.pipeline_ahead
         self.prompt_tokens = 0
         self.generation_tokens = 0

@@ -121,15 +121,20 @@ class PPStage:
 
     def send_tokens(self, tokens: torch.Tensor) -> None:
         """Last stage: a step's sampled tokens to the first stage, without waiting for them to arrive."""
-        self._token_sends.append(dist.isend(tokens, self.rank - (self.size - 1) * self.tp_size,
-                                            group=self.token_group))
+        self._token_sends.append(dist.isend(tokens, self._token_peer, group=self.token_group))
         while len(self._token_sends) > 2 * self.size:  # long received; keeps the buffers alive until then
             self._token_sends.popleft().wait()
 
     def recv_tokens(self, num_tokens: int, device: torch.device) -> DeviceTokens:
         """First stage: the tokens the last stage samples for a step this stage has just launched."""
         buf = torch.empty(num_tokens, dtype=torch.long, device=device)
-        return DeviceTokens(buf, dist.irecv(buf, self.rank + (self.size - 1) * self.tp_size, group=self.token_group))
+        return DeviceTokens(buf, dist.irecv(buf, self._token_peer, group=self.token_group))
+
+    @property
+    def _token_peer(self) -> int:
+        """The same TP rank of the last stage (from the first) or of the first (from the last)."""
+        hops = (self.size - 1) * self.tp_size
+        return self.rank + hops if self.is_first else self.rank - hops
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per step

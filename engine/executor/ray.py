@@ -217,12 +217,6 @@ class RayExecutor:
         return self._results.pop(handle) or StepOutput()
 
     @property
-    def forwards_sampled_tokens(self) -> bool:
-        """Whether a step may decode a token an earlier step sampled that the driver has not seen yet: the first
-        pipeline stage receives it from the last (engine/worker.py)."""
-        return self.pp > 1
-
-    @property
     def _output_rank(self) -> int:
         return (self.pp - 1) * self.tp
 
