@@ -116,6 +116,9 @@ def sweep_gemv(rows: list[int]) -> dict:
 FUSIONS = {  # name: (N, K, gemv options) of the batch-1 decode layer (models/llama.py decode_one), Llama-3-8B
     "qkv+norm": (6144, 4096, {"norm": True}), "o+residual": (4096, 4096, {"residual": True}),
     "gate_up+norm": (28672, 4096, {"gated": True, "norm": True}), "down+residual": (4096, 14336, {"residual": True}),
+    "qkv+norm_tp2": (3072, 4096, {"norm": True}), "o+residual_tp2": (4096, 2048, {"residual": True}),
+    "gate_up+norm_tp2": (14336, 4096, {"gated": True, "norm": True}),
+    "down+residual_tp2": (4096, 7168, {"residual": True}),
 }
 
 

@@ -68,7 +68,9 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     if world > 1:
         tp, _ = init_distributed(rank, world, world, "127.0.0.1", port, 120.0, device, "127.0.0.1")
     cfg = load_hf_config(Path(args.model))
-    runner = ModelRunner(Path(args.model), cfg, torch.bfloat16, device, max_model_len=args.ctx + BLOCK,
+    # As the engine's decode graphs are captured: for the longest context, which picks split-KV attention.
+    max_len = getattr(cfg, "max_position_embeddings", 8192)
+    runner = ModelRunner(Path(args.model), cfg, torch.bfloat16, device, max_model_len=max_len,
                          block_size=BLOCK, seed=0, tp=tp, max_num_seqs=1, enforce_eager=True)
     blocks = -(-(args.ctx + 1) // BLOCK)
     runner.allocate_kv_cache(blocks + 1)
@@ -80,7 +82,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     meta = AttentionMetadata(slot_mapping=positions.clone(), query_start_loc=torch.tensor([0, 1], **i32),
                              seq_lens=torch.tensor([args.ctx], **i32),
                              block_tables=torch.arange(blocks, **i32)[None], max_query_len=1,
-                             max_seq_len=args.ctx, query_lens_cpu=[1], seq_lens_cpu=[args.ctx])
+                             max_seq_len=max_len, query_lens_cpu=[1], seq_lens_cpu=[args.ctx])
     model = runner.model
 
     def step():

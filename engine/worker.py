@@ -18,6 +18,8 @@ from engine.executor.shm_channel import ShmChannel
 from engine.model_runner import BatchInput, LaunchedStep, ModelRunner, StepOutput
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
 
+BATCH_POLL_S = 20e-6  # while a launched step runs: how often to look for the next batch
+
 
 class Worker:
     def __init__(self):
@@ -101,9 +103,10 @@ class Worker:
 
         # A launched step not finished yet (one stage, or the last pipeline stage): the next step is launched
         # before it is finished, so the device has work queued while this thread waits for the sampled tokens. It
-        # is finished first when no batch is waiting, and at once when it has prompt logprobs, whose logits gather
-        # over the TP group (every rank must do that before launching the next step, whatever each has received by
-        # then). The first stage does not wait for it: it receives the sampled tokens device to device.
+        # is finished first when the device is done with it before the next batch comes, and at once when it has
+        # prompt logprobs, whose logits gather over the TP group (every rank must do that before launching the next
+        # step, whatever each has received by then). The first stage does not wait for it: it receives the sampled
+        # tokens device to device.
         pending = None
 
         def finish_pending() -> None:
@@ -114,7 +117,8 @@ class Worker:
 
         try:
             while True:
-                if pending is not None and (pending.hidden is not None or not batches.ready()):
+                if pending is not None and (pending.hidden is not None
+                                            or not self._batch_comes_first(batches, pending)):
                     finish_pending()
                 batch = batches.read()
                 launched = None
@@ -130,6 +134,19 @@ class Worker:
             for channel in (batches, outputs):
                 if channel:
                     channel.close()
+
+    @staticmethod
+    def _batch_comes_first(batches: ShmChannel, step: LaunchedStep) -> bool:
+        """Wait for the next batch or for the device to finish `step`, whichever comes first; True for the batch.
+        Launched before `step` is finished, the next step is queued behind it and the device never idles (finished
+        first, it would wait out this thread's reading and launching of the next step: 0.46 ms of a 3.8 ms step
+        at TP=2 on H200s). On CPU a launched step is already done."""
+        done = step.sampled.ready if step.sampled is not None else None
+        while not batches.ready():
+            if done is None or done.query():
+                return False
+            time.sleep(BATCH_POLL_S)
+        return True
 
     def _timed(self, fn, *args):
         """Run fn on the rank's thread, marking when it started (ping reports a step that hangs)."""
