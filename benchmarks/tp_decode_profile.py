@@ -1,7 +1,8 @@
 """Where the GPU time of one batch-1 decode step goes, at TP=1 and TP=2: each rank captures the step (embedding,
 layers, norm, LM head) as one CUDA graph, times its replays, and profiles a few with torch.profiler for every
 kernel's time and the gaps between kernels. Variants show what a change could buy before it is built:
-`no_allreduce` captures the same graph with the TP all-reduces left out (wrong numbers, right timing).
+`one_shot` all-reduces with separate one-shot kernels instead of inside the gemvs (ReduceSites), `no_allreduce`
+captures the same graph with the TP all-reduces left out (wrong numbers, right timing).
 
     python benchmarks/tp_decode_profile.py --model /tmp/llama3-8b-random --tp 1 2 --out-dir $OUT
 
@@ -89,10 +90,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         hidden, _ = model(ids, positions, meta)
         return model.logits(hidden).argmax(-1)
 
-    results = {}
+    results, sites = {}, tp.reduce_sites
     for variant in args.variants:
-        if variant == "no_allreduce" and world == 1:
+        if variant in ("no_allreduce", "one_shot") and world == 1:
             continue
+        tp.reduce_sites = sites if variant == "base" else []  # one_shot: the all-reduce kernels of before
         if variant == "no_allreduce":
             tp.all_reduce = lambda x: x  # instance attribute shadows the method for this capture only
         with torch.inference_mode():
@@ -116,7 +118,8 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
             graph.replay()
         end.record()
         torch.cuda.synchronize()
-        results[variant] = {"ms_per_step": start.elapsed_time(end) / args.replays, **_profile(graph, 10)}
+        results[variant] = {"ms_per_step": start.elapsed_time(end) / args.replays, **_profile(graph, 10),
+                            "fused_all_reduce": bool(tp.reduce_sites)}
         del graph
     if rank == 0:
         queue.put(results)
@@ -131,7 +134,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ctx", type=int, default=256, help="context of the decoding sequence (W1 averages 256)")
     ap.add_argument("--replays", type=int, default=500)
-    ap.add_argument("--variants", nargs="+", default=["base", "no_allreduce"])
+    ap.add_argument("--variants", nargs="+", default=["base", "one_shot", "no_allreduce"])
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
 

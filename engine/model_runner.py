@@ -78,6 +78,12 @@ class ModelRunner:
         self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
         self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
         self.use_triton = select_kernels(self.model, attention_backend, device)
+        # Batch-1 decode steps of a single-stage model all-reduce inside their gemvs: two sites a layer, but the
+        # last layer's down projection, whose sum the final norm reads from the one-shot buffer.
+        single_stage = self.model.is_first and self.model.is_last
+        self.fused_all_reduce = bool(self.one_shot_all_reduce and self.use_triton and single_stage and
+                                     tp.enable_reduce_sites(2 * hf_config.num_hidden_layers - 1,
+                                                            hf_config.hidden_size, dtype, device))
         self.sampler = Sampler(hf_config.vocab_size, device, seed)
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
@@ -91,7 +97,7 @@ class ModelRunner:
 
     def describe(self) -> dict:
         return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
-                "one_shot_all_reduce": self.one_shot_all_reduce,
+                "one_shot_all_reduce": self.one_shot_all_reduce, "fused_all_reduce": self.fused_all_reduce,
                 "device": str(self.device), "dtype": str(self.dtype),
                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None}
 

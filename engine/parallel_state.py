@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.kernels.reduce_site import ReduceSite
+
 logger = logging.getLogger("strata")
 # Inputs up to this size are all-reduced one-shot through symmetric memory: every rank reads its peers' copies
 # over NVLink and sums them, in one kernel. On two H200s (benchmarks/allreduce.py, inside a CUDA graph) that takes
@@ -36,6 +38,8 @@ class TPGroup:
     group: Any = None  # torch.distributed ProcessGroup when size > 1
     same_node: bool = True  # every rank of the group runs on one node
     _one_shot_buffer: torch.Tensor | None = None
+    # The batch-1 decode's all-reduces folded into its gemvs (engine/kernels/reduce_site.py), in step order
+    reduce_sites: list[ReduceSite] = field(default_factory=list)
 
     def enable_one_shot_all_reduce(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Small all-reduces (decode steps) through a symmetric-memory buffer instead of NCCL. Collective: every
@@ -52,6 +56,29 @@ class TPGroup:
             logger.warning("one-shot all-reduce unavailable, using NCCL for every all-reduce: %s", e)
             return False
         self._one_shot_buffer = buffer
+        return True
+
+    def enable_reduce_sites(self, num_sites: int, width: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """`num_sites` all-reduces of one [1, width] row each, through symmetric memory the gemvs push to and read
+        (a batch-1 decode step's o/down projections). Collective, like enable_one_shot_all_reduce, and only where
+        that one is enabled (same node, CUDA). A site's count is reset by the reader of the next one, so a step
+        needs at least three."""
+        if self._one_shot_buffer is None or num_sites < 3:
+            return False
+        import torch.distributed._symmetric_memory as symm_mem
+
+        parts = symm_mem.empty(num_sites, self.size, width, dtype=dtype, device=device)
+        counters = symm_mem.empty(2, num_sites, dtype=torch.int32, device=device)  # counts, tickets
+        counters.zero_()
+        torch.cuda.synchronize(device)
+        peer_parts = _peer_addresses(parts, symm_mem.rendezvous(parts, self.group.group_name), self.rank)
+        peer_counts = _peer_addresses(counters, symm_mem.rendezvous(counters, self.group.group_name), self.rank)
+        row_bytes, count_bytes = parts[0].nbytes, counters.element_size()
+        self.reduce_sites = [
+            ReduceSite(parts[s], counters[0, s:s + 1], counters[1, s:s + 1],
+                       (peer_parts + s * row_bytes).to(device), (peer_counts + s * count_bytes).to(device),
+                       counters[0, s - 1:s] if s else counters[0, -1:], self.rank)
+            for s in range(num_sites)]
         return True
 
     def staging(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
@@ -150,6 +177,12 @@ class DeviceTokens:
             self.work.wait()
             self.work = None
         return self.tensor
+
+
+def _peer_addresses(tensor: torch.Tensor, handle, rank: int) -> torch.Tensor:
+    """int64 [world] (host): where `tensor` starts in each rank's mapping of the symmetric allocation."""
+    offset = tensor.data_ptr() - handle.buffer_ptrs[rank]
+    return torch.tensor([ptr + offset for ptr in handle.buffer_ptrs], dtype=torch.int64)
 
 
 def balanced_layer_split(hf_config, pp: int) -> list[int]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
+from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
 MAX_ROWS = 8  # x stays in registers
 
@@ -43,16 +44,23 @@ def _dot_rows(x, w):
     return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "rank"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride, out_stride,
-                 residual_stride, eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr, ticket_ptr,
+                 rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 ADD_RESIDUAL: tl.constexpr):
+                 ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
+                 PUSH: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
     comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
-    itself: each element is read and written by the one program that owns its row)."""
+    itself: each element is read and written by the one program that owns its row).
+    X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
+    residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
+    every rank instead of stored at out_ptr (which is the site's parts here)."""
     pid = tl.program_id(0)
+    if X_PARTS > 0:
+        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
     rows_m = tl.arange(0, BLOCK_M)
@@ -65,7 +73,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
     for k0 in range(0, K, BLOCK_K):
-        x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
+        if X_PARTS > 0:
+            x = load_part_sum(x_ptr, x_stride, (k0 + cols)[None, :], (k0 + cols < K)[None, :], X_PARTS)
+        else:
+            x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
         if NORM:
             x = x.to(tl.float32)
             sum_sq += x * x
@@ -85,10 +96,18 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N
         acc = acc * tl.sigmoid(acc) * acc_up
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ADD_RESIDUAL:
-        acc += tl.load(residual_ptr + rows_m[:, None] * residual_stride + rows_n[None, :], mask=out_mask,
-                       other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=out_mask)
+        if RESIDUAL_PARTS > 0:
+            acc += load_part_sum(residual_ptr, residual_stride, rows_n[None, :], out_mask,
+                                 RESIDUAL_PARTS).to(tl.float32)
+        else:
+            acc += tl.load(residual_ptr + rows_m[:, None] * residual_stride + rows_n[None, :], mask=out_mask,
+                           other=0.0).to(tl.float32)
+    if PUSH > 0:
+        push_part(acc.to(out_ptr.dtype.element_ty), rows_n[None, :], out_mask, out_stride, peer_parts_ptr,
+                  peer_counts_ptr, ticket_ptr, rank, PUSH)
+    else:
+        tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -102,39 +121,56 @@ def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
     return GemvConfig(4, 1024, 4, 2)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, gated: bool = False,
-         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
+         out: torch.Tensor | None = None, push: ReduceSite | None = None) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two).
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
     residual: [M, N]: the result plus residual (the add after a projection).
-    out: [M, N] with contiguous rows to write into (default: residual itself, in place, or a new tensor)."""
-    if not use_triton(x):
-        result = gemv_ref(x, weight, bias, gated, norm, residual)
-        out = residual if out is None else out
+    out: [M, N] with contiguous rows to write into (default: residual itself, in place, or a new tensor).
+    x and residual may be ReduceSites (M = 1): the sum of the ranks' parts, x waited for. push: the result is this
+    rank's part of that site, sent to every rank; returns the site (reduce_site.py)."""
+    x_site = x if isinstance(x, ReduceSite) else None
+    residual_site = residual if isinstance(residual, ReduceSite) else None
+    if not use_triton(weight):
+        assert push is None, "ReduceSites are pushed by the Triton kernel only"
+        result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
+                          residual_site.sum() if residual_site else residual)
+        out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
-    m, k = x.shape
+    m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert m <= MAX_ROWS and weight.shape[1] == k and weight.stride(-1) == 1
+    x_rows = x_site.parts if x_site else x
+    assert x_rows.stride(-1) == 1
+    residual_rows = residual_site.parts if residual_site else residual
     if residual is not None:
-        assert residual.shape == (m, n) and residual.stride(-1) == 1
+        assert residual_rows.shape[-1] == n and residual_rows.stride(-1) == 1
+        assert residual_site is not None or residual.shape[0] == m
+    if push is not None:
+        assert m == 1 and out is None and push.parts.shape[1] == n
+        out = push.parts
     if out is None:
-        out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    assert out.shape == (m, n) and out.stride(-1) == 1
-    added = residual if residual is not None else out  # never read without ADD_RESIDUAL
+        out = residual if residual is not None and residual_site is None else torch.empty(m, n, dtype=weight.dtype,
+                                                                                           device=weight.device)
+    assert (out.shape == (m, n) or out is push.parts) and out.stride(-1) == 1
+    added = residual_rows if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
+    waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
+    pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0), added.stride(0), norm[1] if norm else 0.0,
+        x_rows, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
+        x_rows.stride(0), weight.stride(0), out.stride(0), added.stride(0), norm[1] if norm else 0.0, *waits, *pushes,
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        num_warps=num_warps, num_stages=num_stages)
-    return out
+        X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
+        PUSH=push.world if push else 0, num_warps=num_warps, num_stages=num_stages)
+    return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,

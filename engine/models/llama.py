@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from engine.kernels import gemv
+from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
@@ -83,24 +84,29 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def decode_one(self, positions, h, meta) -> torch.Tensor:
+    def decode_one(self, positions, h, meta, sites=(None, None)):
         """One token through a single-stage model on the Triton path (LlamaForCausalLM.takes_decode_one): `h` is
         the residual stream. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add
         inside the one before it, so a layer is four of those, rotary, attention and, under tensor parallelism,
-        the two all-reduces: no norm or add kernels."""
+        the two all-reduces: no norm or add kernels. `sites`: the ReduceSites the o and down projections
+        all-reduce through inside their kernels (None: a separate all-reduce); `h` may be the previous one."""
         attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln.weight, ln.eps))
-        h = _add_projection(attn.o_proj, attn.attend(positions, qkv, meta), h)
-        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps))
-        return _add_projection(mlp.down_proj, act, h)
+        h = _add_projection(attn.o_proj, attn.attend(positions, qkv, meta), h, sites[0])
+        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True,
+                   norm=(post_ln.weight, post_ln.eps))
+        return _add_projection(mlp.down_proj, act, h, sites[1])
 
 
-def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h, site: ReduceSite | None):
     """h + proj(x). Tensor-parallel rank 0 adds h to its partial product and the all-reduce sums that with the
-    other ranks' (each written straight into the all-reduce's buffer where it has one); on one GPU, h in place."""
+    other ranks': pushed to `site` from the kernel, or written straight into the all-reduce's buffer where it has
+    one; on one GPU, h in place."""
     first = proj.tp.rank == 0
-    part = gemv(x, proj.weight, proj.bias if first else None, residual=h if first else None,
-                out=proj.tp.staging(h.shape, h.dtype))
+    bias, residual = (proj.bias, h) if first else (None, None)
+    if site is not None:
+        return gemv(x, proj.weight, bias, residual=residual, push=site)
+    part = gemv(x, proj.weight, bias, residual=residual, out=proj.tp.staging((1, proj.weight.shape[0]), x.dtype))
     return proj.tp.all_reduce(part)
 
 
@@ -115,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
         tp = tp or TPGroup()
+        self.tp = tp
         self.cfg = cfg
         self.layer_range = layer_range or (0, cfg.num_hidden_layers)
         self.is_first = self.layer_range[0] == 0
@@ -135,8 +142,9 @@ class LlamaForCausalLM(nn.Module):
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
         if self.takes_decode_one(hidden):
-            for layer in self.layers.values():
-                hidden = layer.decode_one(positions, hidden, meta)
+            sites = self.tp.reduce_sites + [None]  # the norm reads the last down projection's all-reduce
+            for i, layer in enumerate(self.layers.values()):
+                hidden = layer.decode_one(positions, hidden, meta, sites[2 * i: 2 * i + 2] if sites[0] else (None,) * 2)
             return self.norm(hidden), None
         for layer in self.layers.values():
             hidden, residual = layer(positions, hidden, residual, meta)

@@ -35,3 +35,27 @@ def test_nccl_matches_one_gpu(local_ray, tiny_model_dir, kind, tp, pp, eager):
         llm.engine.executor.check_health()
     finally:
         llm.shutdown()
+
+
+def test_tp2_batch1_decode_all_reduces_inside_its_gemvs(local_ray, tiny_model_dir):
+    """One sequence at a time, TP=2 decodes through the gemvs' own all-reduce (ReduceSites in symmetric memory)
+    in CUDA graphs and eagerly, and still gives one GPU's tokens and logprobs."""
+    path = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    prompts = random_prompts(seed=7, lens=(5, 40, 77))
+    one = LLM(path, dtype="float32", device="cuda")
+    ref = [one.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    one.shutdown()
+    del one
+    torch.cuda.empty_cache()
+    for eager in (False, True):
+        llm = LLM(path, dtype="float32", tensor_parallel_size=2, enforce_eager=eager)
+        try:
+            assert llm.engine.executor.describe()["fused_all_reduce"]
+            for prompt, theirs in zip(prompts, ref):
+                mine = llm.generate([prompt], params, use_tqdm=False)[0]
+                assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+                for a, b in zip(mine.outputs[0].logprobs, theirs.outputs[0].logprobs):
+                    assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-3)
+        finally:
+            llm.shutdown()

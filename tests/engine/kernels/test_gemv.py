@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
+from engine.kernels.reduce_site import ReduceSite
 from engine.kernels.rms_norm import rms_norm_ref
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -90,3 +91,45 @@ def test_gemv_writes_residual_plus_product_into_another_buffer(device):
     out = gemv(x, weight, None, GemvConfig(16, 64, 4, 2), residual=residual, out=buffer[0:1])
     assert out.data_ptr() == buffer.data_ptr() and torch.equal(residual, before) and buffer[1].isnan().all()
     torch.testing.assert_close(out, before + gemv_ref(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def _reduce_sites(world: int, n: int, device: str, dtype: torch.dtype) -> list[ReduceSite]:
+    """One site as each of `world` ranks sees it, all in this process: their buffers stand in for the symmetric
+    memory, and the peer address tables point at each of them."""
+    parts = [torch.full((world, n), float("nan"), dtype=dtype, device=device) for _ in range(world)]
+    counters = [torch.tensor([0, 0, 7], dtype=torch.int32, device=device) for _ in range(world)]  # count, ticket, prev
+    peer_parts = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=device)
+    peer_counts = torch.tensor([c.data_ptr() for c in counters], dtype=torch.int64, device=device)
+    return [ReduceSite(parts[r], counters[r][0:1], counters[r][1:2], peer_parts, peer_counts, counters[r][2:3], r)
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_all_reduces_through_a_reduce_site(device, dtype):
+    """Each of three ranks pushes its partial product (rank 0 adding the residual) into the site on every rank and
+    counts itself in there once; a later gemv reads the sum as x, another as its residual, both the all-reduce's."""
+    torch.manual_seed(0)
+    world, n, k = 3, 70, 96
+    sites = _reduce_sites(world, n, device, dtype)
+    xs = [torch.randn(1, k, device=device, dtype=dtype) for _ in range(world)]
+    weights = [(torch.randn(n, k, device=device) / k ** 0.5).to(dtype) for _ in range(world)]
+    residual = torch.randn(1, n, device=device, dtype=dtype)
+    for r in range(world):  # ranks in turn: a rank's kernel never waits for the others to push
+        assert gemv(xs[r], weights[r], None, GemvConfig(16, 64, 4, 2), residual=residual if r == 0 else None,
+                    push=sites[r]) is sites[r]
+    parts = [residual.float() + gemv_ref(xs[0], weights[0]).float()] + \
+        [gemv_ref(x, w).float() for x, w in zip(xs[1:], weights[1:])]
+    for site in sites:
+        assert site.count.item() == world and site.ticket.item() == 0  # every rank counted in; ticket rearmed
+        torch.testing.assert_close(site.parts.float(), torch.cat(parts), **TOL[dtype])
+    total = sites[1].sum()
+    torch.testing.assert_close(total.float(), sum(parts), **TOL[dtype])
+
+    w2 = (torch.randn(40, n, device=device) / n ** 0.5).to(dtype)
+    norm = (torch.rand(n, device=device, dtype=dtype) + 0.5, 1e-5)
+    y = gemv(sites[1], w2, None, GemvConfig(8, 32, 4, 2), norm=norm)
+    torch.testing.assert_close(y, gemv_ref(total, w2, norm=norm), **TOL[dtype])
+    assert sites[1].previous_count.item() == 0 and sites[2].previous_count.item() == 7  # read here: reset here
+    w3 = (torch.randn(n, 40, device=device) / 40 ** 0.5).to(dtype)
+    z = gemv(y, w3, None, GemvConfig(16, 64, 4, 2), residual=sites[1])
+    torch.testing.assert_close(z, gemv_ref(y, w3, residual=total), **TOL[dtype])
