@@ -1,8 +1,7 @@
 """Where the GPU time of one batch-1 decode step goes, at TP=1 and TP=2: each rank captures the step (embedding,
 layers, norm, LM head) as one CUDA graph, times its replays, and profiles a few with torch.profiler for every
 kernel's time and the gaps between kernels. Variants show what a change could buy before it is built:
-`one_shot` all-reduces with separate one-shot kernels instead of inside the gemvs (ReduceSites), `push_block_n=8`
-gives the gemvs that push to a site 8 rows a program, `no_allreduce`
+`one_shot` all-reduces with separate one-shot kernels instead of inside the gemvs (ReduceSites), `no_allreduce`
 captures the same graph with the TP all-reduces left out (wrong numbers, right timing).
 
     python benchmarks/tp_decode_profile.py --model /tmp/llama3-8b-random --tp 1 2 --out-dir $OUT
@@ -91,15 +90,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         hidden, _ = model(ids, positions, meta)
         return model.logits(hidden).argmax(-1)
 
-    gemv_module = sys.modules["engine.kernels.gemv"]  # the package exports the function under the same name
-
-    results, sites, push_block_n = {}, tp.reduce_sites, gemv_module.PUSH_BLOCK_N
+    results, sites = {}, tp.reduce_sites
     for variant in args.variants:
         if variant != "base" and world == 1:
             continue
-        fused = variant == "base" or variant.startswith("push_block_n=")
-        tp.reduce_sites = sites if fused else []  # one_shot: the all-reduce kernels of before
-        gemv_module.PUSH_BLOCK_N = int(variant.split("=")[1]) if "=" in variant else push_block_n
+        tp.reduce_sites = sites if variant == "base" else []  # one_shot: the all-reduce kernels of before
         if variant == "no_allreduce":
             tp.all_reduce = lambda x: x  # instance attribute shadows the method for this capture only
         with torch.inference_mode():

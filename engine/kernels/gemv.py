@@ -13,9 +13,6 @@ from ._triton import next_pow2, tl, triton, use_triton
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
 MAX_ROWS = 8  # x stays in registers
-# Rows a program of a gemv that pushes to a ReduceSite takes: each program takes a ticket (one atomic on one
-# address) after a system-scope fence, so fewer, wider programs than the plain tiles' 4 rows.
-PUSH_BLOCK_N = 16
 
 
 class GemvConfig(NamedTuple):
@@ -113,14 +110,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N
                  mask=out_mask)
 
 
-def gemv_config(m: int, norm: bool = False, gated: bool = False, push: bool = False) -> GemvConfig:
+def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
     """Within 6% of each Llama-8B shape's best at M = 1, TP 1 and 2 (H100 sweep). A folded RMSNorm loads x and the
     norm weight in every program: longer K tiles (and for qkv 8 rows a program) amortize that (qkv 20.2 us
     against 23.3 with the plain tiles, gate/up 79.3 against 84.8; benchmarks/kernel_tuning.py --only fusions)."""
     if m > 1:
         return GemvConfig(16, 256, 4, 3)
-    if push:
-        return GemvConfig(PUSH_BLOCK_N, 1024, 4, 2)
     if norm:
         return GemvConfig(4, 2048, 4, 2) if gated else GemvConfig(8, 2048, 8, 2)
     return GemvConfig(4, 1024, 4, 2)
@@ -165,7 +160,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     added = residual_rows if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
-    block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated, push is not None)
+    block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
