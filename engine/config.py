@@ -44,8 +44,8 @@ class EngineConfig(BaseModel):
         "auto", description="auto = Triton on CUDA, torch reference on CPU.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     disable_custom_all_reduce: bool = Field(
-        False, description="Tensor parallel on GPUs: NCCL for every all-reduce, not the one-shot symmetric-memory "
-                           "kernel for small ones.")
+        False, description="Tensor parallel on GPUs: NCCL for every all-reduce, not symmetric memory (one-shot "
+                           "kernels for small ones, and batch-1 decode's inside its matrix-vector kernels).")
     async_scheduling: bool | None = Field(
         None, description="Schedule and launch step n+1 while step n runs; under pipeline parallelism, each "
                           "micro-batch's next step before its tokens reach the driver. Default: on with CUDA, "
