@@ -203,6 +203,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--cprofile", action="store_true", help="print a host-side profile of 64 batch-1 decode steps")
     ap.add_argument("--profile", action="store_true", help="with --decode-roofline: profile 8 decode steps")
+    ap.add_argument("--torch-profile", type=Path, default=None,
+                    help="write a torch.profiler Chrome trace of W1 per rank to this directory (W1 then runs profiled)")
     ap.add_argument("--decode-roofline", action="store_true",
                     help="also time decode at batch 64 with 1k context against the bytes-moved roofline (CUDA)")
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[64],
@@ -256,7 +258,11 @@ def main(argv=None) -> dict:
         if args.cprofile and name == "W1":
             _cprofile(llm, prompts, out_lens)
         warm_up(llm, prompts, vocab)
+        if args.torch_profile and name == "W1":
+            llm.start_profile(str(args.torch_profile))
         res = run_engine(llm, prompts, out_lens)
+        if args.torch_profile and name == "W1":
+            print("torch.profiler traces:", *llm.stop_profile())
         if name == "W1":
             res["ms_per_token"] = 1000 * res["seconds"] / res["output_tokens"]
         if name in baselines:

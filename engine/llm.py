@@ -87,6 +87,14 @@ class LLM:
         prompts = [apply_chat_template(self.engine.tokenizer, m, chat_template=chat_template) for m in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def start_profile(self, out_dir: str) -> None:
+        """Record what every rank's host and device do (torch.profiler) until stop_profile()."""
+        self.engine.executor.start_profile(out_dir)
+
+    def stop_profile(self) -> list[str]:
+        """The Chrome traces written, one per rank."""
+        return self.engine.executor.stop_profile()
+
     def stats(self):
         return self.engine.stats()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,25 @@ class ModelRunner:
                 "one_shot_all_reduce": self.one_shot_all_reduce, "fused_all_reduce": self.fused_all_reduce,
                 "device": str(self.device), "dtype": str(self.dtype),
                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None}
+
+    # -- profiling ------------------------------------------------------------------------------------------
+    def start_profile(self, out_dir: str) -> None:
+        """Record host and device activity with torch.profiler until stop_profile()."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profiler = profile(activities=activities)
+        self._profiler.__enter__()
+        self._profile_dir = Path(out_dir)
+
+    def stop_profile(self) -> str:
+        """Stop recording; returns the Chrome trace written under start_profile's directory."""
+        self._profiler.__exit__(None, None, None)
+        self._profile_dir.mkdir(parents=True, exist_ok=True)
+        path = self._profile_dir / f"trace-{str(self.device).replace(':', '')}-pid{os.getpid()}.json"
+        self._profiler.export_chrome_trace(str(path))
+        self._profiler = None
+        return str(path)
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:

@@ -32,6 +32,12 @@ class LocalExecutor:
     def discard(self, handle: LaunchedStep) -> None:
         self.runner.discard(handle)
 
+    def start_profile(self, out_dir: str) -> None:
+        self.runner.start_profile(out_dir)
+
+    def stop_profile(self) -> list[str]:
+        return [self.runner.stop_profile()]
+
     def check_health(self) -> None:
         pass
 

@@ -185,6 +185,13 @@ class RayExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._call(self.workers, "allocate its KV cache", "allocate_kv_cache", num_blocks)
 
+    def start_profile(self, out_dir: str) -> None:
+        """torch.profiler on every rank until stop_profile (out_dir on each rank's own node)."""
+        self._call(self.workers, "start profiling", "start_profile", out_dir)
+
+    def stop_profile(self) -> list[str]:
+        return self._call(self.workers, "stop profiling", "stop_profile")
+
     def _call(self, workers: list, what: str, method: str, *args) -> list:
         """A ModelRunner method on each of `workers`, through Ray: the channel loops hold the workers' threads,
         so they stop first (after the steps already sent) and start again with the next step."""

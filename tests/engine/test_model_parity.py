@@ -65,3 +65,16 @@ def test_sharded_checkpoint_and_dtype_override(tiny_model_dir, tmp_path):
     half = LLM(str(tmp_path), dtype="bfloat16")
     assert half.engine.setup.dtype == torch.bfloat16
     assert all(len(o.outputs[0].token_ids) == 8 for o in half.generate(prompts, params, use_tqdm=False))
+
+
+def test_one_process_engine_records_a_profile(tiny_model_dir, tmp_path):
+    """LLM.start_profile/stop_profile without workers: one trace, of this process, holding the step's torch ops."""
+    import json
+    import os
+
+    llm = LLM(str(tiny_model_dir("llama")))
+    llm.start_profile(str(tmp_path / "traces"))
+    llm.generate(random_prompts(lens=(9,)), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    (trace,) = llm.stop_profile()
+    assert trace.startswith(str(tmp_path / "traces")) and f"pid{os.getpid()}" in trace
+    assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])

@@ -1,8 +1,10 @@
 """Tensor and pipeline parallel over Ray workers (gloo on CPU) give what one process gives; failures surface fast."""
 import asyncio
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -76,15 +78,21 @@ def test_the_default_split_gives_the_last_stage_fewer_layers_for_its_lm_head():
 
 @pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama_tied_mha", 1, 2),
                                         ("qwen3", 2, 2)])
-def test_parallel_matches_one_process(local_ray, tiny_model_dir, reference, kind, tp, pp):
+def test_parallel_matches_one_process(local_ray, tiny_model_dir, reference, tmp_path, kind, tp, pp):
     """mistral has one KV head, replicated over the two ranks; the tied model's last stage loads the embedding
-    as its LM head."""
+    as its LM head. Every rank records what it runs while profiled."""
     llm = LLM(str(tiny_model_dir(kind)), tensor_parallel_size=tp, pipeline_parallel_size=pp)
     executor = llm.engine.executor
     try:
         nodes = executor.worker_nodes()
         assert [(n["stage"], n["tp_rank"]) for n in nodes] == [(s, t) for s in range(pp) for t in range(tp)]
+        llm.start_profile(str(tmp_path))
         assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference(kind))
+        traces = llm.stop_profile()
+        assert len(traces) == len(nodes) and all(f"pid{n['pid']}" in t for t, n in zip(traces, nodes))
+        for trace in traces:
+            events = json.loads(Path(trace).read_text())["traceEvents"]
+            assert any(e.get("name", "").startswith("aten::") for e in events)
         executor.check_health()
         if pp > 1:
             pipelined_steps_match(executor, reference(kind))
