@@ -4,7 +4,8 @@
 # machine. A random-weight SmolLM2-135M-shaped checkpoint (the hub is out of reach there; compute is the same).
 # Device tool: carry [".whl"], then: bash benchmarks/cpu_serving_overhead.sh   (JSON to $OUT)
 # RUNS: the serving_overhead.py modes, in order ("standard" = ingress + engine replica; "colocated" =
-# --engine-in-ingress); both with --direct-ingress.
+# --engine-in-ingress; "paired" = colocated, cluster and in-process engine alive together, each prompt to both in
+# turn, PAIRS prompts); all with --direct-ingress.
 set -uo pipefail
 . .whl/device-install.sh || exit 1
 export PYTHONPATH=$PYTHONPATH:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache RAY_DEDUP_LOGS=0
@@ -15,10 +16,12 @@ mkdir -p "$OUT"
 nproc
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_random_model.py --shape smollm2-135m --out "$MODEL" 2>&1 | tail -1
 for run in ${RUNS:-standard colocated standard colocated}; do
-  flag=""; [ "$run" = colocated ] && flag=--engine-in-ingress
+  flags="--num-prompts 16 --max-concurrency 1 4"
+  [ "$run" = colocated ] && flags="$flags --engine-in-ingress"
+  [ "$run" = paired ] && flags="--num-prompts ${PAIRS:-48} --engine-in-ingress --paired"
   echo "== $run"
-  timeout 400 python3 benchmarks/serving_overhead.py --model "$MODEL" --device cpu --threads 2 --num-prompts 16 \
-    --max-concurrency 1 4 --direct-ingress $flag --out-dir "$OUT" > "$OUT/$run.log" 2>&1
-  grep -E "^(cluster rate|in-process rate|concurrency|wrote)" "$OUT/$run.log" || tail -n 20 "$OUT/$run.log"
+  timeout 400 python3 benchmarks/serving_overhead.py --model "$MODEL" --device cpu --threads 2 --direct-ingress \
+    $flags --out-dir "$OUT" > "$OUT/$run.log" 2>&1
+  grep -E "^(cluster rate|in-process rate|concurrency|paired|wrote)" "$OUT/$run.log" || tail -n 20 "$OUT/$run.log"
   ray stop --force > /dev/null 2>&1
 done

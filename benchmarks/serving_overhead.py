@@ -3,6 +3,7 @@ replica) and straight into one in-process AsyncEngine, on the same model and eng
 
     python benchmarks/serving_overhead.py                        # default model, CPU, concurrency 1 4 16
     python benchmarks/serving_overhead.py --model /ckpt --max-concurrency 64 256 --device cuda
+    python benchmarks/serving_overhead.py --paired --num-prompts 64     # per-prompt differences, c=1
 
 Prefix caching is off in both (each sweep point reuses nothing). Reports, per concurrency, the TTFT p50
 difference (cluster - in-process) and the cluster's output throughput as a share of the in-process engine's.
@@ -45,15 +46,18 @@ async def in_process(args, requests) -> list[dict]:
         engine.shutdown()
 
 
-def through_cluster(args, requests) -> list[dict]:
+def through_cluster_config(args):
     from cluster.config import ClusterConfig, ModelConfig
 
-    config = ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas,
-                           engine_in_ingress=args.engine_in_ingress,
-                           http={"direct_ingress": args.direct_ingress}, models=[ModelConfig(
+    return ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas,
+                         engine_in_ingress=args.engine_in_ingress,
+                         http={"direct_ingress": args.direct_ingress}, models=[ModelConfig(
         name="bench", num_cpus_per_replica=args.threads, **engine_options(args),
         **({} if args.stream_chunk_rate is None else {"stream_chunk_rate": args.stream_chunk_rate}))])
-    base_url = local_serve.start(config)
+
+
+def through_cluster(args, requests) -> list[dict]:
+    base_url = local_serve.start(through_cluster_config(args))
     try:
         return asyncio.run(sweep(lambda: OpenAIBackend(base_url, "bench"), requests, [float("inf")],
                                  args.max_concurrency, {}, args.warmup,
@@ -77,6 +81,51 @@ def wait_for_free_gpu(timeout_s: float = 60.0) -> None:
         if free > 0.9 * total:
             return
         time.sleep(1)
+
+
+async def paired(args, requests) -> dict:
+    """Both alive at once, one request at a time, each prompt sent to both (ABBA order): the per-prompt differences
+    cancel the machine's drift, which swamps a few ms between separate runs. Beside an idle cluster, the in-process
+    engine shares the CPUs with Ray's own processes too, so this measures the request path alone, on a machine
+    with cores to spare for them."""
+    import random
+    import statistics
+    import time
+
+    from benchmarks.serving import Result
+    from engine import AsyncEngine
+
+    base_url = local_serve.start(through_cluster_config(args))
+    engine = AsyncEngine(**engine_options(args))
+    diffs = {"ttft_ms": [], "e2e_ms": [], "tpot_ms": []}
+    try:
+        async with OpenAIBackend(base_url, "bench") as cluster, InProcessBackend(engine) as local:
+            for req in requests[:args.warmup]:
+                for backend in (cluster, local):
+                    await backend.send(req, Result(start=time.perf_counter()))
+            for i, req in enumerate(requests):
+                results = {}
+                for name, backend in ((("cluster", cluster), ("local", local)) if i % 4 in (0, 3) else
+                                      (("local", local), ("cluster", cluster))):
+                    results[name] = Result(start=time.perf_counter())
+                    await backend.send(req, results[name])
+                a, b = results["local"], results["cluster"]
+                assert a.ok and b.ok, (a.error, b.error)
+                diffs["ttft_ms"].append(1e3 * (b.ttft - a.ttft))
+                diffs["e2e_ms"].append(1e3 * (b.e2e - a.e2e))
+                tpot = lambda r: (r.e2e - r.ttft) / max(1, r.output_tokens - 1)  # noqa: E731
+                diffs["tpot_ms"].append(1e3 * (tpot(b) - tpot(a)))
+    finally:
+        engine.shutdown()
+        local_serve.stop()
+    rng = random.Random(0)
+
+    def summary(xs: list[float]) -> dict:
+        boot = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(2000))
+        return {"median": statistics.median(xs), "mean": statistics.fmean(xs),
+                "median_ci95": [boot[50], boot[1949]], "samples": xs}
+
+    return {"pairs": len(requests), **{k: summary(v) for k, v in diffs.items()}}
 
 
 def compare(local: list[dict], cluster: list[dict]) -> list[dict]:
@@ -108,6 +157,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=10000, help="token ids are drawn below this and the model's vocab")
     ap.add_argument("--env", nargs="*", default=[], type=lambda kv: tuple(kv.split("=", 1)), metavar="KEY=VALUE",
                     help="environment of both engines (e.g. OMP_WAIT_POLICY=PASSIVE)")
+    ap.add_argument("--paired", action="store_true",
+                    help="cluster and in-process engine alive together, each prompt to both in turn (c=1)")
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
     for key, value in args.env:  # before Ray starts: its processes, the replica's included, inherit them
@@ -118,6 +169,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     vocab = min(args.vocab, model_vocab(args.model))
     requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, vocab)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.paired:
+        figures = asyncio.run(paired(args, requests))
+        for key in ("ttft_ms", "e2e_ms", "tpot_ms"):
+            f = figures[key]
+            print(f"paired {key} overhead: median {f['median']:+.2f} (95% CI {f['median_ci95'][0]:+.2f} to "
+                  f"{f['median_ci95'][1]:+.2f}), mean {f['mean']:+.2f} over {figures['pairs']} prompts")
+        print(f"wrote {write_result('serving-overhead-paired', settings, figures, args.out_dir)}")
+        return 0
     cluster = through_cluster(args, requests)  # first: its replica process frees the GPU when Ray stops
     local = asyncio.run(in_process(args, requests))
     comparison = compare(local, cluster)
@@ -127,7 +187,6 @@ def main() -> int:
     for c in comparison:
         print(f"concurrency {c['max_concurrency']}: TTFT p50 overhead {c['ttft_p50_overhead_ms']:+.1f} ms, "
               f"throughput {100 * c['throughput_ratio']:.1f}% of in-process")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = write_result("serving-overhead", settings,
                         {"in_process": local, "cluster": cluster, "comparison": comparison}, args.out_dir)
     plot({"in-process AsyncEngine": local, "cluster (HTTP + Serve)": cluster}, path.with_suffix(".png"),
