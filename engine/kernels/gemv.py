@@ -156,7 +156,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if out is None:
         out = residual if residual is not None and residual_site is None else torch.empty(m, n, dtype=weight.dtype,
                                                                                            device=weight.device)
-    assert (out.shape == (m, n) or out is push.parts) and out.stride(-1) == 1
+    assert (push is not None or out.shape == (m, n)) and out.stride(-1) == 1
     added = residual_rows if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
