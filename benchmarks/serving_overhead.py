@@ -98,6 +98,7 @@ async def paired(args, requests) -> dict:
     base_url = local_serve.start(through_cluster_config(args))
     engine = AsyncEngine(**engine_options(args))
     diffs = {"ttft_ms": [], "e2e_ms": [], "tpot_ms": []}
+    local_ms = {"ttft_ms": [], "e2e_ms": [], "tpot_ms": []}  # the in-process figures the differences are against
     try:
         async with OpenAIBackend(base_url, "bench") as cluster, InProcessBackend(engine) as local:
             for req in requests[:args.warmup]:
@@ -115,6 +116,8 @@ async def paired(args, requests) -> dict:
                 diffs["e2e_ms"].append(1e3 * (b.e2e - a.e2e))
                 tpot = lambda r: (r.e2e - r.ttft) / max(1, r.output_tokens - 1)  # noqa: E731
                 diffs["tpot_ms"].append(1e3 * (tpot(b) - tpot(a)))
+                for key, value in (("ttft_ms", a.ttft), ("e2e_ms", a.e2e), ("tpot_ms", tpot(a))):
+                    local_ms[key].append(1e3 * value)
     finally:
         engine.shutdown()
         local_serve.stop()
@@ -125,7 +128,8 @@ async def paired(args, requests) -> dict:
         return {"median": statistics.median(xs), "mean": statistics.fmean(xs),
                 "median_ci95": [boot[50], boot[1949]], "samples": xs}
 
-    return {"pairs": len(requests), **{k: summary(v) for k, v in diffs.items()}}
+    return {"pairs": len(requests), **{k: summary(v) for k, v in diffs.items()},
+            "in_process_median": {k: statistics.median(v) for k, v in local_ms.items()}}
 
 
 def compare(local: list[dict], cluster: list[dict]) -> list[dict]:
@@ -175,7 +179,8 @@ def main() -> int:
         for key in ("ttft_ms", "e2e_ms", "tpot_ms"):
             f = figures[key]
             print(f"paired {key} overhead: median {f['median']:+.2f} (95% CI {f['median_ci95'][0]:+.2f} to "
-                  f"{f['median_ci95'][1]:+.2f}), mean {f['mean']:+.2f} over {figures['pairs']} prompts")
+                  f"{f['median_ci95'][1]:+.2f}), mean {f['mean']:+.2f} over {figures['pairs']} prompts; in-process "
+                  f"median {figures['in_process_median'][key]:.2f}")
         print(f"wrote {write_result('serving-overhead-paired', settings, figures, args.out_dir)}")
         return 0
     cluster = through_cluster(args, requests)  # first: its replica process frees the GPU when Ray stops
