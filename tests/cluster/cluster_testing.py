@@ -1,22 +1,16 @@
 """Helpers for the cluster tests (imported as `cluster_testing`, like tests/engine's `tiny_models`)."""
 from __future__ import annotations
 
-import socket
 
 import httpx
 from polling import wait_for  # noqa: F401 - re-exported to the tests
+from ports import free_port  # noqa: F401 - re-exported to the tests
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ClusterConfig
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(serve_url: str, config: ClusterConfig):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 from polling import wait_for  # noqa: F401 - re-exported to the tests
+from ports import free_port  # noqa: F401 - re-exported to the tests
 
 POISON_TOKEN = 7  # the poisoned checkpoint's NaN embedding row; the demo's greedy outputs of TEXTS never hold it
 TEXTS = ["The capital of France is", "Hello, how are you today?", "Once upon a time there was",
@@ -24,12 +24,6 @@ _serve: dict = {}
 
 
 # -- Ray and Serve ----------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_serve(num_cpus: int = 12) -> str:
     """A single-node Ray (logical CPUs: more than the machine has) with Serve's HTTP proxy; started once and
     shared by the modules that need nothing else. Returns the base URL."""
