@@ -27,11 +27,12 @@ class Home:
         import numpy as np
         import torch
 
+        from benchmarks.serving import model_vocab
         from engine import LLM, SamplingParams
 
         torch.set_num_threads(threads)
         self.llm = LLM(model, device="cpu", cpu_threads=threads, enable_prefix_caching=False)
-        self.prompt = np.random.default_rng(0).integers(0, 1000, size=input_len).tolist()
+        self.prompt = np.random.default_rng(0).integers(0, min(1000, model_vocab(model)), size=input_len).tolist()
         self.first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self.full = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         self.output_len = output_len
@@ -76,7 +77,6 @@ def main() -> int:
     proc.start()
     here = Home(*home_args)
     assert parent.recv() == "ready"
-    ray.get(actor.run.remote())
 
     def subprocess_run() -> dict:
         parent.send("run")

@@ -97,8 +97,7 @@ async def paired(args, requests) -> dict:
 
     base_url = local_serve.start(through_cluster_config(args))
     engine = AsyncEngine(**engine_options(args))
-    diffs = {"ttft_ms": [], "e2e_ms": [], "tpot_ms": []}
-    local_ms = {"ttft_ms": [], "e2e_ms": [], "tpot_ms": []}  # the in-process figures the differences are against
+    pairs = []  # (in-process, cluster) Results of each prompt
     try:
         async with OpenAIBackend(base_url, "bench") as cluster, InProcessBackend(engine) as local:
             for req in requests[:args.warmup]:
@@ -110,26 +109,22 @@ async def paired(args, requests) -> dict:
                                       (("local", local), ("cluster", cluster))):
                     results[name] = Result(start=time.perf_counter())
                     await backend.send(req, results[name])
-                a, b = results["local"], results["cluster"]
-                assert a.ok and b.ok, (a.error, b.error)
-                diffs["ttft_ms"].append(1e3 * (b.ttft - a.ttft))
-                diffs["e2e_ms"].append(1e3 * (b.e2e - a.e2e))
-                tpot = lambda r: (r.e2e - r.ttft) / max(1, r.output_tokens - 1)  # noqa: E731
-                diffs["tpot_ms"].append(1e3 * (tpot(b) - tpot(a)))
-                for key, value in (("ttft_ms", a.ttft), ("e2e_ms", a.e2e), ("tpot_ms", tpot(a))):
-                    local_ms[key].append(1e3 * value)
+                assert results["local"].ok and results["cluster"].ok, (results["local"].error, results["cluster"].error)
+                pairs.append((results["local"], results["cluster"]))
     finally:
         engine.shutdown()
         local_serve.stop()
     rng = random.Random(0)
+    metrics = {"ttft_ms": lambda r: 1e3 * r.ttft, "e2e_ms": lambda r: 1e3 * r.e2e,
+               "tpot_ms": lambda r: 1e3 * (r.e2e - r.ttft) / max(1, r.output_tokens - 1)}
 
     def summary(xs: list[float]) -> dict:
         boot = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(2000))
         return {"median": statistics.median(xs), "mean": statistics.fmean(xs),
                 "median_ci95": [boot[50], boot[1949]], "samples": xs}
 
-    return {"pairs": len(requests), **{k: summary(v) for k, v in diffs.items()},
-            "in_process_median": {k: statistics.median(v) for k, v in local_ms.items()}}
+    return {"pairs": len(pairs), **{k: summary([f(b) - f(a) for a, b in pairs]) for k, f in metrics.items()},
+            "in_process_median": {k: statistics.median(f(a) for a, _ in pairs) for k, f in metrics.items()}}
 
 
 def compare(local: list[dict], cluster: list[dict]) -> list[dict]:
