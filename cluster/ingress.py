@@ -6,35 +6,34 @@ GET /health (200 only when every model can serve), GET /metrics (Prometheus). Er
 413 (body too large), 429 (queue full, Retry-After), 503 (no replica in time, Retry-After), 500.
 /health, /metrics and /openapi.json need no API key, so load balancers, Prometheus and API tools can reach them.
 
-A request whose replica fails moves to another replica (up to the model's `request_retries`) as long as none of
-its output has reached the client: a whole response always can, a stream until its first token. A stream that
-already sent tokens ends with an error event and `data: [DONE]`. Request bodies are parsed as JSON only (never
-unpickled) and logged only with `log_requests: true`.
+The ingress reads, authorizes and validates a request (cluster/protocol.py), tokenizes its prompt
+(cluster/model_endpoint.py) and hands it to a RequestSession (cluster/session.py), which sends it to the model's
+replicas, retries it on another replica when one fails, and answers whole or as SSE; errors are answered in
+cluster/errors.py. Request bodies are parsed as JSON only (never unpickled) and logged only with
+`log_requests: true`.
 """
 import asyncio
 import hashlib
-import os
 import hmac
 import json
 import logging
-import time
+import os
 from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import TaskCancelledError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import ClusterConfig
+from cluster.errors import APIError, install_error_handlers, pydantic_error
 from cluster.metrics import ServingMetrics
-from cluster.model_endpoint import LocalModelEndpoint, ModelEndpoint, ReplicaFailure, ReplicaStream, merge_streams
-from cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
-                              SamplingRequest, invalid_text_field, new_id, request_body_schemas)
-from cluster.responses import Prompt, ResponseBuilder, sse
+from cluster.model_endpoint import LocalModelEndpoint, ModelEndpoint
+from cluster.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest,
+                              invalid_text_field, new_id, request_body_schemas)
+from cluster.responses import Prompt, ResponseBuilder
+from cluster.session import RequestSession
 
 logger = logging.getLogger("strata")
 
@@ -58,94 +57,7 @@ def openapi_schema(models: list[str] | None = None) -> dict:
 app.openapi = openapi_schema
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, error: APIError):
-    return error_response(error)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError):
-    first = (error.errors() or [{}])[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return error_response(APIError(400, f"{param}: {first.get('msg', 'invalid request')}", param=param))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException):
-    code = "not_found" if error.status_code == 404 else None
-    return error_response(APIError(error.status_code, str(error.detail), code=code))
-
-
-@app.exception_handler(Exception)
-async def _internal_error(request: Request, error: Exception):
-    if isinstance(error, TaskCancelledError):  # the client went away mid-stream: nobody to answer
-        return Response(status_code=499)
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
-    return error_response(APIError(500, f"internal error: {type(error).__name__}", "internal_error"))
-
-
-def pydantic_error(error: ValidationError) -> APIError:
-    first = error.errors()[0]
-    param = error_param(first.get("loc", ()))
-    if first.get("type") == "extra_forbidden":
-        return APIError(400, f"unrecognized request argument supplied: {param}", param=param)
-    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-
-
-def error_param(loc: tuple) -> str | None:
-    """The request field a pydantic error location names, without its union-member tags ('str', 'list[int]')."""
-    parts = []
-    for p in loc:
-        if isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p or "-" in p or p[:1].isupper()):
-            break
-        parts.append(str(p))
-    return ".".join(parts) or None
-
-
-def _has_content(chunk) -> bool:
-    c = chunk.choices[0]
-    text = c.delta.content if hasattr(c, "delta") else c.text
-    return bool(text) or c.finish_reason is not None or c.logprobs is not None
-
-
-def cancel_all(streams: list[ReplicaStream]) -> None:
-    for s in streams:
-        s.cancel()
-
-
-def replica_header(streams: list[ReplicaStream]) -> dict[str, str]:
-    return {"X-Strata-Replica": ",".join(s.replica_id for s in streams)}
-
-
-class RequestTiming:
-    """Latency metrics of one request: TTFT, inter-token latency per completion, end-to-end."""
-
-    def __init__(self, metrics: ServingMetrics, model: str, arrival: float, num_choices: int):
-        self.metrics, self.model, self.arrival = metrics, model, arrival
-        self.last_token: list[float | None] = [None] * num_choices
-        self.first_token_seen = False
-
-    def on_delta(self, choice: int, delta) -> None:
-        now = time.monotonic()
-        if delta.token_ids and not self.first_token_seen:
-            self.first_token_seen = True
-            self.metrics.time_to_first_token.labels(self.model).observe(now - self.arrival)
-        last = self.last_token[choice]
-        if last is not None and delta.token_ids:  # a delta may carry several tokens that piled up
-            for _ in delta.token_ids:
-                self.metrics.inter_token_latency.labels(self.model).observe((now - last) / len(delta.token_ids))
-        self.last_token[choice] = now
-        if delta.finish_reason is not None:
-            self.metrics.finished.labels(self.model, delta.finish_reason).inc()
-
-    def done(self, status: str) -> None:
-        self.metrics.requests.labels(self.model, status).inc()
-        if status == "200":
-            self.metrics.e2e_latency.labels(self.model).observe(time.monotonic() - self.arrival)
+install_error_handlers(app)
 
 
 @serve.ingress(app)
@@ -179,13 +91,11 @@ class OpenAIIngress:
         body = await self._read(request, CompletionRequest)
         endpoint = self._endpoint(body.model)
         with self._counted(body.model):
-            raw_prompts = body.prompts(self.config.limits)
             params = body.to_sampling_params(self.config.limits)
-            endpoint.check_limits(params, logprobs_param="logprobs")
-            prompts = [Prompt(endpoint.encode(p), p if isinstance(p, str) else None) for p in raw_prompts]
-            builder = ResponseBuilder("completion", new_id("cmpl"), body.model, endpoint.tokenizer, prompts,
-                                      params.n, body.logprobs, body.echo)
-            return await self._generate(endpoint, body, builder, params)
+            prompts = [endpoint.prompt(p, echo=body.echo) for p in body.prompts(self.config.limits)]
+            builder = ResponseBuilder("completion", new_id("cmpl"), body.model, prompts, params.n, body.logprobs,
+                                      body.echo)
+            return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -193,15 +103,11 @@ class OpenAIIngress:
         endpoint = self._endpoint(body.model)
         with self._counted(body.model):
             params = body.to_sampling_params(self.config.limits)
-            endpoint.check_limits(params, logprobs_param="top_logprobs")
             messages = [m.template_dict() for m in body.messages]
             ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template)
-            builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, endpoint.tokenizer, [Prompt(ids)],
-                                      params.n, params.logprobs)
-            # What the replica names "prompt" and "max_tokens" are these fields of a chat request.
-            fields = {"prompt": "messages",
-                      "max_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
-            return await self._generate(endpoint, body, builder, params, fields)
+            builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
+                                      params.logprobs)
+            return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
@@ -285,96 +191,3 @@ class OpenAIIngress:
         except APIError as e:
             self.metrics.requests.labels(model, str(e.status)).inc()
             raise
-
-    async def _generate(self, endpoint: ModelEndpoint, body: SamplingRequest, builder: ResponseBuilder, params,
-                        fields: dict[str, str] | None = None):
-        arrival = time.monotonic()
-        streams = await self._submit_all(endpoint, builder, params, fields)
-        timing = RequestTiming(self.metrics, endpoint.name, arrival, len(builder.choices))
-        for s in streams:
-            self.metrics.queue_time.labels(endpoint.name).observe(s.queue_time)
-        if body.stream:
-            events = self._events(endpoint, streams, builder, params, timing, body.include_usage_in_stream)
-            return StreamingResponse(events, media_type="text/event-stream", headers=replica_header(streams))
-        try:
-            for attempt in range(endpoint.config.request_retries + 1):
-                try:
-                    async for prompt_index, delta in merge_streams(streams):
-                        if delta.error is not None:
-                            raise APIError(500, delta.error, "internal_error")
-                        choice = builder.add(prompt_index, delta)
-                        timing.on_delta(choice, delta)
-                    break
-                except ReplicaFailure as e:  # nothing reached the client yet: start over on another replica
-                    if attempt == endpoint.config.request_retries:
-                        raise endpoint.unavailable(f"{e} (tried {attempt + 1} times)") from None
-                    logger.warning("request %s: %s; sending it to another replica", builder.request_id, e)
-                    cancel_all(streams)
-                    builder.reset()
-                    streams = await self._submit_all(endpoint, builder, params, fields)
-        finally:
-            cancel_all(streams)
-        timing.done("200")
-        return JSONResponse(builder.response().model_dump(), headers=replica_header(streams))
-
-    async def _submit_all(self, endpoint: ModelEndpoint, builder: ResponseBuilder, params,
-                          fields: dict[str, str] | None = None) -> list[ReplicaStream]:
-        """One engine request per prompt, submitted one after another: Serve gives all handle calls made within
-        one HTTP request the same internal request id, and its router loses track of concurrent ones.
-        `fields` renames the request fields a replica's error names (chat: prompt -> messages)."""
-        ids = [builder.request_id] if len(builder.prompts) == 1 else [
-            f"{builder.request_id}-{i}" for i in range(len(builder.prompts))]
-        streams: list[ReplicaStream] = []
-        try:
-            for rid, prompt in zip(ids, builder.prompts):
-                streams.append(await endpoint.submit(rid, prompt.token_ids, params))
-        except BaseException as e:
-            cancel_all(streams)  # requests accepted before another failed must not keep running
-            if isinstance(e, APIError) and fields and e.param in fields:
-                e.param = fields[e.param]
-            raise
-        return streams
-
-    async def _events(self, endpoint: ModelEndpoint, streams: list[ReplicaStream], builder: ResponseBuilder,
-                      params, timing: RequestTiming, include_usage: bool):
-        status = "200"
-        sent = False  # a token reached the client: the request can no longer move to another replica
-        try:
-            if builder.kind == "chat":
-                yield sse(builder.role_chunk())
-            for attempt in range(endpoint.config.request_retries + 1):
-                try:
-                    async for prompt_index, delta in merge_streams(streams):
-                        if delta.error is not None:
-                            status = "500"
-                            yield sse(APIError(500, delta.error, "internal_error").body())
-                            break
-                        chunk = builder.chunk(prompt_index, delta)
-                        timing.on_delta(prompt_index * builder.n + delta.index, delta)
-                        if _has_content(chunk):
-                            sent = True
-                            yield sse(chunk)
-                    break
-                except ReplicaFailure as e:
-                    cancel_all(streams)
-                    if sent or attempt == endpoint.config.request_retries:
-                        status = "503"
-                        yield sse(endpoint.unavailable(str(e)).body())
-                        break
-                    logger.warning("request %s: %s; sending it to another replica", builder.request_id, e)
-                    builder.reset()
-                    try:
-                        streams = await self._submit_all(endpoint, builder, params)
-                    except APIError as error:
-                        status = str(error.status)
-                        yield sse(error.body())
-                        break
-            if include_usage and status == "200":
-                yield sse(builder.usage_chunk())
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            status = "499"  # the client went away
-            raise
-        finally:
-            cancel_all(streams)  # aborts the engine requests still running, which frees their KV blocks
-            timing.done(status)

@@ -1,14 +1,15 @@
-"""ModelEndpoint: the ingress's side of one served model — its tokenizer, and requests sent to its replicas.
+"""ModelEndpoint: the ingress's side of one served model — its tokenizer, and one request sent to its replicas.
 
 A request is submitted through the model's streaming DeploymentHandle (whose router is PrefixAwareRouter) and
 the ingress waits for the replica's `Accepted` before it answers the client, so every failure to start becomes
 a proper HTTP status: 429 when the model's queue is full, 503 (with Retry-After) when no replica took the
-request within `queue_timeout_s` — the model is scaled to zero and a replica is starting, or all replicas
-are busy — and 400 when the engine refused the input.
+request by its deadline — the model is scaled to zero and a replica is starting, or all replicas are busy —
+and 400 when the engine refused the input (raised as the engine's InvalidRequestError, which the request model
+names in the API's terms).
 
-A replica that dies (its actor or node is gone) or whose engine went down is not the request's fault: before
-the replica accepted, `submit` sends the request to another replica, up to `request_retries` times; afterwards
-the stream raises `ReplicaFailure`, and the ingress retries what has not reached the client yet.
+A replica that dies (its actor or node is gone) or whose engine went down is not the request's fault: `submit`
+and the stream raise `ReplicaFailure`, and the request's session (cluster/session.py) decides whether to send it
+to another replica. This module makes one attempt at a time and never retries.
 
 LocalModelEndpoint: the same for an engine in the ingress's own process (`engine_in_ingress`): the replica's
 protocol, called directly.
@@ -30,11 +31,10 @@ from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.config import LimitsConfig, ModelConfig
-from cluster.protocol import APIError
+from cluster.errors import APIError
 from cluster.replica import Accepted, GenerateRequest, Rejected, ReplicaFailed
-from engine import SamplingParams, StreamDelta
-from engine.model_source import TOKENIZER_PATTERNS, resolve_model
-from engine.tokenizer import apply_chat_template, load_tokenizer
+from cluster.responses import Prompt
+from engine import InvalidRequestError, SamplingParams, StreamDelta, apply_chat_template, get_tokenizer
 
 logger = logging.getLogger("strata")
 
@@ -92,12 +92,14 @@ class ModelEndpoint:
         # cluster's environment turns it on (cluster/serve_env.py).
         self.stream_handle = handle and handle.options(stream=True, method_name="generate",
                                                        _by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
-        self.tokenizer = load_tokenizer(resolve_model(config.tokenizer or config.model, config.revision,
-                                                      patterns=TOKENIZER_PATTERNS))
+        self.tokenizer = get_tokenizer(config.engine_config())
 
     # -- prompts --------------------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def prompt(self, prompt: str | list[int], echo: bool = False) -> Prompt:
+        """A completion prompt as token ids, with its text when the response echoes it."""
+        if isinstance(prompt, str):
+            return Prompt(self.tokenizer.encode(prompt), prompt)
+        return Prompt(list(prompt), self.tokenizer.decode(prompt) if echo else None)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None) -> list[int]:
         try:
@@ -108,31 +110,14 @@ class ModelEndpoint:
         except Exception as e:  # noqa: BLE001 - a template error (jinja) is the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
-    def check_limits(self, params: SamplingParams, logprobs_param: str) -> None:
-        """The model's own bounds on a request (the rest are checked by the protocol and the replica)."""
-        limit = self.config.max_logprobs
-        if params.logprobs is not None and params.logprobs > limit:
-            raise APIError(400, f"{logprobs_param} must be at most {limit}, got {params.logprobs}",
-                           param=logprobs_param)
-
     # -- requests -------------------------------------------------------------------------------------------
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> ReplicaStream:
-        """Send a request to a replica and wait until one accepts it, trying another replica when one fails;
-        raises APIError otherwise."""
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     deadline: float) -> ReplicaStream:
+        """Send a request to a replica and wait (until `deadline`, time.monotonic()) for one to accept it.
+        Raises ReplicaFailure when the replica failed, InvalidRequestError when the engine refused the input,
+        and APIError for the rest (queue full, no replica in time)."""
         start = time.monotonic()
-        deadline = start + self.config.queue_timeout_s
         request = GenerateRequest(request_id, prompt_token_ids, params)
-        for attempt in range(self.config.request_retries + 1):
-            try:
-                return await self._submit_once(request, start, deadline)
-            except ReplicaFailure as e:
-                if attempt == self.config.request_retries or time.monotonic() >= deadline:
-                    raise self.unavailable(f"{e} (tried {attempt + 1} times)") from None
-                logger.warning("request %s: %s; sending it to another replica", request_id, e)
-                await asyncio.sleep(0.05 * 2 ** attempt)  # lets the router learn that the replica is gone
-        raise AssertionError("unreachable")
-
-    async def _submit_once(self, request: GenerateRequest, start: float, deadline: float) -> ReplicaStream:
         generator: DeploymentResponseGenerator | None = None
         try:
             # Serve raises BackPressureError from .remote() itself or from the first item, depending on its loop.
@@ -149,6 +134,8 @@ class ModelEndpoint:
             cancel_quietly(generator)
             if first.retryable:
                 raise ReplicaFailure(f"a replica of model {self.name!r} is down: {first.message}")
+            if first.status == 400:
+                raise InvalidRequestError(first.message, first.param, first.code)
             headers = self._retry_after() if first.status in (429, 503) else None
             raise APIError(first.status, first.message, first.type, param=first.param, code=first.code,
                            headers=headers)

@@ -1,39 +1,19 @@
-"""The OpenAI API as pydantic models: requests, responses, streaming chunks, errors; requests -> SamplingParams."""
+"""The OpenAI API as pydantic models: requests, responses, streaming chunks; requests -> SamplingParams.
+
+The request models hold every check of the API's own shape and of the cluster's limits; what depends on the model
+(context length, vocabulary, max_logprobs) the engine checks, and `api_error` names its errors' fields as the
+API does."""
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import LimitsConfig
-from engine.sampling_params import SamplingParams
-
-
-class APIError(Exception):
-    """An error the API answers with `{"error": {...}}` and an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
-                                             code=self.code)).model_dump()
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
+from cluster.errors import APIError
+from engine import InvalidRequestError, SamplingParams
 
 
 def invalid_text_field(data: Any, path: str = "") -> str | None:
@@ -133,8 +113,16 @@ class SamplingRequest(StrictModel):
                 stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e), param=str(e).split(" ")[0]) from e
+        except InvalidRequestError as e:
+            raise self.api_error(e) from None
+
+    # The engine's names of request fields that this request calls otherwise.
+    engine_field_names: ClassVar[dict[str, str]] = {"prompt_logprobs": "logprobs"}
+
+    def api_error(self, error: InvalidRequestError) -> APIError:
+        """The API's 400 for an engine error, naming the field as this request does."""
+        param = self.engine_field_names.get(error.param, error.param) if error.param else None
+        return APIError(400, error.message, param=param, code=error.code)
 
 
 class CompletionRequest(SamplingRequest):
@@ -196,6 +184,11 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+    @property
+    def engine_field_names(self) -> dict[str, str]:
+        return {"prompt": "messages", "logprobs": "top_logprobs",
+                "max_tokens": "max_completion_tokens" if self.max_completion_tokens else "max_tokens"}
 
     def to_sampling_params(self, limits: LimitsConfig) -> SamplingParams:
         if self.tools or self.tool_choice not in (None, "none"):

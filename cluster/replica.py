@@ -12,8 +12,8 @@ engine): every streamed item costs a message through Serve, and this one then no
 token. A request that waits longer is accepted alone, its deltas following, so the ingress still learns soon
 that a replica took it (the ingress bounds queue time by it, and retries on another replica only before it).
 
-The replica checks the request against the engine's context length first (the API rejects a `max_tokens` that
-does not fit, where the offline engine would cap it).
+The engine checks each request against the model (context length, vocabulary, max_logprobs); its
+InvalidRequestError comes back as `Rejected(400)` with the field and code it names, in the engine's field names.
 
 Besides serving, the replica reports:
 - `record_routing_stats`: load and recently cached prefix-block hashes, pulled by the Serve controller and
@@ -34,7 +34,7 @@ import ray
 from ray import serve
 
 from cluster.config import ModelConfig
-from engine import SamplingParams, StreamDelta
+from engine import InvalidRequestError, SamplingParams, StreamDelta
 
 logger = logging.getLogger("strata")
 
@@ -61,7 +61,7 @@ class Rejected:
     status: int  # the HTTP status the ingress answers with
     message: str
     type: str = "invalid_request_error"
-    param: str | None = None  # the request field at fault
+    param: str | None = None  # the request field at fault, as the engine names it
     code: str | None = None
 
     @property
@@ -75,11 +75,6 @@ class ReplicaFailed:
     """The engine went down while the request ran (it was not the request's fault)."""
 
     message: str
-
-
-# Engine ValueErrors name the request field they concern first ("stop_token_ids must be ...").
-ENGINE_ERROR_PARAMS = {"prompt": "prompt", "logprobs=": "logprobs", "prompt_logprobs=": "prompt_logprobs",
-                       "stop_token_ids": "stop_token_ids"}
 
 
 class EngineReplica:
@@ -100,18 +95,12 @@ class EngineReplica:
             yield Rejected(429, f"model {self.config.served_name!r} holds {self.num_active} requests, as many as it "
                                 f"can; retry later", "rate_limit_error", code="queue_full")
             return
-        rejected = self._check_context(request)
-        if rejected is not None:
-            yield rejected
-            return
         try:
             stream = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
-                                             self._stream_interval if self.config.stream_chunk_rate else None)
-        except ValueError as e:
-            message = str(e)
-            param = next((p for prefix, p in ENGINE_ERROR_PARAMS.items()
-                          if message.removeprefix("the ").startswith(prefix)), None)
-            yield Rejected(400, message, param=param)
+                                             self._stream_interval if self.config.stream_chunk_rate else None,
+                                             max_tokens_must_fit=True)
+        except InvalidRequestError as e:
+            yield Rejected(400, e.message, param=e.param, code=e.code)
             return
         except Exception as e:  # noqa: BLE001 - the engine is down; Serve's health check will replace us
             logger.warning("replica %s refused request %s: %s", self.replica_id, request.request_id, e)
@@ -152,19 +141,6 @@ class EngineReplica:
     def _stream_interval(self) -> float:
         """Each stream's share of the replica's chunk rate: a message per token is what costs a server most."""
         return self.num_active / self.config.stream_chunk_rate
-
-    def _check_context(self, request: GenerateRequest) -> Rejected | None:
-        limit = self.engine.max_model_len
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt >= limit:
-            return Rejected(400, f"the prompt has {n_prompt} tokens but max_model_len is {limit}: shorten the prompt",
-                            param="prompt", code="context_length_exceeded")
-        max_tokens = request.params.max_tokens
-        if max_tokens is not None and n_prompt + max_tokens > limit:
-            return Rejected(400, f"the prompt has {n_prompt} tokens and max_tokens asks for {max_tokens} more, but "
-                                 f"max_model_len is {limit}: lower max_tokens to at most {limit - n_prompt}",
-                            param="max_tokens", code="context_length_exceeded")
-        return None
 
     # -- reports --------------------------------------------------------------------------------------------
     def record_routing_stats(self) -> dict:

@@ -1,6 +1,7 @@
 """ResponseBuilder: turns one API request's engine deltas into OpenAI responses — whole, or as SSE chunks.
 
-Choice `index` is prompt_position * n + completion index, as in OpenAI's batched completions.
+Choice `index` is prompt_position * n + completion index, as in OpenAI's batched completions. Text comes from the
+engine (completions and the tokens logprobs name), and an echoed prompt's from the request.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from engine import StreamDelta
 @dataclass
 class Prompt:
     token_ids: list[int]
-    text: str | None = None  # the prompt as the client sent it (for echo), when it was text
+    text: str | None = None  # the prompt's text, for echo
 
 
 @dataclass
@@ -33,9 +34,9 @@ class ChoiceState:
 
 
 class ResponseBuilder:
-    def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str, tokenizer,
+    def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False):
-        self.kind, self.request_id, self.model, self.tokenizer = kind, request_id, model, tokenizer
+        self.kind, self.request_id, self.model = kind, request_id, model
         self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
         self.choices = [ChoiceState() for _ in range(len(prompts) * n)]
         self.cached_tokens = [0] * len(prompts)
@@ -103,13 +104,14 @@ class ResponseBuilder:
         text, logprobs = "", CompletionLogprobs() if self.top_n is not None else None
         if not c.started and self.echo:
             prompt = self.prompts[prompt_index]
-            text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+            text = prompt.text or ""
             if logprobs is not None:
-                self._add_completion_logprobs(logprobs, prompt.token_ids, delta.prompt_logprobs, len(c.text))
+                self._add_completion_logprobs(logprobs, prompt.token_ids, delta.prompt_logprobs, len(c.text),
+                                              delta.token_texts or {})
         text += delta.text
         if logprobs is not None:
             offset = len(c.text) + len(text) - len(delta.text)  # where this delta's text starts in the choice
-            self._add_completion_logprobs(logprobs, delta.token_ids, delta.logprobs, offset)
+            self._add_completion_logprobs(logprobs, delta.token_ids, delta.logprobs, offset, delta.token_texts or {})
             c.completion_logprobs = c.completion_logprobs or CompletionLogprobs()
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(c.completion_logprobs, key).extend(getattr(logprobs, key))
@@ -119,31 +121,28 @@ class ResponseBuilder:
             index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason)])
 
-    # -- logprobs -------------------------------------------------------------------------------------------
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
+    # -- logprobs (the engine decoded their tokens: delta.token_texts) -----------------------------------------
     def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
         return sorted(entry.items(), key=lambda kv: -kv[1])[: self.top_n]
 
     def _chat_logprobs(self, delta: StreamDelta) -> list[TokenLogprob]:
-        out = []
+        out, texts = [], delta.token_texts or {}
         for token_id, entry in zip(delta.token_ids, delta.logprobs or []):
-            token = self._token(token_id)
+            token = texts[token_id]
             out.append(TokenLogprob(token=token, logprob=entry.get(token_id, float("-inf")),
                                     bytes=list(token.encode()), top_logprobs=[
-                                        TopLogprob(token=(t := self._token(tid)), logprob=lp, bytes=list(t.encode()))
+                                        TopLogprob(token=texts[tid], logprob=lp, bytes=list(texts[tid].encode()))
                                         for tid, lp in self._top(entry)]))
         return out
 
     def _add_completion_logprobs(self, out: CompletionLogprobs, token_ids: list[int],
-                                 entries: list | None, offset: int) -> None:
+                                 entries: list | None, offset: int, texts: dict[int, str]) -> None:
         entries = entries or [None] * len(token_ids)
         for token_id, entry in zip(token_ids, entries):
-            token = self._token(token_id)
+            token = texts[token_id]
             out.tokens.append(token)
             out.token_logprobs.append(entry.get(token_id) if entry else None)
-            out.top_logprobs.append({self._token(t): lp for t, lp in self._top(entry)} if entry else None)
+            out.top_logprobs.append({texts[t]: lp for t, lp in self._top(entry)} if entry else None)
             out.text_offset.append(offset)
             offset += len(token)
 

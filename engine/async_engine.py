@@ -10,14 +10,11 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import EngineStats, StreamDelta
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncEngine:
@@ -45,16 +42,18 @@ class AsyncEngine:
 
     # -- public API -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream_interval: Callable[[], float] | None = None) -> AsyncIterator[StreamDelta]:
-        """Validate and queue a request; returns its stream of deltas. Raises ValueError for bad input.
+                    stream_interval: Callable[[], float] | None = None,
+                    max_tokens_must_fit: bool = False) -> AsyncIterator[StreamDelta]:
+        """Check and queue a request; returns its stream of deltas. Raises InvalidRequestError for a request the
+        model cannot serve, and EngineDeadError when the engine is down. A max_tokens beyond the context is capped
+        at it, or with `max_tokens_must_fit` (an API server, which must say so) refused.
         Closing the stream early (e.g. a client that went away) aborts the request and frees its blocks.
         `stream_interval()`: least seconds between two deltas after the first (a server that pays per message
         spaces them, merging the tokens in between); the first delta always goes at once."""
         self._raise_if_dead()
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self.core.tokenize(prompt)
-        self.core.validate(ids, params)
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        ids = self.core.check_request(prompt, params, max_tokens_must_fit)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._commands.append(("add", request_id, ids, params))
@@ -159,7 +158,7 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, rid, ids, params = cmd
                 try:
-                    self.core.add_validated(rid, ids, params)
+                    self.core.add_checked(rid, ids, params)
                 except Exception as e:  # noqa: BLE001
                     self._publish([StreamDelta(rid, 0, [], "", error=str(e))])
             else:

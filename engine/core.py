@@ -8,12 +8,14 @@ import time
 import torch
 
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, token_texts
+from engine.errors import InvalidRequestError
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
+from engine.request_validation import RequestLimits
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
@@ -33,6 +35,7 @@ class EngineCore:
         if self.max_model_len < setup.max_model_len:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",
                            num_blocks * config.block_size, setup.max_model_len, self.max_model_len)
+        self.limits = RequestLimits(self.max_model_len, setup.hf_config.vocab_size, config.max_logprobs)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.pipeline_depth = config.pipeline_parallel_size  # micro-batches, so no stage waits for another
         self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
@@ -59,21 +62,24 @@ class EngineCore:
                     setup.model_dir.name, num_blocks, config.block_size, self.max_model_len)
 
     # -- requests -------------------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
-
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Queue a request (its n sequences). Returns the prompt token ids. Raises ValueError for bad input."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    max_tokens_must_fit: bool = False) -> list[int]:
+        """Queue a request (its n sequences). Returns the prompt token ids. Raises InvalidRequestError for a
+        request this model cannot serve."""
         if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self.tokenize(prompt)
-        self.validate(ids, params)
-        self.add_validated(request_id, ids, params)
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        ids = self.check_request(prompt, params, max_tokens_must_fit)
+        self.add_checked(request_id, ids, params)
         return ids
 
-    def add_validated(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: str | list[int], params: SamplingParams,
+                      max_tokens_must_fit: bool = False) -> list[int]:
+        """Tokenize and check a request without queueing it; returns the prompt token ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.limits.check(ids, params, max_tokens_must_fit)
+        return ids
+
+    def add_checked(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
         stop_ids = [] if params.ignore_eos else sorted(self.setup.eos_token_ids)
         seqs, parent = [], None
@@ -86,21 +92,6 @@ class EngineCore:
             self.scheduler.add(req)
         self.groups[request_id] = seqs
         self.prompt_tokens += len(ids)
-
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                             "shorten the prompt or raise max_model_len")
-        vocab = self.setup.hf_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        for n, name in ((params.logprobs, "logprobs"), (params.prompt_logprobs, "prompt_logprobs")):
-            if n is not None and n > self.config.max_logprobs:
-                raise ValueError(f"{name}={n} is above max_logprobs={self.config.max_logprobs}")
-        if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
 
     def abort(self, request_id: str) -> bool:
         seqs = self.groups.pop(request_id, None)
@@ -262,12 +253,15 @@ class EngineCore:
         elif req.is_finished:
             text += detok.flush()
         first = len(req.output_token_ids) == 1
+        logprobs = [sample.logprobs] if sample.logprobs is not None else None
+        prompt_logprobs = self._prompt_logprobs.pop(req.request_id, None) if first else None
         delta = StreamDelta(request_id=req.request_id.rpartition("#")[0], index=req.index, token_ids=[sample.token_id],
                             text=text, finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                            logprobs=[sample.logprobs] if sample.logprobs is not None else None,
-                            prompt_token_ids=req.prompt_token_ids if first else None,
-                            num_cached_tokens=req.num_cached_tokens,
-                            prompt_logprobs=self._prompt_logprobs.pop(req.request_id, None) if first else None)
+                            logprobs=logprobs, prompt_token_ids=req.prompt_token_ids if first else None,
+                            num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_logprobs)
+        if logprobs is not None or prompt_logprobs is not None:
+            delta.token_texts = token_texts(self.tokenizer, req.prompt_token_ids if prompt_logprobs else [],
+                                            [*(prompt_logprobs or []), *(logprobs or [])])
         if req.is_finished:
             self._forget(req)
         return delta

@@ -1,4 +1,5 @@
-"""Incremental detokenization with stop strings: never emits half a UTF-8 character or part of a stop string."""
+"""Detokenization, all of it: a completion's text, incrementally and with stop strings (never half a UTF-8
+character or part of a stop string), and the text of each token that logprobs name."""
 from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
@@ -48,3 +49,13 @@ class IncrementalDetokenizer:
             return None
         self.text = self.text[: best[0]]
         return best[1]
+
+
+def token_texts(tokenizer, token_ids: list[int], logprobs: list[dict[int, float] | None]) -> dict[int, str]:
+    """The text of each token in `token_ids` and in the logprob entries, one token decoded alone (as OpenAI's
+    logprobs show tokens)."""
+    ids = set(token_ids)
+    for entry in logprobs:
+        if entry:
+            ids.update(entry)
+    return {t: tokenizer.decode([t]) for t in ids}

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
-from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.tokenizer import eos_token_ids, get_tokenizer
 
 logger = logging.getLogger("strata")
 
@@ -39,7 +39,7 @@ class ModelSetup:
         hf_config = load_hf_config(model_dir)
         model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
         weight_files(model_dir)  # and on missing weights
-        tokenizer = load_tokenizer(resolve_model(config.tokenizer) if config.tokenizer else model_dir)
+        tokenizer = get_tokenizer(config)
         device = _device(config.device)
         dtype = _dtype(config.dtype, hf_config, device)
         max_len = _max_model_len(config, hf_config)

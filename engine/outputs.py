@@ -47,13 +47,18 @@ class StreamDelta:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # set on the first delta when asked for
     error: str | None = None  # set when the request failed inside the engine
+    # Every token id in `logprobs` and `prompt_logprobs` (and the prompt's, with prompt_logprobs) -> its text.
+    token_texts: dict[int, str] | None = None
 
     def followed_by(self, later: StreamDelta) -> StreamDelta:
         """This delta and the next one of the same completion, as one."""
         logprobs = None if self.logprobs is None and later.logprobs is None else (self.logprobs or []) + (
             later.logprobs or [])
+        texts = None if self.token_texts is None and later.token_texts is None else {
+            **(self.token_texts or {}), **(later.token_texts or {})}
         return replace(self, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
-                       finish_reason=later.finish_reason, stop_reason=later.stop_reason, logprobs=logprobs)
+                       finish_reason=later.finish_reason, stop_reason=later.stop_reason, logprobs=logprobs,
+                       token_texts=texts)
 
 
 @dataclass

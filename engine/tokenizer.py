@@ -1,13 +1,31 @@
 """Tokenizer loading, chat templates and the set of end-of-sequence ids."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from engine.config import EngineConfig
+from engine.model_source import TOKENIZER_PATTERNS, resolve_model
+
+
+def get_tokenizer(config: EngineConfig):
+    """The tokenizer of the engine `config` describes (`tokenizer`, else the model's), loaded once per process:
+    a server that tokenizes in front of an engine in the same process shares the engine's."""
+    source = config.tokenizer or config.model
+    revision = None if config.tokenizer else config.revision
+    return load_tokenizer(resolve_model(source, revision, patterns=TOKENIZER_PATTERNS))
+
 
 def load_tokenizer(path: Path):
+    """The tokenizer in `path`, loaded once per process: an engine and the server in front of it share it."""
+    return _load_tokenizer(str(Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any loader failure gets the same fix

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import LimitsConfig
-from cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from cluster.errors import APIError
+from cluster.protocol import ChatCompletionRequest, CompletionRequest
 
 LIMITS = LimitsConfig(max_n=4, max_stop_strings=2, max_stop_length=5, max_prompts=3)
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, EngineConfig, InvalidRequestError, SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -18,14 +18,16 @@ from engine import LLM, EngineConfig, SamplingParams
     (dict(stop=[""]), "stop strings must be non-empty"),
 ])
 def test_bad_sampling_params(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidRequestError, match=message) as e:
         SamplingParams(**kwargs)
+    assert e.value.param == next(iter(kwargs)), "the error names the field at fault"
 
 
 def test_prompt_longer_than_max_model_len(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama")), max_model_len=64)
-    with pytest.raises(ValueError, match="prompt has 70 tokens but max_model_len is 64"):
+    with pytest.raises(InvalidRequestError, match="prompt has 70 tokens but max_model_len is 64") as e:
         llm.generate([[5] * 70], use_tqdm=False)
+    assert (e.value.param, e.value.code) == ("prompt", "context_length_exceeded")
     assert llm.stats().waiting == 0  # nothing was left queued
 
 
@@ -37,8 +39,39 @@ def test_empty_prompt_and_out_of_vocab_ids(tiny_llm):
 
 
 def test_logprobs_above_the_limit(tiny_llm):
-    with pytest.raises(ValueError, match="above max_logprobs"):
+    with pytest.raises(InvalidRequestError, match="logprobs must be at most 20, got 50") as e:
         tiny_llm.generate(["hi"], SamplingParams(logprobs=50), use_tqdm=False)
+    assert e.value.param == "logprobs"
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.generate(["hi"], SamplingParams(prompt_logprobs=21), use_tqdm=False)
+    assert e.value.param == "prompt_logprobs"
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.generate(["hi"], SamplingParams(stop_token_ids=[512]), use_tqdm=False)
+    assert e.value.param == "stop_token_ids"
+
+
+def test_max_tokens_beyond_the_context(tiny_model_dir):
+    """Offline, a max_tokens beyond the context is capped at it; a server's AsyncEngine refuses it, naming the
+    field and the code."""
+    import asyncio
+
+    from engine import AsyncEngine
+
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=64)
+    out = llm.generate([[5] * 60], SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
+    llm.shutdown()
+    engine = AsyncEngine(model=str(tiny_model_dir("llama")), max_model_len=64)
+
+    async def add():
+        engine.add_request("r", [5] * 60, SamplingParams(max_tokens=10), max_tokens_must_fit=True)
+
+    try:
+        with pytest.raises(InvalidRequestError, match="lower max_tokens to at most 4") as e:
+            asyncio.run(add())
+        assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")
+    finally:
+        engine.shutdown()
 
 
 def test_unknown_architecture(tiny_model_dir, tmp_path):
