@@ -40,6 +40,8 @@ def engine_options(args) -> dict:
         opts["device"] = args.device
     if args.max_num_seqs:
         opts["max_num_seqs"] = args.max_num_seqs
+    if args.engine_core_process:
+        opts["engine_core_process"] = True
     return opts
 
 
@@ -48,7 +50,7 @@ def offline(args, requests: list[Request]) -> dict:
     from benchmarks.workloads import WORKLOADS
     from engine import LLM
 
-    llm = LLM(**engine_options(args))
+    llm = LLM(**{k: v for k, v in engine_options(args).items() if k != "engine_core_process"})
     try:
         vocab = model_vocab(args.model)
         prompts, outs = [r.prompt for r in requests], [r.output_len for r in requests]
@@ -142,6 +144,8 @@ def main() -> int:
     ap.add_argument("--ttft-prompts", type=int, default=32, help="prompts sent one at a time for TTFT")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--max-num-seqs", type=int)
+    ap.add_argument("--engine-core-process", action="store_true",
+                    help="AsyncEngine's loop in a process of its own (the online stages)")
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs of the local Ray cluster")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage, print its JSON last

@@ -60,10 +60,6 @@ class ModelConfig(EngineConfig):
     def served_name(self) -> str:
         return self.name or self.model
 
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
 

@@ -1,16 +1,18 @@
-"""AsyncEngine: the server-facing engine. The model runs on its own thread; asyncio callers get streams of deltas."""
+"""AsyncEngine: the server-facing engine. asyncio callers get streams of deltas; the engine loop runs on a thread
+of this process or, with `engine_core_process`, in a process of its own (engine/core_runner.py, core_process.py)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.core import EngineCore
+from engine.core_process import CoreProcess
+from engine.core_runner import CoreThread
 from engine.errors import EngineDeadError, InvalidRequestError
+from engine.request_validation import prompt_token_ids
+from engine.tokenizer import get_tokenizer
 from engine.outputs import EngineStats, StreamDelta
 from engine.sampling_params import SamplingParams
 
@@ -20,25 +22,19 @@ logger = logging.getLogger("strata")
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config or EngineConfig(**kwargs)
-        self.core = EngineCore(self.config)
-        self.tokenizer = self.core.tokenizer
-        self._commands: collections.deque = collections.deque()
-        self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats = self.core.stats()
-        self._step_started: float | None = None
-        self._stopped = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="strata-engine-loop", daemon=True)
-        self._thread.start()
+        in_process = self.config.engine_core_process and self.config.world_size == 1
+        loop_class = CoreProcess if in_process else CoreThread
+        self._loop = loop_class(self.config, self._publish, self._fail_streams)
+        self.tokenizer = get_tokenizer(self.config)
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self._loop.limits.max_model_len
 
     @property
     def max_num_seqs(self) -> int:
-        return self.core.setup.max_num_seqs
+        return self._loop.max_num_seqs
 
     # -- public API -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -53,50 +49,42 @@ class AsyncEngine:
         self._raise_if_dead()
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        ids = self.core.check_request(prompt, params, max_tokens_must_fit)
+        ids = prompt_token_ids(self.tokenizer, prompt)
+        self._loop.limits.check(ids, params, max_tokens_must_fit)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._commands.append(("add", request_id, ids, params))
-        self._wake.set()
+        self._loop.send(("add", request_id, ids, params))
         return self._stream(request_id, queue, params.n, stream_interval)
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[StreamDelta]:
         return [d async for d in self.add_request(request_id, prompt, params)]
 
     def abort(self, request_id: str) -> None:
-        self._commands.append(("abort", request_id))
-        self._wake.set()
+        try:
+            self._loop.send(("abort", request_id))
+        except EngineDeadError:  # nothing runs any more
+            pass
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return self._loop.stats()
 
     @property
     def errored(self) -> bool:
         """The engine cannot serve any more (its loop died or its workers failed); one failed request does not
         count. Cheap: no worker is pinged."""
-        return self._error is not None or not self._thread.is_alive()
+        return self._loop.error is not None
 
     def check_health(self, stall_seconds: float = 60.0) -> None:
-        """Raises if the engine loop died or one step has run longer than `stall_seconds`."""
+        """Raises if the engine loop died, one step has run longer than `stall_seconds`, or a worker failed."""
         self._raise_if_dead()
-        started = self._step_started
-        if started is not None and time.monotonic() - started > stall_seconds:
-            raise EngineDeadError(f"engine loop stalled: one step has run for {time.monotonic() - started:.0f} s")
-        try:
-            self.core.executor.check_health()
-        except Exception as e:  # noqa: BLE001 - any worker failure makes the replica unhealthy
-            raise EngineDeadError(str(e)) from e
+        self._loop.check_health(stall_seconds)
 
     def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.core.shutdown()
+        self._loop.shutdown()
 
-    # -- the loop thread ------------------------------------------------------------------------------------
     def _raise_if_dead(self) -> None:
         if self.errored:
-            raise EngineDeadError(f"the engine is down: {self._error!r}")
+            raise EngineDeadError(f"the engine is down: {self._loop.error!r}")
 
     async def _stream(self, request_id: str, queue: asyncio.Queue, n: int,
                       stream_interval: Callable[[], float] | None) -> AsyncIterator[StreamDelta]:
@@ -127,48 +115,9 @@ class AsyncEngine:
                 self.abort(request_id)
             self._streams.pop(request_id, None)
 
-    def _run(self) -> None:
-        try:
-            while not self._stopped:
-                self._apply_commands()
-                if not self.core.has_work:
-                    self._stats = self.core.stats()
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
-                    continue
-                self._step_started = time.monotonic()
-                try:
-                    deltas = self.core.step()
-                except Exception as e:  # noqa: BLE001 - fail the batch's requests (core.step isolates what it can)
-                    logger.exception("engine step failed")
-                    deltas = self._fail_all(f"engine step failed: {e}")
-                    if self.core.executor_down:  # no later step can run: refuse new requests, fail health checks
-                        self._error = e
-                self._step_started = None
-                self._stats = self.core.stats()
-                self._publish(deltas)
-        except BaseException as e:  # noqa: BLE001
-            self._error = e
-            logger.exception("engine loop died")
-            self._publish([StreamDelta(rid, 0, [], "", error=f"engine loop died: {e!r}") for rid in list(self._streams)])
-
-    def _apply_commands(self) -> None:
-        while self._commands:
-            cmd = self._commands.popleft()
-            if cmd[0] == "add":
-                _, rid, ids, params = cmd
-                try:
-                    self.core.add_checked(rid, ids, params)
-                except Exception as e:  # noqa: BLE001
-                    self._publish([StreamDelta(rid, 0, [], "", error=str(e))])
-            else:
-                self.core.abort(cmd[1])
-
-    def _fail_all(self, message: str) -> list[StreamDelta]:
-        ids = list(self.core.groups)
-        for rid in ids:
-            self.core.abort(rid)
-        return [StreamDelta(rid, 0, [], "", error=message) for rid in ids]
+    def _fail_streams(self, error: BaseException) -> None:
+        """The loop died: every open stream ends with an error."""
+        self._publish([StreamDelta(rid, 0, [], "", error=f"engine loop died: {error!r}") for rid in list(self._streams)])
 
     def _publish(self, deltas: list[StreamDelta]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

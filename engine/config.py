@@ -50,9 +50,17 @@ class EngineConfig(BaseModel):
         None, description="Schedule and launch step n+1 while step n runs; under pipeline parallelism, each "
                           "micro-batch's next step before its tokens reach the driver. Default: on with CUDA, "
                           "and with pipeline parallelism.")
+    engine_core_process: bool = Field(
+        False, description="AsyncEngine only: run the engine loop (scheduling, the model, detokenization) in a "
+                           "process of its own, so it never waits for the GIL of the server streaming its tokens "
+                           "(one-device engines; tensor/pipeline parallel ones keep it on a thread).")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def resolved_max_num_seqs(self, on_gpus: bool) -> int:
         return self.max_num_seqs or (1024 if on_gpus else 256)

@@ -15,7 +15,7 @@ from engine.model_runner import PENDING_TOKEN, BatchInput, NewSequence, StepOutp
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
-from engine.request_validation import RequestLimits
+from engine.request_validation import RequestLimits, prompt_token_ids
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
@@ -75,7 +75,7 @@ class EngineCore:
     def check_request(self, prompt: str | list[int], params: SamplingParams,
                       max_tokens_must_fit: bool = False) -> list[int]:
         """Tokenize and check a request without queueing it; returns the prompt token ids."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = prompt_token_ids(self.tokenizer, prompt)
         self.limits.check(ids, params, max_tokens_must_fit)
         return ids
 

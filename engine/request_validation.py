@@ -35,3 +35,7 @@ class RequestLimits:
                 raise InvalidRequestError(f"{name} must be at most {self.max_logprobs}, got {n}", name)
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
