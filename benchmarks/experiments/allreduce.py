@@ -3,7 +3,7 @@
 (peer-to-peer loads over NVLink; not multicast, which the device machines keep off), eagerly and inside a
 CUDA graph of 64 calls (how decode steps run).
 
-    python benchmarks/allreduce.py --gpus 2 --out-dir $OUT
+    python benchmarks/experiments/allreduce.py --gpus 2 --out-dir $OUT
 
 Writes allreduce-<device>-*.json.
 """
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 HIDDEN = 4096
 ROWS = [1, 8, 64, 256]

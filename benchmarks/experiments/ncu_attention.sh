@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the causal prefill attention kernel (one prompt of 4,096 tokens, Llama-8B heads, as
 # benchmarks/kernels.py times it): where the time goes below the 350 TFLOP/s target. Needs a Firecracker machine
-# (nvidia-h100-x1; gVisor hides the counters). Device tool: carry [".whl"], then: bash benchmarks/ncu_attention.sh
+# (nvidia-h100-x1; gVisor hides the counters). Device tool: carry [".whl"], then: bash benchmarks/experiments/ncu_attention.sh
 # Writes $OUT/ncu-prefill-attention.txt (default benchmarks/results).
 set -euo pipefail
 . .whl/device-install.sh > /dev/null

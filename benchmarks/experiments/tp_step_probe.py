@@ -1,7 +1,7 @@
 """Where a batch-1 decode step of a tensor-parallel engine spends its time: host profiles of the driver and of
 every worker, sampled by py-spy (carried in .whl) while one long greedy decode runs.
 
-    python benchmarks/tp_step_probe.py --model /tmp/llama3-8b-random --tp 2 --out-dir $OUT
+    python benchmarks/experiments/tp_step_probe.py --model /tmp/llama3-8b-random --tp 2 --out-dir $OUT
 
 Prints ms per token and, per process, the functions holding the most samples (own time, and on the stack);
 writes the raw py-spy profiles next to a JSON summary in --out-dir.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def top_frames(raw: Path, n: int = 25) -> dict:

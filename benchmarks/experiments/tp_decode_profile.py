@@ -4,7 +4,7 @@ kernel's time and the gaps between kernels. Variants show what a change could bu
 `one_shot` all-reduces with separate one-shot kernels instead of inside the gemvs (ReduceSites), `no_allreduce`
 captures the same graph with the TP all-reduces left out (wrong numbers, right timing).
 
-    python benchmarks/tp_decode_profile.py --model /tmp/llama3-8b-random --tp 1 2 --out-dir $OUT
+    python benchmarks/experiments/tp_decode_profile.py --model /tmp/llama3-8b-random --tp 1 2 --out-dir $OUT
 
 No Ray: one process per rank (torch.multiprocessing), the engine's own process-group setup and ModelRunner.
 Writes tp-decode-profile-<device>-<commit>.json.
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 BLOCK = 16
 

@@ -3,7 +3,7 @@ stores into its memory (symmetric memory over NVLink, system-scope release/acqui
 reduce_site.py signals). One program on each of two GPUs bounces a counter N times; one-way latency is the time
 over 2N.
 
-    python benchmarks/nvlink_pingpong.py --round-trips 20000 --out-dir $OUT
+    python benchmarks/experiments/nvlink_pingpong.py --round-trips 20000 --out-dir $OUT
 
 No Ray: one process per GPU (torch.multiprocessing), NCCL only for the symmetric-memory rendezvous.
 """
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _kernel():

@@ -4,7 +4,7 @@ The same offline engine (`LLM`, same model, same thread count) lives in three ho
 and a spawned subprocess. Each in turn runs the same timed request, one home at a time, round robin, so the
 machine's drift cancels out of the per-round differences: prefill (max_tokens=1) and a fixed-length decode.
 
-    python benchmarks/process_compute.py --model /tmp/smollm2-135m-random --threads 2 --rounds 12
+    python benchmarks/experiments/process_compute.py --model /tmp/smollm2-135m-random --threads 2 --rounds 12
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 class Home:

@@ -1,7 +1,7 @@
 """How much an idle local Ray cluster slows an in-process engine on the same CPUs, and whether lowering the
 priority of Ray's daemons (raylet, GCS, log monitor, agents) takes that back.
 
-    python benchmarks/idle_cluster_ttft.py --rounds 2 --nice 15
+    python benchmarks/experiments/idle_cluster_ttft.py --rounds 2 --nice 15
 
 Each round runs the same load (c=1) into one in-process AsyncEngine three times: with no cluster, beside an idle
 cluster serving the same model (started by a child process), and beside one whose daemons run at niceness
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psutil  # noqa: E402
 
