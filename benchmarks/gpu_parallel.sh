@@ -8,7 +8,7 @@
 #             (benchmarks/serving_overhead.py at a fixed concurrency)
 #   w1        W1 alone at TP=1 then TP=2 (the batch-1 decode ratio), with TRACE=1 torch.profiler traces of every
 #             rank under $OUT/traces-tp<N>
-#   decode_profile  benchmarks/tp_decode_profile.py: one batch-1 step as a CUDA graph per rank, TP=1 and TP=2,
+#   decode_profile  benchmarks/experiments/tp_decode_profile.py: one batch-1 step as a CUDA graph per rank, TP=1 and TP=2,
 #             kernel by kernel (VARIANTS: its --variants)
 # Device tool: carry [".whl"] (../shared/tools/device-bundle.sh: Ray, Serve, pydantic), then
 #   STAGES="smoke tp1 tp2" bash benchmarks/gpu_parallel.sh        # default: smoke tp1 tp2 pp2 replicas serving
@@ -48,7 +48,7 @@ for tp in 1 2; do
   TAG=${TAG:-}-tp$tp stage w1 python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 --hf-baseline 0 \
     --out-dir "$OUT" --tp $tp ${TRACE:+--torch-profile "$OUT/traces-tp$tp"}
 done
-stage decode_profile python3 benchmarks/tp_decode_profile.py --model "$MODEL" --tp 1 2 --out-dir "$OUT" \
+stage decode_profile python3 benchmarks/experiments/tp_decode_profile.py --model "$MODEL" --tp 1 2 --out-dir "$OUT" \
   ${VARIANTS:+--variants $VARIANTS}
 stage serving python3 benchmarks/serving_overhead.py --model "$MODEL" --device cuda --dataset W3 --num-prompts 0 \
   --max-concurrency "$CONCURRENCY" --max-num-seqs 256 --warmup 8 --out-dir "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU throughput run: the Llama-3-8B-shaped random bf16 model on W1/W3/W2 (ATTENTION=torch|triton|auto), plus
 # transformers on the first HF_PROMPTS prompts of each workload (HF_PROMPTS=0 skips it).
-# Device tool: carry [".whl"] (pydantic wheels for Python 3.12), then: bash benchmarks/gpu_engine_torch.sh
+# Device tool: carry [".whl"] (pydantic wheels for Python 3.12), then: bash benchmarks/gpu_throughput.sh
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
