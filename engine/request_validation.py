@@ -22,12 +22,12 @@ class RequestLimits:
             raise InvalidRequestError("the prompt is empty", "prompt")
         if n_prompt >= limit:
             raise InvalidRequestError(f"the prompt has {n_prompt} tokens but max_model_len is {limit}: shorten "
-                                      "the prompt", "prompt", "context_length_exceeded")
+                                      "the prompt", "prompt", code="context_length_exceeded")
         if max_tokens_must_fit and params.max_tokens is not None and n_prompt + params.max_tokens > limit:
             raise InvalidRequestError(
                 f"the prompt has {n_prompt} tokens and max_tokens asks for {params.max_tokens} more, but "
                 f"max_model_len is {limit}: lower max_tokens to at most {limit - n_prompt}", "max_tokens",
-                "context_length_exceeded")
+                code="context_length_exceeded")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         for n, name in ((params.logprobs, "logprobs"), (params.prompt_logprobs, "prompt_logprobs")):

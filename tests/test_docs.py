@@ -13,8 +13,6 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 TEXT = {page: page.read_text() for page in PAGES}
 RESULTS = ROOT / "benchmarks" / "results"
-# Files the docs describe that another change in flight adds; once one exists, drop it from here.
-PENDING = {"cluster/session.py"}
 
 
 def doc(name: str) -> str:
@@ -69,15 +67,9 @@ def named_paths(text: str) -> set[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_files_a_page_names_exist(page):
-    for path in sorted(named_paths(TEXT[page]) - PENDING):
+    for path in sorted(named_paths(TEXT[page])):
         matches = list(ROOT.glob(path)) if "*" in path else [ROOT / path] if (ROOT / path).exists() else []
         assert matches, f"{page.relative_to(ROOT)} names {path}, which does not exist"
-
-
-def test_pending_files_are_still_pending():
-    for path in PENDING:
-        assert not (ROOT / path).exists(), f"{path} exists now: remove it from PENDING in tests/test_docs.py"
-        assert any(path in text for text in TEXT.values()), f"no page names {path}: remove it from PENDING"
 
 
 def anchors(text: str) -> set[str]:
