@@ -9,6 +9,8 @@ Stages, from the engine outwards:
 - in_process: an `AsyncEngine` in this process, fed by asyncio tasks as a server would;
 - ingress:    the whole HTTP stack with the engine inside the ingress (`engine_in_ingress`): HTTP, FastAPI, SSE;
 - cluster:    the default layout: HTTP -> ingress -> router -> engine replica (a Serve handle stream per request).
+A stage name may add `+process` (the engine loop in its own process, `engine_core_process`) and, for the HTTP
+stages, `+direct` (the ingress serves HTTP itself, `http.direct_ingress`): `--stages cluster,cluster+process`.
 Each online stage runs three points: concurrency 1 on `--ttft-prompts` prompts (TTFT and TPOT), concurrency 256,
 and every prompt at once. Prefix caching is off everywhere: the points reuse the same prompts.
 Writes benchmarks/results/stack-gap-*.json with every stage's figures and the ratios the targets are set on.
@@ -34,13 +36,13 @@ from benchmarks.serving import (InProcessBackend, OpenAIBackend, Request, make_d
 STAGES = ("offline", "in_process", "ingress", "cluster")
 
 
-def engine_options(args) -> dict:
+def engine_options(args, stage: str = "") -> dict:
     opts = dict(model=args.model, enable_prefix_caching=False)
     if args.device:
         opts["device"] = args.device
     if args.max_num_seqs:
         opts["max_num_seqs"] = args.max_num_seqs
-    if args.engine_core_process:
+    if "+process" in stage:
         opts["engine_core_process"] = True
     return opts
 
@@ -50,7 +52,7 @@ def offline(args, requests: list[Request]) -> dict:
     from benchmarks.workloads import WORKLOADS
     from engine import LLM
 
-    llm = LLM(**{k: v for k, v in engine_options(args).items() if k != "engine_core_process"})
+    llm = LLM(**engine_options(args))
     try:
         vocab = model_vocab(args.model)
         prompts, outs = [r.prompt for r in requests], [r.output_len for r in requests]
@@ -78,11 +80,11 @@ async def load_points(backend, requests: list[Request], ttft_prompts: int, warmu
         return points
 
 
-def in_process(args, requests: list[Request]) -> dict:
+def in_process(args, requests: list[Request], stage: str) -> dict:
     from engine import AsyncEngine
 
     async def run():
-        engine = AsyncEngine(**engine_options(args))
+        engine = AsyncEngine(**engine_options(args, stage))
         try:
             return await load_points(InProcessBackend(engine), requests, args.ttft_prompts, args.warmup)
         finally:
@@ -91,13 +93,14 @@ def in_process(args, requests: list[Request]) -> dict:
     return asyncio.run(run())
 
 
-def through_http(args, requests: list[Request], engine_in_ingress: bool) -> dict:
+def through_http(args, requests: list[Request], stage: str) -> dict:
     from benchmarks import local_serve
     from cluster.config import ClusterConfig, ModelConfig
 
-    config = ClusterConfig(app_name="stackgap", engine_in_ingress=engine_in_ingress, models=[ModelConfig(
+    config = ClusterConfig(app_name="stackgap", engine_in_ingress=stage.startswith("ingress"),
+                           http={"direct_ingress": "+direct" in stage}, models=[ModelConfig(
         name="bench", max_ongoing_requests=len(requests) + 8, max_queue_size=len(requests) + 8,
-        **engine_options(args))])
+        **engine_options(args, stage))])
     base_url = local_serve.start(config, num_cpus=args.num_cpus)
     try:
         return asyncio.run(load_points(OpenAIBackend(base_url, "bench"), requests, args.ttft_prompts, args.warmup))
@@ -109,9 +112,9 @@ def run_stage(args, stage: str) -> dict:
     requests = make_dataset(args.workload, args.num_prompts, 0, 0, min(10000, model_vocab(args.model)))
     if stage == "offline":
         return offline(args, requests)
-    if stage == "in_process":
-        return in_process(args, requests)
-    return through_http(args, requests, engine_in_ingress=stage == "ingress")
+    if stage.startswith("in_process"):
+        return in_process(args, requests, stage)
+    return through_http(args, requests, stage)
 
 
 def ratios(stages: dict) -> dict:
@@ -120,9 +123,8 @@ def ratios(stages: dict) -> dict:
     out = {}
     offline_all = stages.get("offline", {}).get("all_at_once", {}).get("output_tok_s")
     local = stages.get("in_process")
-    for name in ("in_process", "ingress", "cluster"):
-        s = stages.get(name)
-        if not s:
+    for name, s in stages.items():
+        if name == "offline":
             continue
         r = {}
         if offline_all:
@@ -144,8 +146,6 @@ def main() -> int:
     ap.add_argument("--ttft-prompts", type=int, default=32, help="prompts sent one at a time for TTFT")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--max-num-seqs", type=int)
-    ap.add_argument("--engine-core-process", action="store_true",
-                    help="AsyncEngine's loop in a process of its own (the online stages)")
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs of the local Ray cluster")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage, print its JSON last
