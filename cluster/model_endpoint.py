@@ -99,7 +99,13 @@ class ModelEndpoint:
         """A completion prompt as token ids, with its text when the response echoes it."""
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt), prompt)
-        return Prompt(list(prompt), self.tokenizer.decode(prompt) if echo else None)
+        text = None
+        if echo:
+            try:
+                text = self.tokenizer.decode(prompt)
+            except OverflowError:  # ids no tokenizer knows (negative, huge): the engine refuses the request
+                pass
+        return Prompt(list(prompt), text)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None) -> list[int]:
         try:

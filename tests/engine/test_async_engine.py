@@ -1,4 +1,5 @@
-"""AsyncEngine: streams, aborts that free blocks, concurrent requests, stats and health."""
+"""AsyncEngine: streams, aborts that free blocks, concurrent requests, stats and health, with the engine loop on a
+thread or in its own process."""
 import asyncio
 
 import pytest
@@ -6,9 +7,10 @@ import pytest
 from engine import AsyncEngine, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = AsyncEngine(model=str(tiny_model_dir("llama")))
+@pytest.fixture(scope="module", params=[False, True], ids=["loop-thread", "loop-process"])
+def engine(tiny_model_dir, request):
+    """Every test runs against the engine loop on a thread of this process and in a process of its own."""
+    eng = AsyncEngine(model=str(tiny_model_dir("llama")), engine_core_process=request.param)
     yield eng
     eng.shutdown()
 
@@ -115,3 +117,35 @@ def test_bad_input_raises_before_streaming(engine):
 def test_stats_count_tokens(engine):
     s = engine.stats()
     assert s.prompt_tokens > 0 and s.generation_tokens > 0 and s.kv_blocks_total > 0
+
+
+def test_an_engine_process_that_dies_ends_every_stream_and_refuses_new_requests(tiny_model_dir):
+    """The engine process killed mid-request: the open stream ends with an error instead of hanging, and the
+    engine reports itself down (health check, new requests)."""
+    import os
+    import signal
+
+    from engine import EngineDeadError
+
+    eng = AsyncEngine(model=str(tiny_model_dir("llama")), engine_core_process=True)
+
+    async def main():
+        stream = eng.add_request("doomed", [7] * 20, SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await anext(stream)
+        os.kill(eng._loop._process.pid, signal.SIGKILL)
+        rest = [d async for d in stream]
+        return first, rest
+
+    try:
+        first, rest = asyncio.run(main())
+        assert first.token_ids and rest and rest[-1].error is not None
+        assert eng.errored
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+
+        async def add():
+            eng.add_request("after", [7] * 4, SamplingParams(max_tokens=4))
+        with pytest.raises(EngineDeadError):
+            asyncio.run(add())
+    finally:
+        eng.shutdown()
