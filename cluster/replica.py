@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from cluster.config import ModelConfig
 from engine import InvalidRequestError, SamplingParams, StreamDelta
@@ -80,8 +81,10 @@ class ReplicaFailed:
 class EngineReplica:
     def __init__(self, model_config: dict):
         self.config = ModelConfig.model_validate(model_config)
-        context = serve.get_replica_context()
-        self.replica_id = context.replica_id.unique_id if context else "local"
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # outside a Serve deployment (a test, a script)
+            self.replica_id = "local"
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         from engine import AsyncEngine  # torch loads here, in the replica, not in the ingress that imports this module
 
