@@ -1,7 +1,8 @@
 """helm/strata, rendered and linted by Helm's own Go library (helm-python-sdk), for the default values and
 several variants. Every RayService is validated against KubeRay's CRD schema (and its cluster as a RayCluster),
 strictly: an unknown field fails, as it does with `kubectl apply --validate=strict`. Its serveConfigV2 must
-equal what `strata config render` prints for the same config. Bad values must fail at install time.
+equal what `strata config render` prints for the same config. Bad values must fail at install time. The chart's
+defaults are ClusterConfig's, read from the file helm/generate_values_schema.py writes, never typed twice.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 
 import helm_python as helm
 import jsonschema
@@ -102,6 +104,7 @@ VARIANTS = {
          "min_replicas": 1, "max_replicas": 2, "dtype": "bfloat16", **GPU}]},
         "workers": {"gpu": {"type": "NVIDIA-H100-80GB-HBM3"}},
         "hfTokenSecret": {"name": "hf-token", "key": "token"}}, (8, 2, 4, 2)),
+    "model-defaults": ({"strata": {"models": [{"model": "smollm2-135m-instruct", **GPU}]}}, (1, 1, 1, 1)),
     "loadbalancer": ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"],
                                   "annotations": {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"}}},
                      (1, 1, 2, 1)),
@@ -284,12 +287,83 @@ def test_bad_values_fail_at_install_time(chart, values, words):
 
 
 # -- the chart stays in step with the code --------------------------------------------------------------------
-def test_values_schema_is_the_generated_one():
+def load_generator():
     spec = importlib.util.spec_from_file_location("generate_values_schema", ROOT / "helm" / "generate_values_schema.py")
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    assert (CHART / "values.schema.json").read_text() == generator.schema_text(), \
-        "helm/strata/values.schema.json is stale: run `.venv/bin/python helm/generate_values_schema.py`"
+    return generator
+
+
+def test_the_files_generated_from_the_config_models_are_current():
+    for path, text in load_generator().generated_files().items():
+        assert path.read_text() == text, \
+            f"{path.relative_to(ROOT)} is stale: run `.venv/bin/python helm/generate_values_schema.py`"
+
+
+def test_values_yaml_repeats_no_config_default(chart):
+    """values.yaml sets a `strata:` key only where the chart wants something else than ClusterConfig's default
+    (`model` aside: the chart asks every model to name one)."""
+    from cluster.config import HTTPConfig, ModelConfig
+
+    strata = chart.values["strata"]
+    for schema, block in [(ClusterConfig, {k: v for k, v in strata.items() if k != "models"}),
+                          (HTTPConfig, strata["http"]), *[(ModelConfig, m) for m in strata["models"]]]:
+        defaults = schema().model_dump(mode="json")
+        repeated = {k for k, v in block.items() if k != "model" and not isinstance(v, dict) and v == defaults[k]}
+        assert not repeated, f"values.yaml repeats {schema.__name__} defaults: {sorted(repeated)}"
+
+
+def test_templates_type_no_default_value():
+    """Unset config keys come from files/config-defaults.yaml, never from a literal in a template."""
+    literal_default = re.compile(r'\|\s*default\s+("[^"]*"|-?\d[\d.]*|true\b|false\b)')
+    for template in (CHART / "templates").iterdir():
+        assert not literal_default.findall(template.read_text()), template.name
+
+
+def sizing_from_the_config(values: dict, workers: dict) -> tuple[int, int, int, int]:
+    """(GPUs per pod, minReplicas, maxReplicas, replicas), computed from ClusterConfig (its defaults included)."""
+    models = ClusterConfig.model_validate(values).models
+    gpus = workers.get("gpu", {}).get("count")
+    gpus = max(m.tensor_parallel_size for m in models) if gpus is None else gpus
+    pods = [-(-m.world_size // gpus) if gpus else 1 for m in models]
+    low = sum(m.min_replicas * n for m, n in zip(models, pods))
+    high = sum(m.max_replicas * n for m, n in zip(models, pods))
+    initial = sum((m.initial_replicas if m.initial_replicas is not None else m.min_replicas) * n
+                  for m, n in zip(models, pods))
+    return gpus, low, high, min(high, max(low, initial))
+
+
+def test_worker_group_is_sized_from_the_config_models_defaults_included(variant, chart):
+    _, values, manifests, expected = variant
+    (group,) = the_rayservice(manifests)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    rendered = (group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0),
+                group["minReplicas"], group["maxReplicas"], group["replicas"])
+    assert rendered == expected == sizing_from_the_config(merged_strata_values(chart, values),
+                                                          values.get("workers", {}))
+
+
+def test_the_chart_takes_unset_keys_from_the_generated_defaults(tmp_path):
+    """Change the defaults file alone, and what the chart derives from unset keys follows."""
+    copy_of_chart = tmp_path / "strata"
+    shutil.copytree(CHART, copy_of_chart)
+    defaults_file = copy_of_chart / "files" / "config-defaults.yaml"
+    defaults = yaml.safe_load(defaults_file.read_text())
+    defaults["model"].update(tensor_parallel_size=2, max_replicas=3)
+    defaults["cluster"]["http"]["port"] = 9000
+    defaults["cluster"]["app_name"] = "from-defaults"
+    defaults_file.write_text(yaml.safe_dump(defaults))
+    values = {"strata": {"models": [{"model": "m", "device": "cuda"}], "http": {"host": "0.0.0.0"}}}
+    with helm.Chart.load(copy_of_chart) as loaded:
+        manifests = render(loaded, values)
+    rayservice = the_rayservice(manifests)
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    worker = group["template"]["spec"]["containers"][0]
+    assert (worker["resources"]["limits"]["nvidia.com/gpu"], group["maxReplicas"]) == (2, 3)
+    assert {"name": "serve", "containerPort": 9000} in worker["ports"]
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["port"] == 9000
+    assert serve_config["applications"][0]["name"] == "from-defaults"
+    assert serve_config["applications"][0]["args"] == values["strata"]  # only what the user set
 
 
 def test_default_values_are_a_valid_cluster_config_and_pin_the_projects_ray(chart):

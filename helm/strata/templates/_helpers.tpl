@@ -32,10 +32,10 @@ ceil(tp x pp / gpusPerPod) pods. With CPU-only workers (gpu.count 0) a replica t
 Also fails on values the schema cannot express (the same rules as ClusterConfig's validators).
 */}}
 {{- define "strata.workerSizing" -}}
-{{- $models := .Values.strata.models -}}
+{{- $models := (include "strata.config" . | fromJson).models -}}
 {{- $gpus := 0 -}}
 {{- if kindIs "invalid" .Values.workers.gpu.count -}}
-{{- range $models -}}{{- $gpus = max $gpus (int (.tensor_parallel_size | default 1)) -}}{{- end -}}
+{{- range $models -}}{{- $gpus = max $gpus (int .tensor_parallel_size) -}}{{- end -}}
 {{- else -}}
 {{- $gpus = int .Values.workers.gpu.count -}}
 {{- end -}}
@@ -45,13 +45,13 @@ Also fails on values the schema cannot express (the same rules as ClusterConfig'
 {{- $name := .name | default .model -}}
 {{- if has $name $names -}}{{- fail (printf "strata.models: two models are served as %q; set `name:` on one" $name) -}}{{- end -}}
 {{- $names = append $names $name -}}
-{{- $tp := int (.tensor_parallel_size | default 1) -}}
-{{- $pp := int (.pipeline_parallel_size | default 1) -}}
-{{- $minR := 1 -}}{{- if hasKey . "min_replicas" -}}{{- $minR = int .min_replicas -}}{{- end -}}
-{{- $maxR := 1 -}}{{- if hasKey . "max_replicas" -}}{{- $maxR = int .max_replicas -}}{{- end -}}
-{{- $initR := $minR -}}{{- if and (hasKey . "initial_replicas") (not (kindIs "invalid" .initial_replicas)) -}}{{- $initR = int .initial_replicas -}}{{- end -}}
+{{- $tp := int .tensor_parallel_size -}}
+{{- $pp := int .pipeline_parallel_size -}}
+{{- $minR := int .min_replicas -}}
+{{- $maxR := int .max_replicas -}}
+{{- $initR := $minR -}}{{- if not (kindIs "invalid" .initial_replicas) -}}{{- $initR = int .initial_replicas -}}{{- end -}}
 {{- if lt $maxR $minR -}}{{- fail (printf "strata.models[%s]: max_replicas (%d) must be at least min_replicas (%d)" $name $maxR $minR) -}}{{- end -}}
-{{- $device := .device | default "auto" -}}
+{{- $device := .device -}}
 {{- $podsPerReplica := 1 -}}
 {{- if gt $gpus 0 -}}
 {{- if gt $tp $gpus -}}{{- fail (printf "strata.models[%s]: tensor_parallel_size %d does not fit in worker pods of %d GPUs (workers.gpu.count)" $name $tp $gpus) -}}{{- end -}}
@@ -71,6 +71,39 @@ Also fails on values the schema cannot express (the same rules as ClusterConfig'
 {{- end -}}
 
 {{/*
+The `strata:` block, as JSON, with every key the user left unset taken from ClusterConfig's and ModelConfig's
+defaults: files/config-defaults.yaml, which helm/generate_values_schema.py writes from cluster/config.py, so no
+default is typed in the chart. The chart's own decisions (worker sizing, ports, the app name) read this; the
+Serve config's args hold only what the user set, as `strata config render` writes them.
+*/}}
+{{- define "strata.config" -}}
+{{- $defaults := .Files.Get "files/config-defaults.yaml" | fromYaml -}}
+{{- $config := include "strata.overlay" (list $defaults.cluster .Values.strata) | fromJson -}}
+{{- range $section := list "http" "limits" -}}
+{{- $set := get $.Values.strata $section | default dict -}}
+{{- $_ := set $config $section (include "strata.overlay" (list (get $defaults.cluster $section) $set) | fromJson) -}}
+{{- end -}}
+{{- $models := list -}}
+{{- range .Values.strata.models -}}
+{{- $models = append $models (include "strata.overlay" (list $defaults.model .) | fromJson) -}}
+{{- end -}}
+{{- $_ := set $config "models" $models -}}
+{{- toJson $config -}}
+{{- end -}}
+
+{{/* (list DEFAULTS SET): DEFAULTS with every key of SET put over it, as JSON. (Sprig's merge would keep a default
+where SET holds 0 or false.) */}}
+{{- define "strata.overlay" -}}
+{{- $out := deepCopy (index . 0) -}}
+{{- range $key, $value := index . 1 -}}{{- $_ := set $out $key $value -}}{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "strata.port" -}}
+{{- (include "strata.config" . | fromJson).http.port | int -}}
+{{- end -}}
+
+{{/*
 The Serve config: what `strata config render --config FILE` prints for FILE = .Values.strata (cluster/cli.py,
 render_command). tests/deploy/test_helm_chart.py holds the two equal.
 */}}
@@ -78,12 +111,13 @@ render_command). tests/deploy/test_helm_chart.py holds the two equal.
 {{- if hasKey .Values.strata "api_keys" -}}
 {{- fail "strata.api_keys would sit in the RayService in plain text: put the keys in a Secret and set apiKeySecret" -}}
 {{- end -}}
+{{- $config := include "strata.config" . | fromJson -}}
 proxy_location: EveryNode
 http_options:
-  host: {{ .Values.strata.http.host }}
-  port: {{ .Values.strata.http.port }}
+  host: {{ $config.http.host }}
+  port: {{ int $config.http.port }}
 applications:
-- name: {{ .Values.strata.app_name | default "strata" }}
+- name: {{ $config.app_name }}
   route_prefix: /
   import_path: cluster.app:build_app
   args:
