@@ -1,18 +1,20 @@
 """The `strata` command: serve, deploy, status, config render.
 
     strata serve [MODEL] [--tp N] [--pp N] [--min-replicas N] [--max-replicas N] [--host H] [--port P]
-                 [--config FILE] [--address ADDR] [any ModelConfig / ClusterConfig key as --flag]
+                 [--config FILE] [--address ADDR] [--log-level LEVEL] [any ModelConfig / ClusterConfig key as --flag]
     strata deploy CONFIG.yaml [--address ADDR]
     strata status [--address ADDR] [--app-name NAME]
     strata config render [MODEL] [--config FILE] [flags]
 
 Flags are generated from the pydantic config models (cluster/config.py): every key `some_key` of a model,
 of `http` and of `limits` is `--some-key`; precedence is defaults < --config file < flags.
-Bad input prints one line and exits with status 2.
+Bad input prints one line and exits with status 2. `strata serve` prints the URL, the models ready, and the
+warnings and errors of every process; `--log-level debug` adds Ray's and Serve's own lines.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -24,6 +26,9 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, HTTPConfig, LimitsConfig, ModelConfig, load_yaml
+from cluster.serve_env import LOG_LEVELS, configure_logging, logging_ray_init_kwargs, start_local
+
+logger = logging.getLogger("strata")
 
 APP_BUILDER = "cluster.app:build_app"
 FLAG_ALIASES = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"], "api_keys": ["--api-key"],
@@ -123,12 +128,16 @@ def serve_command(args) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.serve_env import start_local
 
+    configure_logging(args.log_level)
+    names = ", ".join(m.served_name for m in config.models)
+    logging_kwargs = logging_ray_init_kwargs(args.log_level)
     if args.address is None:  # always a new cluster of our own, never one left running
-        http_options = start_local(config)
+        logger.info("starting Ray on this machine and deploying %s", names)
+        http_options = start_local(config, **logging_kwargs)
     else:
-        ray.init(address=args.address)
+        logger.info("joining the Ray cluster at %s and deploying %s", args.address, names)
+        ray.init(address=args.address, **logging_kwargs)
         http_options = {"host": config.http.host, "port": config.http.port}
     # Ctrl-C and SIGTERM stop it even where SIGINT came in ignored (a process started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler).
@@ -137,8 +146,8 @@ def serve_command(args) -> int:
     try:
         serve.start(http_options=http_options)
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        print(f"Strata is serving {', '.join(m.served_name for m in config.models)} at {base_url(config)} "
-              "(OpenAI API under /v1). Press Ctrl-C to stop.", flush=True)
+        print(f"Strata is serving {names} at {base_url(config)} (OpenAI API under /v1). Press Ctrl-C to stop.",
+              flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -149,10 +158,9 @@ def serve_command(args) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if args.address is None:
-            serve.shutdown()
-        else:
-            serve.delete(config.app_name)
+        # The app's replicas drain; a cluster of our own then goes with ray.shutdown (serve.shutdown would add
+        # Ray's notice that the controller's shutdown task died with the controller).
+        serve.delete(config.app_name)
         ray.shutdown()
     return 0
 
@@ -270,6 +278,9 @@ def build_parser() -> Parser:
                                                   "(default: smollm2-135m-instruct).")
     serve_p.add_argument("--config", help="ClusterConfig YAML file; flags override its keys.")
     serve_p.add_argument("--address", help="Join this Ray cluster (e.g. auto, or host:6379) instead of starting one.")
+    serve_p.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                         help="Console detail: Strata's lines from this level on; Ray's and Serve's own INFO lines "
+                              "only with debug (default: info).")
     add_config_flags(serve_p)
     serve_p.set_defaults(run=serve_command)
 

@@ -27,9 +27,15 @@ on a 2-core machine with one engine replica: Ray's and Serve's processes took 20
 
 The README has the measurements (benchmarks/serving_overhead.py). Clusters started by `ray up` or KubeRay get
 the gRPC and event-loop settings from their nodes' environment (deploy/, helm/) and keep Serve's proxies.
+
+Also the console's log levels (`strata serve --log-level`): Strata's own lines from the chosen level on, Ray's
+and Serve's (start banners, the controller, proxies and replicas reporting each step) only at debug, their
+warnings and errors always. Every Ray process of the app gets the level through Ray's worker setup hook, and its
+stderr reaches the console (log_to_driver), so a replica's warnings and errors show where `strata serve` runs.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -96,3 +102,54 @@ def spare_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the console's log levels ----------------------------------------------------------------------------------
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVEL_ENV = "STRATA_LOG_LEVEL"
+# Ray's notice, on every new local instance, that it turned token authentication on: a start banner.
+RAY_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def ray_log_level(level: str) -> int:
+    """Ray's and Serve's threshold for Strata's `level`: their INFO lines only at debug."""
+    return logging.INFO if level == "debug" else max(logging.WARNING, getattr(logging, level.upper()))
+
+
+def logging_ray_init_kwargs(level: str) -> dict:
+    """ray.init arguments that set `level` in this process's Ray logger and, through Ray's worker setup hook, in
+    every process of the job: Serve's controller and proxies, the replicas, the engines' shard workers."""
+    return {"logging_level": ray_log_level(level),
+            "runtime_env": {"worker_process_setup_hook": f"{__name__}.configure_logging",
+                            "env_vars": {LOG_LEVEL_ENV: level}}}
+
+
+class ServeLevelFilter(logging.Filter):
+    """Serve's records from a level on, and its access log (on only where `access_log: true` asks for it). A
+    filter on the logger, not its level: Serve resets the level and handlers each time it sets up a component."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or bool(getattr(record, "serve_access_log", False))
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Strata's log lines to stderr from `level` on (default: $STRATA_LOG_LEVEL, else info); Ray's and Serve's
+    from ray_log_level(level). Ray calls it with no argument in each worker process (its setup hook)."""
+    level = level or os.environ.get(LOG_LEVEL_ENV, "info")
+    strata = logging.getLogger("strata")
+    if not strata.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
+        strata.addHandler(handler)
+    strata.setLevel(level.upper())
+    strata.propagate = False
+    logging.getLogger("ray").setLevel(ray_log_level(level))
+    logging.getLogger(RAY_AUTH_NOTICE_LOGGER).setLevel(logging.INFO if level == "debug" else logging.ERROR)
+    serve_logger = logging.getLogger("ray.serve")
+    for old in [f for f in serve_logger.filters if isinstance(f, ServeLevelFilter)]:
+        serve_logger.removeFilter(old)
+    serve_logger.addFilter(ServeLevelFilter(ray_log_level(level)))

@@ -2,6 +2,7 @@
 and `strata deploy` / `strata status` against the test session's Ray cluster."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import yaml
 
 from cluster.cli import build_parser, config_from_args
 from cluster.config import ClusterConfig, ModelConfig
+from cluster.serve_env import ServeLevelFilter, ray_log_level
 
 
 def strata(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -64,6 +66,7 @@ def test_render_prints_a_serve_config_whose_args_are_the_cluster_config():
     ["config", "render", "--min-replicas", "3", "--max-replicas", "1"],
     ["config", "render", "--routing", "round_robin"],
     ["serve", "./no/such/model/dir"],
+    ["serve", "--log-level", "verbose"],
     ["frobnicate"],
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args):
@@ -71,6 +74,18 @@ def test_bad_input_is_one_line_and_exit_code_2(args):
     assert out.returncode == 2, out
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serves_log_filter_keeps_warnings_and_the_access_log_below_debug():
+    def record(level: int, **extra) -> logging.LogRecord:
+        made = logging.LogRecord("ray.serve", level, __file__, 1, "message", None, None)
+        made.__dict__.update(extra)
+        return made
+
+    at_info, at_debug = ServeLevelFilter(ray_log_level("info")), ServeLevelFilter(ray_log_level("debug"))
+    assert not at_info.filter(record(logging.INFO)) and at_debug.filter(record(logging.INFO))
+    assert at_info.filter(record(logging.WARNING)) and at_info.filter(record(logging.INFO, serve_access_log=True))
+    assert not ServeLevelFilter(ray_log_level("error")).filter(record(logging.WARNING))
 
 
 def test_model_flags_need_a_single_model_config(tmp_path):

@@ -1,11 +1,14 @@
 """`strata serve` end to end, as `make serve` runs it: a Ray instance of its own, Serve's low-latency settings
 (cluster/serve_env.py), here with the ingress serving HTTP on --port itself (--direct-ingress); the openai client
-streams from it, and Ctrl-C stops it cleanly."""
+streams from it, and Ctrl-C stops it cleanly. Its console shows the URL, the model and Strata's lines from the
+replicas, and Ray's and Serve's own INFO lines only with --log-level debug."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +16,29 @@ import pytest
 from cluster_testing import free_port, wait_for
 
 pytestmark = pytest.mark.slow
+
+# Ray's and Serve's log lines: "2026-01-02 03:04:05,678\tINFO worker.py:2038 -- Started a local Ray instance." and
+# "(ServeController pid=1) INFO 2026-01-02 03:04:05,678 controller 1 -- Deploying new version of ...".
+RAY_OR_SERVE_INFO = re.compile(r"\bINFO\b.* -- ")
+# Strata's, from the engine replica's process: "(ServeReplica:strata:EngineReplica-demo pid=1) INFO 01-02 03:04:05 ..."
+STRATA_INFO_FROM_THE_REPLICA = re.compile(r"\(ServeReplica:strata:EngineReplica-demo pid=\d+\)\S* INFO \d\d-\d\d ")
+
+
+def start(port: int, log: Path, *flags: str) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", "demo", "--port", str(port), "--num-kv-blocks", "64",
+             "--max-num-seqs", "4", "--num-cpus-per-replica", "0.5", *flags],
+            stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_with_ctrl_c(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _models(port: int) -> list[str] | None:
@@ -25,11 +51,7 @@ def _models(port: int) -> list[str] | None:
 
 def test_strata_serve_with_direct_ingress_streams_and_stops_on_ctrl_c(tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "serve", "demo", "--port", str(port), "--direct-ingress",
-             "--num-kv-blocks", "64", "--max-num-seqs", "4", "--num-cpus-per-replica", "0.5"],
-            stdout=out, stderr=subprocess.STDOUT, text=True)
+    process = start(port, log, "--direct-ingress")
     try:
         ready = f"Strata is serving demo at http://127.0.0.1:{port}"
         wait_for(lambda: ready in log.read_text() or process.poll() is not None, timeout=240,
@@ -43,10 +65,24 @@ def test_strata_serve_with_direct_ingress_streams_and_stops_on_ctrl_c(tmp_path):
         whole = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0 and "stopping..." in log.read_text(), log.read_text()[-3000:]
+        stop_with_ctrl_c(process)
+    console = log.read_text()
+    assert process.returncode == 0 and "stopping..." in console, console[-3000:]
+    assert STRATA_INFO_FROM_THE_REPLICA.search(console), console[-3000:]
+    assert not [line for line in console.splitlines() if RAY_OR_SERVE_INFO.search(line)], console[-3000:]
+
+
+def test_log_level_debug_shows_ray_and_serve_info_lines(tmp_path):
+    def serve_controller_info(console: str) -> list[str]:
+        return [line for line in console.splitlines() if "(ServeController" in line and RAY_OR_SERVE_INFO.search(line)]
+
+    port, log = free_port(), tmp_path / "serve.log"
+    process = start(port, log, "--log-level", "debug")
+    try:
+        # The Serve controller deploys the app before the model loads: no need to wait for the model.
+        wait_for(lambda: serve_controller_info(log.read_text()) or process.poll() is not None, timeout=240,
+                 what="an INFO line of the Serve controller")
+    finally:
+        stop_with_ctrl_c(process)
+    console = log.read_text()
+    assert serve_controller_info(console) and "Started a local Ray instance" in console, console[-3000:]
