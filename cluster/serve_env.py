@@ -38,8 +38,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
-from cluster.config import ClusterConfig
+if TYPE_CHECKING:  # the worker setup hook imports this module in every Ray process: keep it light
+    from cluster.config import ClusterConfig
 
 FAST_PATH_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
