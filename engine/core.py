@@ -5,19 +5,17 @@ import collections
 import logging
 import time
 
-import torch
-
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, token_texts
 from engine.errors import InvalidRequestError
 from engine.kv_cache import KVCacheManager
-from engine.model_runner import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
 from engine.request_validation import RequestLimits, prompt_token_ids
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from engine.step import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
 
 logger = logging.getLogger("strata")
 
@@ -48,7 +46,7 @@ class EngineCore:
         # Async scheduling: while step n runs, schedule and launch n+1, so the GPU never waits for the host.
         self.async_scheduling = self.pipeline_depth == 1 and (
             config.async_scheduling if config.async_scheduling is not None
-            else self.executor.describe()["device"].startswith("cuda"))
+            else setup.on_gpus)
         # Pipeline parallel, async: each micro-batch's next step is launched before its tokens reach the driver
         # (the last stage sends them to the first, device to device), so the first stage never waits for the
         # driver's round trip: pp + 1 steps in flight.
@@ -115,7 +113,7 @@ class EngineCore:
     @property
     def executor_down(self) -> bool:
         """The workers failed (a dead or stuck rank): no step can run any more."""
-        return bool(getattr(self.executor, "dead", None))
+        return self.executor.is_dead
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
@@ -284,8 +282,6 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _add_to_batch(batch: BatchInput, s: ScheduledRequest) -> None:

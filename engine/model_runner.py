@@ -14,55 +14,24 @@ from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
 from engine.parallel_state import DeviceTokens, TPGroup
-from engine.sampler import SampleResult, Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
-from engine.sampling_params import SamplingParams
+from engine.sampler import Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
+from engine.step import PENDING_TOKEN, BatchInput, StepOutput
 
 logger = logging.getLogger("strata")
 
 
 @dataclass
-class NewSequence:
-    """Sent to the worker once, the first time a sequence is scheduled."""
-
-    req_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int | None
-    stop_ids: list[int]
-
-
-PENDING_TOKEN = -1  # in BatchInput.token_ids: the token the previous step sampled for this sequence (async)
-
-
-@dataclass
-class BatchInput:
-    """One step, in plain picklable lists: what each scheduled sequence computes, and where its KV lives."""
-
-    req_ids: list[str] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)  # tokens whose KV this step computes
-    start_positions: list[int] = field(default_factory=list)  # position of each sequence's first new token
-    block_tables: list[list[int]] = field(default_factory=list)
-    sample: list[bool] = field(default_factory=list)
-    new_sequences: list[NewSequence] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StepOutput:
-    sampled: dict[str, SampleResult] = field(default_factory=dict)
-    # req id -> (first position, logprobs of the prompt tokens after each computed position of this chunk)
-    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
-
-
-@dataclass
 class LaunchedStep:
-    """A step whose GPU work is queued; `ModelRunner.finish` waits for it and reads its output."""
+    """A step whose device work is queued; `ModelRunner.finish` waits for it and reads its output. The local
+    executor's step handle: the engine core holds it without looking inside."""
 
     batch: BatchInput
     rows: list[int] = field(default_factory=list)  # batch rows that sample
     sampled: SamplerLaunch | None = None
     hidden: torch.Tensor | None = None  # kept only when prompt logprobs are asked for
     qsl: list[int] = field(default_factory=list)
+    # a stage before the last: its hidden states and residuals, for the next stage
+    to_next_stage: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ModelRunner:
@@ -232,7 +201,8 @@ class ModelRunner:
         return self.finish(self.launch(batch))
 
     @torch.inference_mode()
-    def launch(self, batch: BatchInput, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def launch(self, batch: BatchInput,
+               intermediate: tuple[torch.Tensor, torch.Tensor] | None = None) -> LaunchedStep:
         """Queue the step's work on the device and return without waiting for it (on CUDA)."""
         self.update_states(batch)
         if not batch.req_ids:
@@ -240,7 +210,7 @@ class ModelRunner:
         ids, positions, meta, qsl, last = self._prepare(batch)
         hidden, residual = self._forward(ids, positions, meta, *(intermediate or ()))
         if not self.model.is_last:
-            return hidden, residual
+            return LaunchedStep(batch, to_next_stage=(hidden, residual))
         step = LaunchedStep(batch, [i for i, s in enumerate(batch.sample) if s], qsl=qsl)
         if any(self.states[r].params.prompt_logprobs is not None for r in batch.req_ids if r in self.states):
             step.hidden = hidden

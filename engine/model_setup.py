@@ -1,4 +1,7 @@
-"""Resolve a config into concrete choices: model directory, device, dtype, lengths, executor, KV-cache size."""
+"""Resolve a config into concrete choices: model directory, device, dtype, lengths, executor, KV-cache size.
+
+The device and dtype are decided here once (`shard_device`, `shard_dtype`); the runner, the executors and the
+engine's defaults read `ModelSetup.device` and `ModelSetup.dtype`."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.executor.base import Executor
 from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
@@ -27,7 +31,7 @@ class ModelSetup:
     hf_config: object
     tokenizer: object
     eos_token_ids: set[int]
-    device: torch.device
+    device: torch.device  # where every shard runs: this process, or the Ray workers of a TP x PP replica
     dtype: torch.dtype
     max_model_len: int
     max_num_batched_tokens: int
@@ -40,13 +44,16 @@ class ModelSetup:
         model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
         weight_files(model_dir)  # and on missing weights
         tokenizer = get_tokenizer(config)
-        device = _device(config.device)
-        dtype = _dtype(config.dtype, hf_config, device)
-        max_len = _max_model_len(config, hf_config)
-        on_gpus = shards_on_gpus(config, device)
+        device = shard_device(config)
+        on_gpus = device.type == "cuda"
         budget = config.max_num_batched_tokens or (8192 if on_gpus else 2048)
-        return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device, dtype,
-                   max_len, budget, config.resolved_max_num_seqs(on_gpus))
+        return cls(config, model_dir, hf_config, tokenizer, eos_token_ids(tokenizer, model_dir), device,
+                   shard_dtype(config.dtype, hf_config, device), _max_model_len(config, hf_config), budget,
+                   config.resolved_max_num_seqs(on_gpus))
+
+    @property
+    def on_gpus(self) -> bool:
+        return self.device.type == "cuda"
 
     def runner_kwargs(self) -> dict:
         return dict(model_dir=self.model_dir, hf_config=self.hf_config, dtype=self.dtype, device=self.device,
@@ -63,15 +70,15 @@ class ModelSetup:
             return c.cpu_threads
         return max(1, len(os.sched_getaffinity(0)) // (c.tensor_parallel_size * c.pipeline_parallel_size))
 
-    def make_executor(self):
+    def make_executor(self) -> Executor:
         c = self.config
         if c.tensor_parallel_size * c.pipeline_parallel_size > 1:
-            from engine.executor.ray import RayExecutor
-            return RayExecutor(self)
+            from engine.executor.ray import RayExecutor  # imports Ray: only when there are workers to start
+            return RayExecutor(c, self.runner_kwargs())
         from engine.executor.local import LocalExecutor
         return LocalExecutor(self.runner_kwargs())
 
-    def size_kv_cache(self, executor) -> int:
+    def size_kv_cache(self, executor: Executor) -> int:
         """Blocks that fit every shard's memory budget after a profiling pass at the largest step size (each
         worker measures its own device)."""
         c = self.config
@@ -92,25 +99,27 @@ class ModelSetup:
         return max(1, min(budget // block_bytes, useful))
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
+def shard_device(config: EngineConfig) -> torch.device:
+    """The device every shard of the model runs on. device=auto picks CUDA when there are GPUs to run on: this
+    process's, or, for a TP x PP replica whose Ray workers hold the shards, the Ray cluster's (a Serve replica of
+    several shards holds no GPU itself)."""
+    if config.device == "cpu":
+        return torch.device("cpu")
+    gpus = torch.cuda.is_available() or (config.tensor_parallel_size * config.pipeline_parallel_size > 1
+                                         and _ray_cluster_has_gpus())
+    if config.device == "cuda" and not gpus:
         raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device("cuda" if gpus else "cpu")
 
 
-def shards_on_gpus(config: EngineConfig, device: torch.device) -> bool:
-    """The model runs on GPUs: here, or on Ray workers when a replica without GPUs of its own spans several."""
-    if device.type == "cuda":
-        return True
-    if config.device != "auto" or config.tensor_parallel_size * config.pipeline_parallel_size == 1:
-        return False
-    import ray
+def _ray_cluster_has_gpus() -> bool:
+    import ray  # only a replica of several shards asks, and it runs on Ray anyway
+
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+def shard_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's dtype on GPUs (bfloat16 for float32 checkpoints), float32 on CPU."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":

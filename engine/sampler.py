@@ -12,6 +12,7 @@ import torch
 
 from engine.kernels.sampling import apply_penalties, greedy_sample, sample
 from engine.sampling_params import SamplingParams
+from engine.step import SampleResult
 
 
 @dataclass
@@ -23,12 +24,6 @@ class SamplingState:
     stop_ids: list[int]  # masked while fewer than min_tokens are out (EOS unless ignore_eos, and stop_token_ids)
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SampleResult:
-    token_id: int
-    logprobs: dict[int, float] | None = None  # the sampled token's, plus the top-N
 
 
 @dataclass

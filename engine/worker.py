@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.executor.shm_channel import ShmChannel
-from engine.model_runner import BatchInput, LaunchedStep, ModelRunner, StepOutput
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.parallel_state import DistributedInitError, PPStage, TPGroup, init_distributed, open_store
+from engine.step import BatchInput, StepOutput
 
 BATCH_POLL_S = 20e-6  # while a launched step runs: how often to look for the next batch
 
@@ -169,7 +170,7 @@ class Worker:
         which steps scheduled ahead decode before the driver has seen them."""
         out = self.runner.launch(batch, self._receive(batch))
         if not self.pp.is_last:
-            self.pp.send(*out)
+            self.pp.send(*out.to_next_stage)
             if self.pp.is_first and any(batch.sample):
                 self.runner.expect_tokens(batch, self.pp.recv_tokens(sum(batch.sample), self.device))
             return None

@@ -1,4 +1,5 @@
-"""Executors run a step's batch on the model's devices: `LocalExecutor` in-process, `RayExecutor` over TP x PP workers."""
-from engine.executor.local import LocalExecutor
+"""Executors run a step's batch on the model's devices: `LocalExecutor` in-process, `RayExecutor` over TP x PP
+workers, both to the `Executor` protocol. `ModelSetup.make_executor` picks one."""
+from engine.executor.base import Executor
 
-__all__ = ["LocalExecutor"]
+__all__ = ["Executor"]

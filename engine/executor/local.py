@@ -1,12 +1,23 @@
 """One model shard in this process (tensor_parallel_size = pipeline_parallel_size = 1)."""
 from __future__ import annotations
 
-from engine.model_runner import BatchInput, LaunchedStep, ModelRunner, StepOutput
+import gc
+
+import torch
+
+from engine.model_runner import LaunchedStep, ModelRunner
+from engine.step import BatchInput, StepOutput
 
 
 class LocalExecutor:
+    """The `Executor` whose step handle is the runner's `LaunchedStep`."""
+
     def __init__(self, runner_kwargs: dict):
-        self.runner = ModelRunner(**runner_kwargs)
+        self.runner: ModelRunner | None = ModelRunner(**runner_kwargs)
+
+    @property
+    def is_dead(self) -> bool:
+        return self.runner is None
 
     def describe(self) -> dict:
         return self.runner.describe()
@@ -39,7 +50,15 @@ class LocalExecutor:
         return [self.runner.stop_profile()]
 
     def check_health(self) -> None:
-        pass
+        if self.runner is None:
+            raise RuntimeError("executor is down: shut down")
 
     def shutdown(self) -> None:
-        pass
+        """Drop the model, its KV cache and CUDA graphs, and hand their memory back to the device."""
+        if self.runner is None:
+            return
+        on_cuda = self.runner.device.type == "cuda"
+        self.runner = None
+        gc.collect()  # the model's modules refer to each other: free their tensors now, not at some later collection
+        if on_cuda:
+            torch.cuda.empty_cache()

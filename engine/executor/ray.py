@@ -21,14 +21,14 @@ import os
 import time
 
 import ray
-import torch
 from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.model_runner import BatchInput, StepOutput
+from engine.config import EngineConfig
 from engine.executor.shm_channel import ShmChannel
 from engine.parallel_state import DistributedInitError, balanced_layer_split, layer_ranges
+from engine.step import BatchInput, StepOutput
 from engine.worker import Worker
 
 logger = logging.getLogger("strata")
@@ -43,38 +43,47 @@ class RayWorker(Worker):
 
 
 class RayExecutor:
+    """The `Executor` whose step handle is the step's number: steps are numbered in submission order."""
+
     worker_cls = RayWorker  # tests swap in a worker that misbehaves
     health_timeout_s = 10.0
 
-    def __init__(self, setup):
-        c = setup.config
-        self.tp, self.pp = c.tensor_parallel_size, c.pipeline_parallel_size
+    def __init__(self, config: EngineConfig, runner_kwargs: dict):
+        """`runner_kwargs` are the ModelRunner's arguments (ModelSetup.runner_kwargs), the shards' device among
+        them; each worker runs on that device type, at its own index."""
+        self.tp, self.pp = config.tensor_parallel_size, config.pipeline_parallel_size
         self.world = self.tp * self.pp
-        self.timeout_s = float(getattr(c, "distributed_init_timeout_s", None) or 120.0)
+        self.timeout_s = config.distributed_init_timeout_s
         self.workers: list = []
         self.infos: list[dict] = []
         self.pg = None
         self._owns_pg = False
-        self.dead: str | None = None
+        self.down: str | None = None  # why no step can run any more
         self._seq = itertools.count()
         self.batches = self.outputs = None  # the shared-memory channels, when every worker is on this node
         self._serving: list = []  # the workers' serve_channel calls, while their loops run
         self._results: dict[int, StepOutput | None] = {}  # outputs read ahead of the step waited for
+        self._calls: dict[int, list] = {}  # without the channels: each submitted step's Ray calls, one per rank
         self._next_output = 0
         self._next_check = 0.0
         self._owns_ray = _ensure_ray(self.world)
         try:
-            self._start(setup, getattr(c, "placement_strategy", None) or "PACK")
+            self._start(config, runner_kwargs)
         except BaseException:
             self.shutdown()
             raise
 
+    @property
+    def is_dead(self) -> bool:
+        return self.down is not None
+
     # -- start ----------------------------------------------------------------------------------------------
-    def _start(self, setup, strategy: str) -> None:
-        split = getattr(setup.config, "pipeline_layer_split", None) or balanced_layer_split(setup.hf_config, self.pp)
-        self.layer_ranges = ranges = layer_ranges(setup.hf_config.num_hidden_layers, self.pp, split)
-        device, dtype = _worker_device(setup)
-        bundle = self._placement_group(device, strategy)
+    def _start(self, config: EngineConfig, runner_kwargs: dict) -> None:
+        hf_config = runner_kwargs["hf_config"]
+        split = config.pipeline_layer_split or balanced_layer_split(hf_config, self.pp)
+        self.layer_ranges = ranges = layer_ranges(hf_config.num_hidden_layers, self.pp, split)
+        device = runner_kwargs["device"].type
+        bundle = self._placement_group(device, config.placement_strategy)
         remote = ray.remote(self.worker_cls)
         # Each GPU worker sees all of its node's GPUs and picks its own by the id Ray assigned: the symmetric-memory
         # all-reduce needs ranks on distinct device indices (with one visible GPU each, every rank is cuda:0).
@@ -94,8 +103,7 @@ class RayExecutor:
         port = self._get([self.workers[0].open_store.remote(self.world, self.timeout_s)], "open a store",
                          self.timeout_s)[0]
         self._join(addr, port, device)
-        kwargs = dict(setup.runner_kwargs(), dtype=dtype)
-        self._get([w.load.remote(kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
+        self._get([w.load.remote(runner_kwargs, ranges[r // self.tp]) for r, w in enumerate(self.workers)], "load")
         here = ray.get_runtime_context().get_node_id()
         if all(i["node_id"] == here for i in self.infos):
             self.batches = ShmChannel.create(self.world)
@@ -156,15 +164,15 @@ class RayExecutor:
                                       max(0.0, deadline - time.monotonic()))
             if not ready:
                 ranks = ", ".join(f"rank {refs.index(p)} ({self._where(refs.index(p))})" for p in pending)
-                self.dead = f"{ranks} did not {what} within {timeout:g} s"
-                raise RuntimeError(self.dead)
+                self.down = f"{ranks} did not {what} within {timeout:g} s"
+                raise RuntimeError(self.down)
             for ref in ready:
                 rank = refs.index(ref)
                 try:
                     results[rank] = ray.get(ref)
                 except RayError as e:
-                    self.dead = f"rank {rank} ({self._where(rank)}) failed to {what}: {e}"
-                    raise RuntimeError(self.dead) from e
+                    self.down = f"rank {rank} ({self._where(rank)}) failed to {what}: {e}"
+                    raise RuntimeError(self.down) from e
         return [results[r] for r in range(len(refs))]
 
     def worker_nodes(self) -> list[dict]:
@@ -198,14 +206,16 @@ class RayExecutor:
         self._stop_serving()
         return self._get([w.call.remote(method, *args) for w in workers], what)
 
-    def execute_async(self, batch: BatchInput) -> list | int:
-        """Submit one step to every worker; returns a handle for `wait`. Steps run in submission order."""
-        if self.dead:
-            raise RuntimeError(f"executor is down: {self.dead}")
+    def execute_async(self, batch: BatchInput) -> int:
+        """Submit one step to every worker; returns its number, the handle for `wait`. Steps run in submission
+        order."""
+        if self.down:
+            raise RuntimeError(f"executor is down: {self.down}")
         seq = next(self._seq)
         if self.batches is None:
             ref = ray.put(batch)
-            return [w.execute.remote(seq, ref) for w in self.workers]
+            self._calls[seq] = [w.execute.remote(seq, ref) for w in self.workers]
+            return seq
         if not self._serving:
             self._serving = [w.serve_channel.remote(self.batches.name, r,
                                                     self.outputs.name if r == self._output_rank else None)
@@ -214,11 +224,11 @@ class RayExecutor:
         self._through(self.batches.write, batch, should_stop=self._drain_outputs_then_check)
         return seq
 
-    def wait(self, handle: list | int) -> StepOutput:
+    def wait(self, handle: int) -> StepOutput:
         if self.batches is None:
-            return self._get(handle)[self._output_rank] or StepOutput()
-        if self.dead:
-            raise RuntimeError(f"executor is down: {self.dead}")
+            return self._get(self._calls.pop(handle))[self._output_rank] or StepOutput()
+        if self.down:
+            raise RuntimeError(f"executor is down: {self.down}")
         while handle not in self._results:
             self._read_output()
         return self._results.pop(handle) or StepOutput()
@@ -252,12 +262,12 @@ class RayExecutor:
             return op(*args, timeout=self.timeout_s, should_stop=should_stop)
         except TimeoutError as e:
             rank = self._output_rank
-            self.dead = f"rank {rank} ({self._where(rank)}) did not run a step within {self.timeout_s:g} s"
-            raise RuntimeError(self.dead) from e
+            self.down = f"rank {rank} ({self._where(rank)}) did not run a step within {self.timeout_s:g} s"
+            raise RuntimeError(self.down) from e
         except InterruptedError as e:
             rank, error = self._loop_failure()
-            self.dead = f"rank {rank} ({self._where(rank)}) failed to run a step: {error}"
-            raise RuntimeError(self.dead) from e
+            self.down = f"rank {rank} ({self._where(rank)}) failed to run a step: {error}"
+            raise RuntimeError(self.down) from e
 
     def _loop_failure(self) -> tuple[int, str]:
         """The rank whose channel loop ended, and why; a rank that died rather than its peers that lost it."""
@@ -282,10 +292,11 @@ class RayExecutor:
     def execute(self, batch: BatchInput) -> StepOutput:
         return self.wait(self.execute_async(batch))
 
-    def discard(self, handle: list | int) -> None:
+    def discard(self, handle: int) -> None:
         """Wait for a step whose output is dropped (an earlier one failed); its own failure is not reported."""
         if self.batches is None:
-            ray.wait(handle, num_returns=len(handle), timeout=self.timeout_s)
+            calls = self._calls.pop(handle)
+            ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
             return
         try:
             self.wait(handle)
@@ -295,8 +306,8 @@ class RayExecutor:
     def check_health(self) -> None:
         """Raise, naming the rank, when a worker died, does not answer within `health_timeout_s`, or is stuck in
         one step longer than the distributed timeout (its collectives would have failed by then)."""
-        if self.dead:
-            raise RuntimeError(f"executor is down: {self.dead}")
+        if self.down:
+            raise RuntimeError(f"executor is down: {self.down}")
         refs = [w.ping.remote() for w in self.workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.health_timeout_s)
         for rank, ref in enumerate(refs):
@@ -311,17 +322,18 @@ class RayExecutor:
                 except RayError as e:
                     problem = f"died: {type(e).__name__}"
             if problem:
-                self.dead = f"rank {rank} ({self._where(rank)}) {problem}"
-                raise RuntimeError(f"executor is down: {self.dead}")
+                self.down = f"rank {rank} ({self._where(rank)}) {problem}"
+                raise RuntimeError(f"executor is down: {self.down}")
 
     def shutdown(self) -> None:
-        if self._serving and not self.dead:  # let the loops end before their processes do
+        if self._serving and not self.down:  # let the loops end before their processes do
             try:
                 self.batches.write(None, timeout=1.0)
                 ray.wait(self._serving, num_returns=len(self._serving), timeout=1.0)
             except TimeoutError:
                 pass
-        self._serving = []
+        self.down = self.down or "shut down"
+        self._serving, self._calls = [], {}
         for channel in (self.batches, self.outputs):
             if channel is not None:
                 channel.close()
@@ -354,12 +366,3 @@ def _ensure_ray(world: int) -> bool:
 
 def _bundles_fit(bundles: list[dict], need: dict, world: int) -> bool:
     return len(bundles) == world and all(b.get(k, 0) >= v for b in bundles for k, v in need.items())
-
-
-def _worker_device(setup) -> tuple[str, torch.dtype]:
-    """Workers use GPUs when the driver does, or when device=auto and the cluster has GPUs the driver lacks."""
-    from engine.model_setup import _dtype, shards_on_gpus
-
-    if setup.device.type == "cuda" or not shards_on_gpus(setup.config, setup.device):
-        return setup.device.type, setup.dtype
-    return "cuda", _dtype(setup.config.dtype, setup.hf_config, torch.device("cuda"))

@@ -6,7 +6,7 @@ placeholder tokens that the worker fills from the previous step's sampled tokens
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.model_runner import PENDING_TOKEN
+from engine.step import PENDING_TOKEN
 from test_model_parity import random_prompts
 
 PROMPTS = random_prompts(seed=21, lens=(7, 40, 61, 90, 23, 3))

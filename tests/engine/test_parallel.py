@@ -13,9 +13,9 @@ import ray
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.executor.ray import RayExecutor, RayWorker
-from engine.model_runner import BatchInput, NewSequence
 from engine.model_setup import ModelSetup
 from engine.parallel_state import DistributedInitError, balanced_layer_split, layer_ranges
+from engine.step import BatchInput, NewSequence
 from test_model_parity import random_prompts
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3)
@@ -173,12 +173,11 @@ def test_a_rank_that_never_joins_is_named(local_ray, tiny_model_dir):
 
     config = EngineConfig(model=str(tiny_model_dir("llama")), tensor_parallel_size=2)
     setup = ModelSetup.from_config(config)
-    setup.config = config.model_copy(update={"distributed_init_timeout_s": 5})
     before = set(ray.util.placement_group_table())
     t0 = time.monotonic()
     with pytest.raises(DistributedInitError, match=r"rank 1 \(node \w+, [\d.]+, pid \d+\) did not join the process "
                                                    r"group at tcp://[\d.]+:\d+ within 5 s") as e:
-        Executor(setup)
+        Executor(config.model_copy(update={"distributed_init_timeout_s": 5}), setup.runner_kwargs())
     assert e.value.missing == [1]
     assert time.monotonic() - t0 < 5 + 20  # the timeout, plus starting two workers on a small machine
     new = set(ray.util.placement_group_table()) - before
