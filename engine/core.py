@@ -27,8 +27,12 @@ class EngineCore:
         self.setup = setup = ModelSetup.from_config(config)
         self.tokenizer = setup.tokenizer
         self.executor = setup.make_executor()
-        num_blocks = setup.size_kv_cache(self.executor)
-        self.executor.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = setup.size_kv_cache(self.executor)
+            self.executor.allocate_kv_cache(num_blocks)
+        except BaseException:  # e.g. no memory left for the KV cache: release the workers before raising
+            self.executor.shutdown()
+            raise
         self.max_model_len = min(setup.max_model_len, num_blocks * config.block_size)
         if self.max_model_len < setup.max_model_len:
             logger.warning("KV cache holds %d tokens, so max_model_len drops from %d to %d",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -17,10 +18,20 @@ logger = logging.getLogger("strata")
 
 
 class LLM:
+    """Releases its workers, placement group and device memory on `shutdown()`, at the end of a `with` block, or
+    when garbage-collected, whichever comes first."""
+
     def __init__(self, model: str = "smollm2-135m-instruct", **kwargs):
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = EngineCore(self.config)
+        self._release = weakref.finalize(self, self.engine.shutdown)  # must not refer to self
         self._ids = itertools.count()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -99,4 +110,4 @@ class LLM:
         return self.engine.stats()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self._release()  # runs the engine's shutdown once, whatever calls it first

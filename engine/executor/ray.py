@@ -326,7 +326,10 @@ class RayExecutor:
                 raise RuntimeError(f"executor is down: {self.down}")
 
     def shutdown(self) -> None:
-        if self._serving and not self.down:  # let the loops end before their processes do
+        """Stop the workers, and remove the placement group (and the Ray instance) this executor made. Safe to
+        call twice, and at interpreter exit after Ray has shut itself down (the workers went with it)."""
+        ray_up = ray.is_initialized()
+        if self._serving and not self.down and ray_up:  # let the loops end before their processes do
             try:
                 self.batches.write(None, timeout=1.0)
                 ray.wait(self._serving, num_returns=len(self._serving), timeout=1.0)
@@ -337,18 +340,18 @@ class RayExecutor:
         for channel in (self.batches, self.outputs):
             if channel is not None:
                 channel.close()
-        for w in self.workers:
+        for w in self.workers if ray_up else ():
             try:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.workers = []
-        if self.pg is not None and self._owns_pg:
+        if self.pg is not None and self._owns_pg and ray_up:
             remove_placement_group(self.pg)
         self.pg = None
-        if self._owns_ray:
+        if self._owns_ray and ray_up:
             ray.shutdown()
-            self._owns_ray = False
+        self._owns_ray = False
 
 
 def _ensure_ray(world: int) -> bool:
