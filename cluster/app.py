@@ -96,9 +96,8 @@ def replica_resources(m: ModelConfig, gpu: bool) -> tuple[dict, list[dict], str]
 
 
 def uses_gpus(m: ModelConfig) -> bool:
-    if m.device != "auto":
-        return m.device == "cuda"
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    """Whether the model's replicas ask Ray for GPUs: the engine's device rule, on the cluster's resources."""
+    return m.runs_on_gpus(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
 
 
 def request_router_config(m: ModelConfig, routing: str) -> RequestRouterConfig:

@@ -58,6 +58,10 @@ class EngineConfig(BaseModel):
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")
 
+    def runs_on_gpus(self, gpus_available: bool) -> bool:
+        """The device rule, in one place: `cuda` and `cpu` say so; `auto` takes GPUs where there are any."""
+        return self.device == "cuda" or (self.device == "auto" and gpus_available)
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size

@@ -105,11 +105,10 @@ def shard_device(config: EngineConfig) -> torch.device:
     several shards holds no GPU itself)."""
     if config.device == "cpu":
         return torch.device("cpu")
-    gpus = torch.cuda.is_available() or (config.tensor_parallel_size * config.pipeline_parallel_size > 1
-                                         and _ray_cluster_has_gpus())
+    gpus = torch.cuda.is_available() or (config.world_size > 1 and _ray_cluster_has_gpus())
     if config.device == "cuda" and not gpus:
         raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
-    return torch.device("cuda" if gpus else "cpu")
+    return torch.device("cuda" if config.runs_on_gpus(gpus) else "cpu")
 
 
 def _ray_cluster_has_gpus() -> bool:
