@@ -12,7 +12,9 @@ import pytest
 from cluster.app import INGRESS_NAME
 from cluster.config import ClusterConfig, ModelConfig
 from engine import LLM, SamplingParams
-from cluster_testing import MESSAGES, PROMPT, deploy, replica_metric, wait_for
+from tests.support.polling import wait_for
+from tests.support.prompts import MESSAGES, PROMPT
+from tests.support.serve_app import deploy, replica_metric
 
 # Capacity: one request held by the replica plus one in the model's queue; a third is turned away with 429.
 CONFIG = ClusterConfig(app_name="colocated", engine_in_ingress=True,

@@ -11,7 +11,9 @@ import pytest
 
 from cluster.config import ClusterConfig, LimitsConfig, ModelConfig
 from engine import SamplingParams
-from cluster_testing import MESSAGES, PROMPT, deploy, metrics, replica_metric, wait_for
+from tests.support.polling import wait_for
+from tests.support.prompts import MESSAGES, PROMPT
+from tests.support.serve_app import deploy, metrics, replica_metric
 
 API_KEY = "test-key"
 CONFIG = ClusterConfig(

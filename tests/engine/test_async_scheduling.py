@@ -7,7 +7,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.model_runner import PENDING_TOKEN
-from test_model_parity import random_prompts
+from tests.support.prompts import random_prompts
 
 PROMPTS = random_prompts(seed=21, lens=(7, 40, 61, 90, 23, 3))
 MIXED = [

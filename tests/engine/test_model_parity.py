@@ -4,14 +4,8 @@ import torch
 import transformers
 
 from engine import LLM, SamplingParams
-from tiny_models import CONFIGS
-
-PROMPT_LENS = (5, 17, 33, 64)
-
-
-def random_prompts(seed=1, lens=PROMPT_LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lens]
+from tests.support.checkpoints import CONFIGS
+from tests.support.prompts import random_prompts
 
 
 def hf_greedy(model, prompt, max_new_tokens):

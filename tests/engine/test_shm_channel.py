@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.executor.shm_channel import ShmChannel
+from tests.support.paths import ROOT
 
 fork = multiprocessing.get_context("fork")
 
@@ -101,8 +102,7 @@ def test_a_channel_dropped_without_close_exits_cleanly():
     SharedMemory's finalizer and no leaked segment at exit."""
     code = ("from engine.executor.shm_channel import ShmChannel\n"
             "c = ShmChannel.create(1)\nc.write({'a': 1})\nprint(c.name)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "BufferError" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
     assert not Path("/dev/shm", proc.stdout.strip().lstrip("/")).exists()

@@ -1,7 +1,7 @@
 """An engine exception inside one request fails that request only (500, OpenAI's error shape) and the engine
 goes on serving the others, with outputs unchanged.
 
-The culprit is real: a checkpoint whose embedding row for one token is NaN (reliability_testing.
+The culprit is real: a checkpoint whose embedding row for one token is NaN (tests/support/checkpoints.py,
 make_poisoned_model), so any prompt holding that token drives the model to NaN logits, the way corrupt weights
 or an overflow do. The engine's step raises for the whole batch; the engine reruns the batch's requests one at
 a time, fails the one at fault, and never lets its NaN keys/values reach another request through a reused
@@ -16,7 +16,11 @@ import pytest
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from engine import SamplingParams
-from reliability_testing import POISON_TOKEN, TEXTS, completion, deploy, engine_stats, make_poisoned_model, wait_for
+from tests.support.checkpoints import POISON_TOKEN, make_poisoned_model
+from tests.support.http_clients import completion
+from tests.support.polling import wait_for
+from tests.support.prompts import TEXTS
+from tests.support.serve_app import deploy, engine_stats
 
 GREEDY = dict(temperature=0, max_tokens=24, ignore_eos=True)
 POISONED_PROMPT = [40, 41, POISON_TOKEN, 42] + list(range(100, 160))  # spans four KV blocks
