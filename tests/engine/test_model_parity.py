@@ -22,7 +22,7 @@ def test_greedy_tokens_and_prompt_logprobs_match_transformers(kind, tiny_model_d
     prompts = random_prompts()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=0,
                                                 logprobs=2), use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
         assert out.outputs[0].finish_reason == "length"
