@@ -1,12 +1,12 @@
 """Our copy of the shared workloads draws exactly the prompts of shared/bench/workloads.py."""
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from benchmarks.workloads import WORKLOADS
+from tests.support.paths import ROOT
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "workloads.py"
+SHARED = ROOT.parent / "shared" / "bench" / "workloads.py"
 
 
 def load_shared():

@@ -3,8 +3,6 @@ and `strata deploy` / `strata status` against the test session's Ray cluster."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -13,11 +11,7 @@ import yaml
 from cluster.cli import build_parser, config_from_args
 from cluster.config import ClusterConfig, ModelConfig
 from cluster.serve_env import ServeLevelFilter, ray_log_level
-
-
-def strata(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.support.cli import strata
 
 
 def parse(*args: str) -> ClusterConfig:

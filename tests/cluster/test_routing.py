@@ -5,12 +5,12 @@ import random
 
 import httpx
 import pytest
-from cluster_testing import deploy, replica_metric
 
 from cluster.app import request_router_config
 from cluster.config import ClusterConfig, ModelConfig
 from cluster.routing import ReplicaView, prefix_block_hashes, rank_replicas
 from engine import SamplingParams
+from tests.support.serve_app import deploy, replica_metric
 
 SHARED_PREFIX = ("Serving engines batch many requests together, keep a paged key-value cache in blocks, share the "
                  "blocks of common prompt prefixes, and schedule prefill and decode steps. ") * 6

@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cluster_testing import free_port, wait_for
+
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 

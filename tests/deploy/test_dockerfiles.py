@@ -11,11 +11,11 @@ except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
     import tomli as tomllib
 
 import pytest
-from deploy_testing import DEPLOY, ROOT
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
 from cluster.serve_env import FAST_PATH_ENV
+from tests.support.paths import DEPLOY, ROOT
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}

@@ -1,7 +1,7 @@
 """deploy/grafana/strata-dashboard.json: every query names a metric that a running Strata really exports.
 
-The app runs for real (Ray, Serve, the demo model); after one request, GET /metrics is scraped and every metric
-named in a panel query or a template variable must be among the exported sample names.
+The app runs for real (the shared local Ray and Serve, the demo model); after one request, GET /metrics is scraped
+and every metric named in a panel query or a template variable must be among the exported sample names.
 """
 from __future__ import annotations
 
@@ -10,40 +10,30 @@ import re
 
 import httpx
 import pytest
-from cluster_testing import free_port, metrics
-from deploy_testing import DEPLOY, shutdown_ray
 
-from cluster.config import ClusterConfig, HTTPConfig, ModelConfig
-from cluster.serve_env import start_local
+from cluster.config import ClusterConfig, ModelConfig
+from tests.support.paths import DEPLOY
+from tests.support.serve_app import deploy, metrics
 
 DASHBOARD = json.loads((DEPLOY / "grafana" / "strata-dashboard.json").read_text())
-pytestmark = pytest.mark.slow  # starts Ray and the demo app once (module fixture)
+pytestmark = pytest.mark.slow  # deploys the demo app once (module fixture)
+CONFIG = ClusterConfig(app_name="grafana", models=[ModelConfig(model="demo", num_kv_blocks=256, max_num_seqs=8)])
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                    "offset", "inf", "nan"}
 
 
 @pytest.fixture(scope="module")
-def exported_metrics() -> set[str]:
-    import ray
-    from ray import serve
+def base_url(serve_url):
+    yield from deploy(serve_url, CONFIG)
 
-    from cluster.app import build_app
 
-    shutdown_ray()
-    config = ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=free_port()),
-                           models=[ModelConfig(model="demo", num_kv_blocks=256, max_num_seqs=8)])
-    serve.start(http_options=start_local(config, num_cpus=4, include_dashboard=False))
-    try:
-        port = config.http.port
-        serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        base_url = f"http://127.0.0.1:{port}"
-        # One request, so that histograms, counters and per-replica engine gauges all have samples.
-        response = httpx.post(f"{base_url}/v1/completions", timeout=120,
-                              json={"model": "demo", "prompt": "Grafana", "max_tokens": 4, "temperature": 0})
-        assert response.status_code == 200, response.text
-        yield set(metrics(base_url))
-    finally:
-        shutdown_ray()
+@pytest.fixture(scope="module")
+def exported_metrics(base_url) -> set[str]:
+    # One request, so that histograms, counters and per-replica engine gauges all have samples.
+    response = httpx.post(f"{base_url}/v1/completions", timeout=120,
+                          json={"model": "demo", "prompt": "Grafana", "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
+    return set(metrics(base_url))
 
 
 def metric_names(expr: str) -> set[str]:

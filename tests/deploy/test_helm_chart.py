@@ -13,17 +13,19 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import helm_python as helm
 import jsonschema
 import pytest
 import yaml
-from deploy_testing import CHART, DATA, ROOT
 
 from cluster.cli import main as strata_main
 from cluster.config import ClusterConfig
+from tests.support.paths import CHART, ROOT
 
 RELEASE, NAMESPACE = "llm", "serving"
+CRD_SCHEMAS = Path(__file__).resolve().parent / "data"  # KubeRay's, extracted by data/extract_crd_schemas.py
 
 
 # -- rendering ------------------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ def strict(schema):
 def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
     validators = {}
     for kind in ("RayService", "RayCluster"):
-        schema = strict(json.loads((DATA / f"{kind.lower()}.v1.schema.json").read_text()))
+        schema = strict(json.loads((CRD_SCHEMAS / f"{kind.lower()}.v1.schema.json").read_text()))
         validators[kind] = jsonschema.Draft7Validator(schema)
     return validators
 

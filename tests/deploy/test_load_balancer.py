@@ -15,10 +15,12 @@ import subprocess
 
 import httpx
 import pytest
-from cluster_testing import free_port, wait_for
-from deploy_testing import DEPLOY, shutdown_ray
 
 from cluster.config import ClusterConfig, ModelConfig
+from tests.support.paths import DEPLOY
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.ray_cluster import multi_node_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -29,27 +31,20 @@ COMPLETION = {"model": "demo", "prompt": "Load balancers", "max_tokens": 8, "tem
 @pytest.fixture(scope="module")
 def cluster():
     """(Cluster, worker node, {"head"/"worker": base URL of that node's Serve proxy}), the app deployed."""
-    import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from cluster.app import build_app
 
-    shutdown_ray()
     head_port, worker_port = free_port(), free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=2, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
-    ray.init(address=cluster.address)
-    try:
+    worker_args = {"num_cpus": 2, "env_vars": {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)}}
+    with multi_node_cluster(head={"num_cpus": 0, "include_dashboard": False}, workers=[worker_args]) as cluster:
+        (worker,) = cluster.worker_nodes
         serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": head_port})
         serve.run(build_app(CONFIG), name=CONFIG.app_name, route_prefix="/")
         proxies = {"head": f"http://127.0.0.1:{head_port}", "worker": f"http://127.0.0.1:{worker_port}"}
         wait_for(lambda: all(_get(url + "/health") == 200 for url in proxies.values()), timeout=120,
                  what="a healthy Serve proxy on both nodes")
         yield cluster, worker, proxies
-    finally:
-        shutdown_ray()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

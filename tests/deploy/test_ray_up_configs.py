@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_testing import DEPLOY, ROOT
 
 from cluster.cli import build_parser
 from cluster.config import ClusterConfig
 from cluster.serve_env import FAST_PATH_ENV
+from tests.support.paths import DEPLOY, ROOT
 
 CONFIGS = sorted((DEPLOY / "ray-up").glob("*.yaml"))
 COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",

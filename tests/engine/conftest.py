@@ -1,10 +1,12 @@
-import sys
+"""Engine fixtures: tiny random checkpoints, one shared engine over the tiny Llama, and a Ray of the module's own
+for tensor/pipeline-parallel workers."""
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import CONFIGS, make_tiny_model  # noqa: E402
+from tests.support.checkpoints import make_tiny_model
+from tests.support.ray_cluster import local_ray as start_local_ray
+from tests.support.ray_cluster import shutdown_ray
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +30,9 @@ def tiny_llm(tiny_model_dir):
     return LLM(str(tiny_model_dir("llama")), max_num_seqs=16)
 
 
-ALL_KINDS = list(CONFIGS)
-
-
 @pytest.fixture(scope="module")
 def local_ray():
-    """A Ray of our own (not one another test run left), with more logical CPUs than the machine: one per
-    tensor/pipeline-parallel worker."""
-    import ray
-
-    ray.shutdown()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    """A Ray of this module's own, with a logical CPU for each tensor/pipeline-parallel worker."""
+    start_local_ray(num_cpus=8)
     yield
-    ray.shutdown()
+    shutdown_ray()

@@ -64,27 +64,34 @@ def test_a_consumer_that_falls_behind_gets_the_piled_up_deltas_merged(engine, ti
 
 def test_a_paced_stream_sends_the_first_token_at_once_then_chunks(engine, tiny_llm):
     """A server pacing its messages (stream_interval) gets the first delta without waiting for the interval,
-    then deltas at least the interval apart that carry every token in order."""
+    then deltas at least the interval apart that carry every token in order, the tokens in between merged."""
     import time
 
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = tiny_llm.generate(["Pace me"], params, use_tqdm=False)[0].outputs[0]
 
     async def paced(interval):
-        start, out = time.monotonic(), []
-        async for d in engine.add_request(f"paced-{interval}", "Pace me", params, stream_interval=lambda: interval):
-            out.append((time.monotonic() - start, d))
-        return out
+        got, asked = [], []  # (arrival, delta); how many deltas had arrived each time the stream asked the interval
+
+        def stream_interval():
+            asked.append(len(got))
+            return interval
+
+        async for d in engine.add_request(f"paced-{interval}", "Pace me", params, stream_interval=stream_interval):
+            got.append((time.monotonic(), d))
+        return got, asked
 
     for interval in (0.03, 1.0):
-        got = asyncio.run(paced(interval))
+        got, asked = asyncio.run(paced(interval))
         deltas = [d for _, d in got]
         assert [t for d in deltas for t in d.token_ids] == expected.token_ids
         assert "".join(d.text for d in deltas) == expected.text
+        assert asked and asked[0] >= 1  # the first delta went out before the interval was ever consulted
         gaps = [b - a for (a, _), (b, _) in zip(got, got[1:])]
-        assert min(gaps[:-1] or [interval]) >= interval * 0.8  # the final delta may come early: it ends the stream
-        if interval == 1.0:  # 40 tokens take well under a second here: the first goes at once, the rest in one go
-            assert got[0][0] < 0.9 and len(deltas) <= 3
+        # The pacing itself (a least spacing, which a slow machine only widens); the final delta may come early.
+        assert min(gaps[:-1] or [interval]) >= interval * 0.8
+        if interval == 1.0:  # one delta a second: the tokens generated in between were merged
+            assert len(deltas) < len(expected.token_ids)
 
 
 def test_closing_a_stream_aborts_and_frees_its_blocks(engine):

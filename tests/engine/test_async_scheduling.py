@@ -7,7 +7,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.step import PENDING_TOKEN
-from test_model_parity import random_prompts
+from tests.support.prompts import random_prompts
 
 PROMPTS = random_prompts(seed=21, lens=(7, 40, 61, 90, 23, 3))
 MIXED = [
@@ -34,7 +34,7 @@ def run(path, async_scheduling: bool, **options):
 
 def assert_same(got, expected):
     """Same tokens and finish reasons; logprobs equal up to float noise (batches are composed differently)."""
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert [(c.token_ids, c.finish_reason) for c in a.outputs] == [(c.token_ids, c.finish_reason) for c in b.outputs]
         pairs = [(x, y) for ca, cb in zip(a.outputs, b.outputs) for x, y in zip(ca.logprobs or [], cb.logprobs or [])]
         pairs += list(zip((a.prompt_logprobs or [])[1:], (b.prompt_logprobs or [])[1:]))

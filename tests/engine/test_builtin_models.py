@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.builtin_models import BUILTIN_MODELS, CHATML_TEMPLATE, build_demo
 from engine.model_source import resolve_model
+from tests.support.paths import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 BUILD_IN_SUBPROCESS = "import sys; from engine.builtin_models import build_demo; build_demo(sys.argv[1])"
 RESOLVE_IN_SUBPROCESS = "import sys; from engine.model_source import resolve_model; print(resolve_model('demo'))"
 
 
 def _python(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -57,7 +57,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def ref_counts_equal_holders(self):
         holders = Counter(b for r in self.live.values() for b in r.block_ids)
         for block in self.kv.pool.blocks:
-            assert block.ref_count == holders.get(block.block_id, 0) >= 0
+            assert block.ref_count == holders.get(block.block_id, 0)
             assert (block.block_id in self.kv.pool.free_queue) == (block.ref_count == 0)
         for r in self.live.values():
             assert len(r.block_ids) * BLOCK >= r.num_tokens - 1

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from engine import LLM, SamplingParams
-from polling import wait_for
+from tests.support.polling import wait_for
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]

@@ -4,14 +4,8 @@ import torch
 import transformers
 
 from engine import LLM, SamplingParams
-from tiny_models import CONFIGS
-
-PROMPT_LENS = (5, 17, 33, 64)
-
-
-def random_prompts(seed=1, lens=PROMPT_LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lens]
+from tests.support.checkpoints import CONFIGS
+from tests.support.prompts import random_prompts
 
 
 def hf_greedy(model, prompt, max_new_tokens):
@@ -28,7 +22,7 @@ def test_greedy_tokens_and_prompt_logprobs_match_transformers(kind, tiny_model_d
     prompts = random_prompts()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=0,
                                                 logprobs=2), use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
         assert out.outputs[0].finish_reason == "length"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from test_model_parity import random_prompts
+from tests.support.prompts import random_prompts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")]
@@ -28,7 +28,7 @@ def test_nccl_matches_one_gpu(local_ray, tiny_model_dir, kind, tp, pp, eager):
         assert shard["device"].startswith("cuda") and shard["cuda_graphs"] == (not eager)
         assert len({n["gpu_ids"][0] for n in llm.engine.executor.worker_nodes()}) == tp * pp
         outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-        for a, b in zip(outs, ref):
+        for a, b in zip(outs, ref, strict=True):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-3)

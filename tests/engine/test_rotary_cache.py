@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.layers.rotary import RotaryEmbedding
-from tiny_models import COMMON, CONFIGS
+from tests.support.checkpoints import COMMON, CONFIGS
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied_mha"])  # llama3 scaling, default rope

@@ -2,7 +2,7 @@
 import pytest
 
 from engine import LLM, SamplingParams
-from test_model_parity import random_prompts
+from tests.support.prompts import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from test_model_parity import random_prompts
+from tests.support.prompts import random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -27,7 +27,7 @@ def test_triton_with_graphs_matches_torch_path(tiny_model_dir, kind):
         finally:
             llm.shutdown()
         outs[backend] = single + batch
-    for ref, got in zip(outs["torch"], outs["triton"]):
+    for ref, got in zip(outs["torch"], outs["triton"], strict=True):
         assert got.outputs[0].token_ids == ref.outputs[0].token_ids
         for mine, theirs in zip(got.outputs[0].logprobs or [], ref.outputs[0].logprobs or []):
             assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-3)

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from cluster.config import ClusterConfig, LimitsConfig, ModelConfig, engine_deployment_name
-from reliability_testing import deploy, engine_stats
+from tests.support.paths import ROOT
+from tests.support.serve_app import deploy, engine_stats
 
 API_KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -21,7 +22,6 @@ LIMITS = LimitsConfig(max_request_bytes=16 * 1024, max_n=2, max_prompts=4, max_s
 CONFIG = ClusterConfig(app_name="bad-input", api_keys=[API_KEY], limits=LIMITS, models=[
     ModelConfig(model="demo", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, max_num_seqs=32, max_logprobs=3)])
 PROMPT_MARKER = "zebra-quartz-7781"  # a prompt that must never appear in a log
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """An engine exception inside one request fails that request only (500, OpenAI's error shape) and the engine
 goes on serving the others, with outputs unchanged.
 
-The culprit is real: a checkpoint whose embedding row for one token is NaN (reliability_testing.
+The culprit is real: a checkpoint whose embedding row for one token is NaN (tests/support/checkpoints.py,
 make_poisoned_model), so any prompt holding that token drives the model to NaN logits, the way corrupt weights
 or an overflow do. The engine's step raises for the whole batch; the engine reruns the batch's requests one at
 a time, fails the one at fault, and never lets its NaN keys/values reach another request through a reused
@@ -16,7 +16,11 @@ import pytest
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
 from engine import SamplingParams
-from reliability_testing import POISON_TOKEN, TEXTS, completion, deploy, engine_stats, make_poisoned_model, wait_for
+from tests.support.checkpoints import POISON_TOKEN, make_poisoned_model
+from tests.support.http_clients import completion
+from tests.support.polling import wait_for
+from tests.support.prompts import TEXTS
+from tests.support.serve_app import deploy, engine_stats
 
 GREEDY = dict(temperature=0, max_tokens=24, ignore_eos=True)
 POISONED_PROMPT = [40, 41, POISON_TOKEN, 42] + list(range(100, 160))  # spans four KV blocks
@@ -88,8 +92,7 @@ def test_poisoned_request_gets_500_and_its_batch_mates_complete(base_url, refere
     # A stream has already answered 200: it carries the error as an event, then ends.
     assert bad_stream.status == 200 and bad_stream.error["type"] == "internal_error" and bad_stream.done
     assert all(o.ok for o in good), good
-    whole = [o for o in good if not o.stream]
-    assert len(whole) == 4  # their texts are checked below, after the engine has seen the poison
+    assert [o.text for o in good] == [reference[t] for t in TEXTS]  # batched with the poison, unchanged
 
 
 def test_engine_serves_unchanged_after_the_poison(base_url, reference):

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import ray
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
-from reliability_testing import (Load, completion, deploy, processes, replica_actor, replica_states, summarize,
-                                 wait_for)
+from tests.support.http_clients import Load, LongStream, completion, summarize
+from tests.support.polling import wait_for
+from tests.support.ray_processes import processes
+from tests.support.serve_app import deploy, replica_actor, replica_states
 
 HEALTH_CHECK_PERIOD_S = 1.0
 CONFIG = ClusterConfig(app_name="faults", models=[
@@ -31,31 +32,6 @@ DEMO, TP = engine_deployment_name("demo"), engine_deployment_name("demo-tp")
 @pytest.fixture(scope="module")
 def base_url(serve_url):
     yield from deploy(serve_url, CONFIG)
-
-
-class LongStream(threading.Thread):
-    """A stream of 1,500 tokens in the background; `replica` is set once its first token arrived."""
-
-    def __init__(self, base_url: str, model: str):
-        super().__init__(daemon=True)
-        self.base_url, self.model = base_url, model
-        self.started = threading.Event()
-        self.replica: str | None = None
-        self.outcome = None
-
-    def run(self) -> None:
-        def on_chunk(out):
-            self.replica = out.replica
-            self.started.set()
-
-        body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True,
-                "stream": True}
-        self.outcome = completion(self.base_url, body, timeout=60, on_chunk=on_chunk)
-
-    def begin(self) -> LongStream:
-        self.start()
-        assert self.started.wait(30), "the long stream never started"
-        return self
 
 
 def test_killed_replica_under_load(base_url):
@@ -111,21 +87,15 @@ def test_killed_tensor_parallel_worker(base_url):
 
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
-    t_kill = time.monotonic()
     # A request during the failure must get an answer (an error or a retry), never hang.
     during = completion(base_url, {"model": "demo-tp", "prompt": "Hello", "max_tokens": 8}, timeout=60)
     assert during.status is not None, during
-    # Serve stops a replica after 3 failed health checks in a row, one per period; the first failing check may
-    # come a period after the kill, and the controller and this poll add a little.
-    bound = 4 * HEALTH_CHECK_PERIOD_S + 6
-    wait_for(lambda: replica_states("faults", TP).get("RUNNING", 0) == 0, bound, interval=0.1,
+    # Serve stops a replica after 3 failed health checks in a row (the replica's check reaches the dead worker).
+    wait_for(lambda: replica_states("faults", TP).get("RUNNING", 0) == 0, 60, interval=0.1,
              what="Serve to mark the replica unhealthy")
-    t_unhealthy = time.monotonic() - t_kill
     replacement = wait_for(lambda: _served_by_new_replica(base_url, old_replica), 120, interval=1.0,
                            what="a replacement TP replica that serves")
-    t_replaced = time.monotonic() - t_kill
-    print(f"\nTP worker kill: request during the failure got {during.status}; unhealthy after {t_unhealthy:.1f} s "
-          f"(bound {bound:g} s); serving again after {t_replaced:.1f} s on {replacement}")
+    print(f"\nTP worker kill: request during the failure got {during.status}; serving again on {replacement}")
     # Nothing of the old replica survives: its other worker is gone, and so is its placement group.
     wait_for(lambda: not (workers & tp_worker_pids()), 30, what="the old replica's workers to exit")
     assert len(tp_worker_pids()) == 2

@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 from ray import serve
 
 from cluster.config import ClusterConfig, ModelConfig, engine_deployment_name
-from reliability_testing import (Load, deploy, engine_stats, free_port, processes, replica_states, shutdown_ray,
-                                 summarize, wait_for)
-from test_replica_faults import LongStream
+from tests.support.http_clients import Load, LongStream, summarize
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.ray_cluster import multi_node_cluster
+from tests.support.ray_processes import processes
+from tests.support.serve_app import deploy, engine_stats, replica_states
 
 DEPLOYMENT = engine_deployment_name("demo")
 # One replica at deploy time, on the head (the only node then, so the ingress lands there too); the load makes
@@ -30,21 +32,12 @@ CONFIG = ClusterConfig(app_name="node-loss", models=[ModelConfig(
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    shutdown_ray()
     # Node deaths are noticed after 3 missed heartbeats of 0.5 s rather than Ray's default 15 s.
     system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "_system_config": system})
-    ray.init(address=cluster.address)
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with multi_node_cluster(head={"num_cpus": 1, "include_dashboard": False, "_system_config": system}) as cluster:
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield cluster, f"http://127.0.0.1:{port}"
-    finally:
-        shutdown_ray()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,6 @@ def test_removed_worker_node_under_load(cluster, base_url):
     cluster, _ = cluster
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
-    all_raylets = set().union(*(raylet_pids(n) for n in cluster.list_all_nodes()))
     load = Load(base_url, "demo", threads=4).start()
     stats = wait_for(lambda: len(s := engine_stats("node-loss", DEPLOYMENT)) == 2 and s, 120, interval=1.0,
                      what="the autoscaler's second replica")
@@ -101,4 +93,3 @@ def test_removed_worker_node_under_load(cluster, base_url):
     for o in outcomes:
         assert o.ok or (o.stream and o.chunks > 0 and o.error is not None and o.done), o
     assert sum(1 for o in during if o.ok) >= 3
-    assert all_raylets  # (the raylets we started are shut down with the cluster)

@@ -1,7 +1,9 @@
-"""Whole-model greedy outputs with the Triton kernels equal the torch path (kernels interpreted on CPU).
+"""Whole-model greedy outputs with the Triton kernels equal the torch path.
 
-Runs in a fresh interpreter with TRITON_INTERPRET=1 set before anything imports Triton, so every kernel the
-model's layers bound at import time is the interpreted one; on CPU even where a GPU exists.
+Runs in a fresh interpreter, so this process's choice of interpreted or compiled kernels (conftest.py) does not
+carry over: with a GPU, on CUDA with compiled kernels (TRITON_INTERPRET=0); without one, on CPU with
+TRITON_INTERPRET=1 set before anything imports Triton, so every kernel the model's layers bound at import time is
+the interpreted one.
 """
 import json
 import os
@@ -10,30 +12,38 @@ import sys
 import textwrap
 
 import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+# Both paths in float32, so their tokens and logprobs agree; on a GPU a small KV cache and batch, so the second
+# engine fits beside whatever the first left there, and few CUDA graphs are captured.
+OPTIONS = dict(device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=8) if ON_GPU else dict(device="cpu")
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     from engine import LLM, SamplingParams
-    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    path, prompts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
     out = {}
     for backend in ("torch", "triton"):
-        llm = LLM(path, device="cpu", attention_backend=backend, max_num_batched_tokens=24, block_size=16)
+        llm = LLM(path, attention_backend=backend, max_num_batched_tokens=24, block_size=16, **options)
         res = llm.generate(prompts, params, use_tqdm=False)
         res += llm.generate([prompts[1]], params, use_tqdm=False)  # a prefix-cache hit: prefill over cached blocks
         out[backend] = [[o.outputs[0].token_ids, [max(lp.values()) for lp in o.outputs[0].logprobs]] for o in res]
+        llm.shutdown()
     print(json.dumps(out))
 """)
 
 
 def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]]) -> None:
-    """Run `script` on the model and prompts with TRITON_INTERPRET=1; its "triton" outputs equal its "torch" ones."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts)],
+    """Run `script` on the model and prompts; its "triton" outputs equal its "torch" ones."""
+    env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1")
+    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts), json.dumps(OPTIONS)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"]):
+    assert len(out["torch"]) >= len(prompts)
+    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(out["torch"], out["triton"], strict=True):
         assert tok_triton == tok_torch
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
 
@@ -48,12 +58,12 @@ TP_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from engine import LLM, SamplingParams
-    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    path, prompts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
     ray.init(num_cpus=4, include_dashboard=False)
     out = {}
     for backend, tp in (("torch", 1), ("triton", 2)):
-        llm = LLM(path, device="cpu", attention_backend=backend, tensor_parallel_size=tp, block_size=16)
+        llm = LLM(path, attention_backend=backend, tensor_parallel_size=tp, block_size=16, **options)
         res = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # one at a time: batch-1 decode
         out[backend] = [[o.outputs[0].token_ids, [max(lp.values()) for lp in o.outputs[0].logprobs]] for o in res]
         llm.shutdown()
@@ -61,7 +71,10 @@ TP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(ON_GPU and torch.cuda.device_count() < 2,
+                    reason="on a GPU machine this runs on CUDA and needs two GPUs (see also test_parallel_gpu.py)")
 def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_model_dir):
     """Tensor-parallel ranks fold the residual add into rank 0's partial product of the o/down projections before
-    the all-reduce (LlamaDecoderLayer.decode_one); gloo on CPU, kernels interpreted in the workers."""
+    the all-reduce (LlamaDecoderLayer.decode_one); on CPU over gloo with the kernels interpreted in the workers,
+    on GPUs over NCCL and symmetric memory."""
     assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])

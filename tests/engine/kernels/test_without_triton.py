@@ -1,8 +1,8 @@
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.paths import ROOT
+
 CODE = """
 import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError
@@ -19,5 +19,5 @@ print("ok")
 
 def test_kernels_import_and_fall_back_without_triton():
     """Where Triton is missing the modules still import and the public functions run their torch references."""
-    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

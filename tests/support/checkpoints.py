@@ -1,6 +1,8 @@
-"""Tiny random checkpoints of each supported architecture, saved the way Hugging Face saves real ones."""
+"""Checkpoints built for tests, saved the way Hugging Face saves real ones: tiny random models of each supported
+architecture, and the demo model with one token poisoned."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +29,9 @@ CONFIGS = {
               dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)),
 }
 
+# The poisoned demo's NaN embedding row; the demo's greedy outputs of prompts.TEXTS never hold it.
+POISON_TOKEN = 7
+
 
 def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """A random model of `kind` with the demo byte-level tokenizer (its ids fit the 512-token vocab)."""
@@ -42,4 +47,19 @@ def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     demo = out_dir.parent / f"{out_dir.name}-demo-tokenizer"
     build_demo(demo)
     transformers.AutoTokenizer.from_pretrained(demo).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_poisoned_model(out_dir: Path, token: int = POISON_TOKEN) -> Path:
+    """The demo checkpoint with the embedding row of `token` set to NaN: any sequence holding that token drives
+    the model to NaN logits, as corrupt weights or an overflow would."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.model_source import resolve_model
+
+    shutil.copytree(resolve_model("demo"), out_dir)
+    path = out_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.embed_tokens.weight"][token] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
     return out_dir

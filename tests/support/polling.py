@@ -1,4 +1,4 @@
-"""wait_for: poll a condition until it holds (imported as `polling`; tests/ is on sys.path through its conftest)."""
+"""wait_for: poll a condition until it holds; the timeout only stops a test that would otherwise hang."""
 from __future__ import annotations
 
 import time
@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition"):
+    """The predicate's first truthy value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
