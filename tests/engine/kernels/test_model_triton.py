@@ -60,7 +60,7 @@ TP_SCRIPT = textwrap.dedent("""
     from engine import LLM, SamplingParams
     path, prompts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     out = {}
     for backend, tp in (("torch", 1), ("triton", 2)):
         llm = LLM(path, attention_backend=backend, tensor_parallel_size=tp, block_size=16, **options)
