@@ -1,6 +1,7 @@
 """OpenAIIngress: the HTTP front of the cluster, a FastAPI app inside a Serve deployment.
 
 POST /v1/completions, POST /v1/chat/completions (whole or SSE, ending with `data: [DONE]`), GET /v1/models,
+POST /tokenize and /detokenize (vLLM's shapes),
 GET /health (200 only when every model can serve), GET /metrics (Prometheus). Errors are OpenAI-shaped:
 `{"error": {"message", "type", "param", "code"}}` with 400 (bad request), 401 (API key), 404 (model or route),
 413 (body too large), 429 (queue full, Retry-After), 503 (no replica in time, Retry-After), 500.
@@ -23,22 +24,24 @@ from contextlib import contextmanager
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.errors import APIError, install_error_handlers, pydantic_error
 from cluster.metrics import ServingMetrics
 from cluster.model_endpoint import LocalModelEndpoint, ModelEndpoint
-from cluster.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingRequest,
-                              invalid_text_field, new_id, request_body_schemas)
+from cluster.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                              ModelCard, ModelList, SamplingRequest, TokenizeChatRequest, TokenizeCompletionRequest,
+                              TokenizeResponse, invalid_text_field, new_id, request_body_schemas)
 from cluster.responses import Prompt, ResponseBuilder
 from cluster.session import RequestSession
 
 logger = logging.getLogger("strata")
 
 app = FastAPI(title="Strata", docs_url=None, redoc_url=None)
-ROUTE_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+ROUTE_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                "/tokenize": TokenizeCompletionRequest, "/detokenize": DetokenizeRequest}
 
 
 def openapi_schema(models: list[str] | None = None) -> dict:
@@ -104,16 +107,40 @@ class OpenAIIngress:
         with self._counted(body.model):
             params = body.to_sampling_params(self.config.limits)
             messages = [m.template_dict() for m in body.messages]
-            ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template)
+            ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template,
+                                       body.chat_template_kwargs)
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
                                       params.logprobs)
             return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt, or chat messages through the model's template, as token ids."""
+        data = await self._read_json(request)
+        body = self._validate(TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest, data)
+        endpoint = self._endpoint(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            tokens = endpoint.encode_chat([m.template_dict() for m in body.messages], body.add_generation_prompt,
+                                          body.chat_template, body.chat_template_kwargs)
+        else:
+            tokens = endpoint.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=await endpoint.max_model_len(),
+                                tokens=tokens).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        body = self._validate(DetokenizeRequest, await self._read_json(request))
+        endpoint = self._endpoint(body.model)
+        if not endpoint.known_ids(body.tokens):
+            raise APIError(400, f"tokens must be in [0, {len(endpoint.tokenizer)})", param="tokens")
+        return DetokenizeResponse(prompt=endpoint.decode(body.tokens)).model_dump()
+
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         self._authorize(request)
-        return ModelList(data=[ModelCard(id=name, root=e.config.model, max_model_len=e.config.max_model_len)
-                               for name, e in self.models.items()]).model_dump()
+        lengths = await asyncio.gather(*(e.max_model_len() for e in self.models.values()))
+        return ModelList(data=[ModelCard(id=name, root=e.config.model, max_model_len=length)
+                               for (name, e), length in zip(self.models.items(), lengths)]).model_dump()
 
     @app.get("/health")
     async def health(self):
@@ -134,6 +161,10 @@ class OpenAIIngress:
 
     # -- request plumbing -----------------------------------------------------------------------------------
     async def _read(self, request: Request, model: type[SamplingRequest]):
+        return self._validate(model, await self._read_json(request))
+
+    async def _read_json(self, request: Request) -> dict:
+        """The authorized request's body as a JSON object, within the size limit and valid Unicode."""
         self._authorize(request)
         limit = self.config.limits.max_request_bytes
         too_large = APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
@@ -159,6 +190,10 @@ class OpenAIIngress:
                            param=param)
         if self.config.log_requests:
             logger.info("%s %s: %s", request.method, request.url.path, text)
+        return data
+
+    @staticmethod
+    def _validate(model: type[BaseModel], data: dict):
         try:
             return model.model_validate(data)
         except ValidationError as e:

@@ -93,24 +93,29 @@ class ModelEndpoint:
         self.stream_handle = handle and handle.options(stream=True, method_name="generate",
                                                        _by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
         self.tokenizer = get_tokenizer(config.engine_config())
+        self._max_model_len: int | None = None
 
     # -- prompts --------------------------------------------------------------------------------------------
     def prompt(self, prompt: str | list[int], echo: bool = False) -> Prompt:
         """A completion prompt as token ids, with its text when the response echoes it."""
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt), prompt)
-        text = None
-        if echo:
-            try:
-                text = self.tokenizer.decode(prompt)
-            except OverflowError:  # ids no tokenizer knows (negative, huge): the engine refuses the request
-                pass
-        return Prompt(list(prompt), text)
+        ids = list(prompt)
+        # Ids no tokenizer knows get no text: the engine refuses the request, naming them.
+        return Prompt(ids, self.decode(ids) if echo and self.known_ids(ids) else None)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None) -> list[int]:
+    def known_ids(self, ids: list[int]) -> bool:
+        return all(0 <= t < len(self.tokenizer) for t in ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of prompt token ids (echo, /detokenize); what the model writes, the engine decodes."""
+        return self.tokenizer.decode(ids)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None,
+                    template_kwargs: dict | None = None) -> list[int]:
         try:
             return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                                       chat_template=chat_template)
+                                       chat_template=chat_template, **(template_kwargs or {}))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         except Exception as e:  # noqa: BLE001 - a template error (jinja) is the request's fault
@@ -164,6 +169,14 @@ class ModelEndpoint:
         except (DeploymentUnavailableError, TimeoutError):
             return None
         return [r for r in results if isinstance(r, dict)]
+
+    async def max_model_len(self) -> int | None:
+        """The context length the model's engines serve (they may cap the configured one to their KV cache);
+        the configured one while no replica has said."""
+        if self._max_model_len is None:
+            stats = await self.engine_stats(timeout_s=2.0)
+            self._max_model_len = next((s["max_model_len"] for s in stats or [] if s.get("max_model_len")), None)
+        return self._max_model_len or self.config.max_model_len
 
     async def health(self) -> dict:
         stats = await self.engine_stats()

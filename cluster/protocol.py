@@ -82,6 +82,7 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    priority: int = Field(0, description="Lower runs first where the model's scheduling_policy is priority.")
     best_of: int | None = Field(None, ge=1)
 
     @property
@@ -94,8 +95,10 @@ class SamplingRequest(StrictModel):
             raise APIError(400, f"n must be at most {limits.max_n}, got {self.n}", param="n")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        try:
+            logit_bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,7 +115,7 @@ class SamplingRequest(StrictModel):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
                 stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens, logit_bias=logit_bias, priority=self.priority)
         except InvalidRequestError as e:
             raise self.api_error(e) from None
 
@@ -180,6 +183,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -325,3 +329,33 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- tokenization (vLLM's /tokenize and /detokenize) -------------------------------------------------------
+class TokenizeCompletionRequest(StrictModel):
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(StrictModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+
+
+class DetokenizeRequest(StrictModel):
+    model: str
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

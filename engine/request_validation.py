@@ -35,6 +35,8 @@ class RequestLimits:
                 raise InvalidRequestError(f"{name} must be at most {self.max_logprobs}, got {n}", name)
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias or {}):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
 
 
 def prompt_token_ids(tokenizer, prompt: str | list[int]) -> list[int]:

@@ -68,6 +68,8 @@ class Sampler:
                 raw_logprobs = torch.log_softmax(logits, dim=-1)
             if any(s.params.needs_penalties for s in states):
                 self._penalize(logits, states)
+            if any(s.params.logit_bias for s in states):
+                self._bias(logits, states)
             for i, s in enumerate(states):
                 if _masks_stop_ids(s):
                     logits[i, s.stop_ids] = float("-inf")
@@ -111,6 +113,17 @@ class Sampler:
         apply_penalties(logits, prompt_mask, counts, self._column(states, "repetition_penalty"),
                         self._column(states, "presence_penalty"), self._column(states, "frequency_penalty"))
 
+    def _bias(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        """Add each request's logit_bias to its row, in one scatter for the batch."""
+        rows, cols, values = [], [], []
+        for i, s in enumerate(states):
+            for token_id, bias in (s.params.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(token_id)
+                values.append(bias)
+        index = (to_device(rows, torch.int64, self.device), to_device(cols, torch.int64, self.device))
+        logits.index_put_(index, to_device(values, torch.float32, self.device), accumulate=True)
+
     def _column(self, states: list[SamplingState], name: str, dtype=torch.float32) -> torch.Tensor:
         return to_device([getattr(s.params, name) for s in states], dtype, self.device)
 
@@ -134,7 +147,8 @@ def _masks_stop_ids(s: SamplingState) -> bool:
 
 def _plain_greedy(s: SamplingState) -> bool:
     """Argmax of the raw logits is the whole answer: no logprobs, penalties or masked stop tokens."""
-    return s.params.greedy and s.params.logprobs is None and not s.params.needs_penalties and not _masks_stop_ids(s)
+    return (s.params.greedy and s.params.logprobs is None and not s.params.needs_penalties and not s.params.logit_bias
+            and not _masks_stop_ids(s))
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -26,6 +26,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first under the "priority" scheduling policy
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,6 +62,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
             (self.seed is None or -(1 << 63) <= self.seed <= (1 << 64) - self.n, "seed",
              f"seed must be a 64-bit integer, got {self.seed}"),
+            (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias",
+             "logit_bias values must be in [-100, 100]"),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -296,3 +297,55 @@ def test_backpressure_answers_429_quickly(base_url):
         stop.set()
         for t in threads:
             t.join(timeout=60)
+
+
+# -- vLLM's extras: logit_bias, priority, chat_template_kwargs, /tokenize, /detokenize -------------------------
+def test_logit_bias_steers_every_token(client, offline):
+    """+100 on one token makes greedy pick it every time; -100 on the greedy token keeps it out. The API answers
+    what the offline engine generates with the same bias."""
+    greedy = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    first = greedy.outputs[0].token_ids[0]
+    for bias, check in (({65: 100}, lambda ids: ids == [65] * 8), ({first: -100}, lambda ids: first not in ids)):
+        expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                           logit_bias=bias), use_tqdm=False)[0].outputs[0]
+        assert check(expected.token_ids)
+        out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=0,
+                                        logit_bias={str(k): v for k, v in bias.items()},
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == expected.text
+
+
+@pytest.mark.parametrize("bias, message", [({"x": 1}, "token ids"), ({"1": 101}, r"\[-100, 100\]"),
+                                           ({"100000": 1}, r"in \[0, ")])
+def test_bad_logit_bias_is_a_400_naming_it(base_url, bias, message):
+    r = httpx.post(f"{base_url}/v1/completions", headers=auth(), timeout=60,
+                   json={"model": "demo", "prompt": PROMPT, "max_tokens": 2, "logit_bias": bias})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    assert re.search(message, r.json()["error"]["message"])
+
+
+def test_priority_is_accepted_and_chat_template_kwargs_reach_the_template(client, base_url):
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=2, extra_body={"priority": -5})
+    assert out.usage.completion_tokens == 2
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ greeting }}"
+    body = {"model": "demo", "messages": MESSAGES, "chat_template": template,
+            "chat_template_kwargs": {"greeting": " Bonjour"}}
+    tokens = httpx.post(f"{base_url}/tokenize", headers=auth(), json=body, timeout=60).json()["tokens"]
+    text = httpx.post(f"{base_url}/detokenize", headers=auth(), timeout=60,
+                      json={"model": "demo", "tokens": tokens}).json()["prompt"]
+    assert text.endswith(MESSAGES[0]["content"] + " Bonjour")
+
+
+def test_tokenize_and_detokenize_round_trip(base_url, offline):
+    r = httpx.post(f"{base_url}/tokenize", headers=auth(), timeout=60,
+                   json={"model": "demo", "prompt": PROMPT, "add_special_tokens": False})
+    body = r.json()
+    assert r.status_code == 200 and body["tokens"] == offline.get_tokenizer().encode(PROMPT, add_special_tokens=False)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] > len(PROMPT)
+    back = httpx.post(f"{base_url}/detokenize", headers=auth(), timeout=60,
+                      json={"model": "demo", "tokens": body["tokens"]})
+    assert back.json() == {"prompt": PROMPT}
+    bad = httpx.post(f"{base_url}/detokenize", headers=auth(), timeout=60, json={"model": "demo", "tokens": [-1]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    models = httpx.get(f"{base_url}/v1/models", headers=auth(), timeout=60).json()["data"]
+    assert all(m["max_model_len"] == body["max_model_len"] for m in models if m["id"] == "demo")
