@@ -138,7 +138,13 @@ def _main(address: str) -> None:
     from engine.core import EngineCore
     from engine.core_runner import CoreRunner
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    # The engine's log lines, at the level its server runs at (`strata serve --log-level` sets STRATA_LOG_LEVEL
+    # for every process of the cluster, and this one inherits it).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s engine-core: %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("STRATA_LOG_LEVEL", "info").upper())
+    logger.propagate = False
     conn = Client(address, "AF_UNIX", authkey=bytes.fromhex(os.environ.pop("STRATA_ENGINE_AUTHKEY")))
     try:
         core = EngineCore(EngineConfig.model_validate(conn.recv()))
