@@ -110,7 +110,7 @@ class OpenAIIngress:
             ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template,
                                        body.chat_template_kwargs)
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
-                                      params.logprobs)
+                                      params.logprobs, reasoning_parser=endpoint.config.reasoning_parser)
             return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.post("/tokenize")

@@ -13,6 +13,7 @@ from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionLogprobs,
                               CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob, TopLogprob,
                               UsageInfo)
+from cluster.reasoning import ReasoningParserName, ReasoningStream, split_reasoning
 from engine import StreamDelta
 
 
@@ -31,12 +32,15 @@ class ChoiceState:
     completion_logprobs: CompletionLogprobs | None = None
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     started: bool = False
+    reasoning: ReasoningStream | None = None  # the reasoning/answer split as the text streams
 
 
 class ResponseBuilder:
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
-                 prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False):
+                 prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False,
+                 reasoning_parser: ReasoningParserName | None = None):
         self.kind, self.request_id, self.model = kind, request_id, model
+        self.reasoning_parser = reasoning_parser
         self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
         self.choices = [ChoiceState() for _ in range(len(prompts) * n)]
         self.cached_tokens = [0] * len(prompts)
@@ -59,13 +63,19 @@ class ResponseBuilder:
     def response(self) -> CompletionResponse | ChatCompletionResponse:
         if self.kind == "chat":
             return ChatCompletionResponse(id=self.request_id, model=self.model, usage=self.usage(), choices=[
-                ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                ChatChoice(index=i, message=self._message(c.text), finish_reason=c.finish_reason,
                            stop_reason=c.stop_reason,
                            logprobs=ChatLogprobs(content=c.chat_logprobs) if self.top_n is not None else None)
                 for i, c in enumerate(self.choices)])
         return CompletionResponse(id=self.request_id, model=self.model, usage=self.usage(), choices=[
             CompletionChoice(index=i, text=c.text, logprobs=c.completion_logprobs, finish_reason=c.finish_reason,
                              stop_reason=c.stop_reason) for i, c in enumerate(self.choices)])
+
+    def _message(self, text: str) -> ChatResponseMessage:
+        if not self.reasoning_parser:
+            return ChatResponseMessage(content=text)
+        reasoning, answer = split_reasoning(text, self.reasoning_parser)
+        return ChatResponseMessage(content=answer, reasoning_content=reasoning or None)
 
     def usage(self) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
@@ -97,8 +107,13 @@ class ResponseBuilder:
             c.text += delta.text
             if logprobs:
                 c.chat_logprobs.extend(logprobs)
+            message = DeltaMessage(content=delta.text)
+            if self.reasoning_parser:
+                c.reasoning = c.reasoning or ReasoningStream(self.reasoning_parser)
+                reasoning, answer = c.reasoning.feed(delta.text, final=delta.finish_reason is not None)
+                message = DeltaMessage(content=answer or None, reasoning_content=reasoning or None)
             return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[ChatChunkChoice(
-                index=index, delta=DeltaMessage(content=delta.text), finish_reason=delta.finish_reason,
+                index=index, delta=message, finish_reason=delta.finish_reason,
                 stop_reason=delta.stop_reason,
                 logprobs=ChatLogprobs(content=logprobs) if logprobs is not None else None)])
         text, logprobs = "", CompletionLogprobs() if self.top_n is not None else None
