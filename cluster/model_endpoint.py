@@ -105,7 +105,8 @@ class ModelEndpoint:
         return Prompt(ids, self.decode(ids) if echo and self.known_ids(ids) else None)
 
     def known_ids(self, ids: list[int]) -> bool:
-        return all(0 <= t < len(self.tokenizer) for t in ids)
+        size = len(self.tokenizer)
+        return all(0 <= t < size for t in ids)
 
     def decode(self, ids: list[int]) -> str:
         """The text of prompt token ids (echo, /detokenize); what the model writes, the engine decodes."""
