@@ -106,11 +106,16 @@ class OpenAIIngress:
         endpoint = self._endpoint(body.model)
         with self._counted(body.model):
             params = body.to_sampling_params(self.config.limits)
+            tools = body.template_tools
+            if tools and endpoint.tool_call_parser is None:
+                raise APIError(400, f"model {body.model!r} has no tool-call parser: set its tool_call_parser",
+                               param="tools")
             messages = [m.template_dict() for m in body.messages]
             ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template,
-                                       body.chat_template_kwargs)
+                                       {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})})
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
-                                      params.logprobs, reasoning_parser=endpoint.config.reasoning_parser)
+                                      params.logprobs, reasoning_parser=endpoint.config.reasoning_parser,
+                                      tool_call_parser=endpoint.tool_call_parser if tools else None)
             return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.post("/tokenize")

@@ -34,6 +34,7 @@ from cluster.config import LimitsConfig, ModelConfig
 from cluster.errors import APIError
 from cluster.replica import Accepted, GenerateRequest, Rejected, ReplicaFailed
 from cluster.responses import Prompt
+from cluster.tool_calls import ToolCallParserName, default_parser
 from engine import InvalidRequestError, SamplingParams, StreamDelta, apply_chat_template, get_tokenizer
 
 logger = logging.getLogger("strata")
@@ -111,6 +112,10 @@ class ModelEndpoint:
     def decode(self, ids: list[int]) -> str:
         """The text of prompt token ids (echo, /detokenize); what the model writes, the engine decodes."""
         return self.tokenizer.decode(ids)
+
+    @property
+    def tool_call_parser(self) -> ToolCallParserName | None:
+        return self.config.tool_call_parser or default_parser(getattr(self.tokenizer, "chat_template", None))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool, chat_template: str | None,
                     template_kwargs: dict | None = None) -> list[int]:

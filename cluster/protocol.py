@@ -176,6 +176,25 @@ class ChatMessage(BaseModel):
         return {**self.model_dump(exclude_none=True), "content": content or ""}
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")  # description, parameters, strict: passed on to the chat template
+    name: str = Field(min_length=1)
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -185,9 +204,16 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @property
+    def template_tools(self) -> list[dict] | None:
+        """The tools the chat template shows the model (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @property
     def engine_field_names(self) -> dict[str, str]:
@@ -195,8 +221,11 @@ class ChatCompletionRequest(SamplingRequest):
                 "max_tokens": "max_completion_tokens" if self.max_completion_tokens else "max_tokens"}
 
     def to_sampling_params(self, limits: LimitsConfig) -> SamplingParams:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool calling is not supported", param="tools")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            raise APIError(400, "tool_choice 'required' and named functions need constrained decoding, which this "
+                                "server does not have yet: use 'auto'", param="tool_choice")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
@@ -264,10 +293,29 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallInfo(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None  # with the model's reasoning_parser
+    tool_calls: list[ToolCallInfo] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -291,6 +339,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

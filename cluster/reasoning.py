@@ -28,11 +28,11 @@ def split_reasoning(text: str, parser: ReasoningParserName, final: bool = True) 
     if end >= 0:
         return body[:end], body[end + len(END):]
     if not final:
-        body = body[: len(body) - _partial_tag(body, END)]
+        body = body[: len(body) - partial_tag(body, END)]
     return body, ""
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest end of `text` that begins `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

@@ -11,9 +11,10 @@ from typing import Literal
 
 from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
                               ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionLogprobs,
-                              CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob, TopLogprob,
-                              UsageInfo)
+                              CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, PromptTokensDetails,
+                              TokenLogprob, ToolCallInfo, TopLogprob, UsageInfo)
 from cluster.reasoning import ReasoningParserName, ReasoningStream, split_reasoning
+from cluster.tool_calls import ToolCallParserName, ToolCallStream, parse_tool_calls
 from engine import StreamDelta
 
 
@@ -33,14 +34,16 @@ class ChoiceState:
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     started: bool = False
     reasoning: ReasoningStream | None = None  # the reasoning/answer split as the text streams
+    tools: ToolCallStream | None = None  # the tool calls in the answer as it streams
 
 
 class ResponseBuilder:
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False,
-                 reasoning_parser: ReasoningParserName | None = None):
+                 reasoning_parser: ReasoningParserName | None = None,
+                 tool_call_parser: ToolCallParserName | None = None):
         self.kind, self.request_id, self.model = kind, request_id, model
-        self.reasoning_parser = reasoning_parser
+        self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
         self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
         self.choices = [ChoiceState() for _ in range(len(prompts) * n)]
         self.cached_tokens = [0] * len(prompts)
@@ -63,7 +66,8 @@ class ResponseBuilder:
     def response(self) -> CompletionResponse | ChatCompletionResponse:
         if self.kind == "chat":
             return ChatCompletionResponse(id=self.request_id, model=self.model, usage=self.usage(), choices=[
-                ChatChoice(index=i, message=self._message(c.text), finish_reason=c.finish_reason,
+                ChatChoice(index=i, message=(m := self._message(c.text)),
+                           finish_reason="tool_calls" if m.tool_calls and c.finish_reason == "stop" else c.finish_reason,
                            stop_reason=c.stop_reason,
                            logprobs=ChatLogprobs(content=c.chat_logprobs) if self.top_n is not None else None)
                 for i, c in enumerate(self.choices)])
@@ -72,10 +76,33 @@ class ResponseBuilder:
                              stop_reason=c.stop_reason) for i, c in enumerate(self.choices)])
 
     def _message(self, text: str) -> ChatResponseMessage:
-        if not self.reasoning_parser:
-            return ChatResponseMessage(content=text)
-        reasoning, answer = split_reasoning(text, self.reasoning_parser)
-        return ChatResponseMessage(content=answer, reasoning_content=reasoning or None)
+        reasoning, answer = split_reasoning(text, self.reasoning_parser) if self.reasoning_parser else ("", text)
+        calls = []
+        if self.tool_call_parser:
+            answer, calls = parse_tool_calls(answer)
+        return ChatResponseMessage(content=(answer.strip() or None) if calls else answer,
+                                   reasoning_content=reasoning or None, tool_calls=[
+                                       ToolCallInfo(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                                       for t in calls] or None)
+
+    def _delta_message(self, c: ChoiceState, delta: StreamDelta) -> DeltaMessage:
+        """A chat delta: the text, or with the model's parsers its reasoning, answer and completed tool calls."""
+        if not (self.reasoning_parser or self.tool_call_parser):
+            return DeltaMessage(content=delta.text)
+        final = delta.finish_reason is not None
+        reasoning, answer = "", delta.text
+        if self.reasoning_parser:
+            c.reasoning = c.reasoning or ReasoningStream(self.reasoning_parser)
+            reasoning, answer = c.reasoning.feed(delta.text, final)
+        calls = []
+        if self.tool_call_parser:
+            c.tools = c.tools or ToolCallStream()
+            first = len(c.tools.calls)
+            answer, calls = c.tools.feed(answer, final)
+            calls = [DeltaToolCall(index=first + k, id=t.id, type="function",
+                                   function=FunctionCall(name=t.name, arguments=t.arguments))
+                     for k, t in enumerate(calls)]
+        return DeltaMessage(content=answer or None, reasoning_content=reasoning or None, tool_calls=calls or None)
 
     def usage(self) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
@@ -107,13 +134,11 @@ class ResponseBuilder:
             c.text += delta.text
             if logprobs:
                 c.chat_logprobs.extend(logprobs)
-            message = DeltaMessage(content=delta.text)
-            if self.reasoning_parser:
-                c.reasoning = c.reasoning or ReasoningStream(self.reasoning_parser)
-                reasoning, answer = c.reasoning.feed(delta.text, final=delta.finish_reason is not None)
-                message = DeltaMessage(content=answer or None, reasoning_content=reasoning or None)
+            message, finish_reason = self._delta_message(c, delta), delta.finish_reason
+            if finish_reason == "stop" and c.tools is not None and c.tools.calls:
+                finish_reason = "tool_calls"
             return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[ChatChunkChoice(
-                index=index, delta=message, finish_reason=delta.finish_reason,
+                index=index, delta=message, finish_reason=finish_reason,
                 stop_reason=delta.stop_reason,
                 logprobs=ChatLogprobs(content=logprobs) if logprobs is not None else None)])
         text, logprobs = "", CompletionLogprobs() if self.top_n is not None else None

@@ -171,5 +171,5 @@ class RequestSession:
 
 def _has_content(chunk) -> bool:
     c = chunk.choices[0]
-    text = (c.delta.content or c.delta.reasoning_content) if hasattr(c, "delta") else c.text
+    text = (c.delta.content or c.delta.reasoning_content or c.delta.tool_calls) if hasattr(c, "delta") else c.text
     return bool(text) or c.finish_reason is not None or c.logprobs is not None

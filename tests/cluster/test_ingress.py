@@ -349,3 +349,14 @@ def test_tokenize_and_detokenize_round_trip(base_url, offline):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     models = httpx.get(f"{base_url}/v1/models", headers=auth(), timeout=60).json()["data"]
     assert all(m["max_model_len"] == body["max_model_len"] for m in models if m["id"] == "demo")
+
+
+def test_tools_for_a_model_without_a_tool_call_parser_are_a_400(client):
+    """The demo model's template writes no <tool_call>, and its config names no parser."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=MESSAGES, tools=tools, max_tokens=4)
+    assert e.value.body["param"] == "tools" and "tool_call_parser" in e.value.body["message"]
+    out = client.chat.completions.create(model="demo", messages=MESSAGES, tools=tools, tool_choice="none",
+                                         max_tokens=4)
+    assert out.choices[0].message.tool_calls is None and out.usage.completion_tokens == 4
