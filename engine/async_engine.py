@@ -11,7 +11,6 @@ from engine.config import EngineConfig
 from engine.core_process import CoreProcess
 from engine.core_runner import CoreThread
 from engine.errors import EngineDeadError, InvalidRequestError
-from engine.request_validation import prompt_token_ids
 from engine.tokenizer import get_tokenizer
 from engine.outputs import EngineStats, StreamDelta
 from engine.sampling_params import SamplingParams
@@ -49,8 +48,7 @@ class AsyncEngine:
         self._raise_if_dead()
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        ids = prompt_token_ids(self.tokenizer, prompt)
-        self._loop.limits.check(ids, params, max_tokens_must_fit)
+        ids = self._loop.limits.checked_prompt(self.tokenizer, prompt, params, max_tokens_must_fit)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._loop.send(("add", request_id, ids, params))

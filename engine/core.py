@@ -12,7 +12,7 @@ from engine.kv_cache import KVCacheManager
 from engine.model_setup import ModelSetup
 from engine.outputs import EngineStats, StreamDelta
 from engine.request import Request
-from engine.request_validation import RequestLimits, prompt_token_ids
+from engine.request_validation import RequestLimits
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.step import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
@@ -77,9 +77,7 @@ class EngineCore:
     def check_request(self, prompt: str | list[int], params: SamplingParams,
                       max_tokens_must_fit: bool = False) -> list[int]:
         """Tokenize and check a request without queueing it; returns the prompt token ids."""
-        ids = prompt_token_ids(self.tokenizer, prompt)
-        self.limits.check(ids, params, max_tokens_must_fit)
-        return ids
+        return self.limits.checked_prompt(self.tokenizer, prompt, params, max_tokens_must_fit)
 
     def add_checked(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))

@@ -14,6 +14,13 @@ class RequestLimits:
     vocab_size: int
     max_logprobs: int
 
+    def checked_prompt(self, tokenizer, prompt: str | list[int], params: SamplingParams,
+                       max_tokens_must_fit: bool) -> list[int]:
+        """The prompt's token ids (text is tokenized), once `check` passed."""
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check(ids, params, max_tokens_must_fit)
+        return ids
+
     def check(self, ids: list[int], params: SamplingParams, max_tokens_must_fit: bool) -> None:
         """Raise InvalidRequestError for a request this model cannot serve. `max_tokens_must_fit`: a max_tokens
         beyond the context is an error (servers) instead of being capped at the context (offline `LLM`)."""
@@ -38,6 +45,3 @@ class RequestLimits:
         if any(not 0 <= t < self.vocab_size for t in params.logit_bias or {}):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
 
-
-def prompt_token_ids(tokenizer, prompt: str | list[int]) -> list[int]:
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
