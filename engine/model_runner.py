@@ -216,7 +216,11 @@ class ModelRunner:
             step.hidden = hidden
         if step.rows:
             states = [self.states[batch.req_ids[i]] for i in step.rows]
-            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states)
+            bitmask = None
+            if batch.bitmask_rows:  # constrained rows, as indices among the sampling rows
+                sampling_index = {row: j for j, row in enumerate(step.rows)}
+                bitmask = (batch.token_bitmask, [sampling_index[r] for r in batch.bitmask_rows])
+            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states, bitmask)
             if self.model.is_first:
                 self.expect_tokens(batch, DeviceTokens(step.sampled.tokens))
         return step
