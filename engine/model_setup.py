@@ -133,9 +133,4 @@ def _max_model_len(config: EngineConfig, hf_config) -> int:
     if config.max_model_len and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is above the model's max_position_embeddings "
                          f"({model_max})")
-    max_len = config.max_model_len or model_max
-    window = getattr(hf_config, "sliding_window", None)
-    if window and window < max_len and getattr(hf_config, "use_sliding_window", True):
-        logger.warning("the model attends over a sliding window of %d tokens; max_model_len capped to it", window)
-        max_len = window
-    return max_len
+    return config.max_model_len or model_max

@@ -13,6 +13,7 @@ from engine.builtin_models import build_demo
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=512, rms_norm_eps=1e-6)
 
+# Windows shorter than most test prompts (random_prompts: 5 to 64 tokens), so they matter.
 CONFIGS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
               dict(num_key_value_heads=2, tie_word_embeddings=False,
@@ -22,9 +23,11 @@ CONFIGS = {
     "llama_tied_mha": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                        dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                dict(num_key_value_heads=1, sliding_window=None, tie_word_embeddings=False)),
+                dict(num_key_value_heads=1, sliding_window=12, tie_word_embeddings=False)),
+    # Layer 0 attends over everything, layer 1 over a window (max_window_layers=1).
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-              dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)),
+              dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True, sliding_window=10,
+                   max_window_layers=1)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)),
 }
