@@ -17,3 +17,11 @@ class SiluAndMul(nn.Module):
             return fused_silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """gelu(gate) * up with GELU's tanh approximation: GeGLU, Gemma's MLP (hidden_activation gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

@@ -30,7 +30,20 @@ CONFIGS = {
                    max_window_layers=1)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)),
+    # Soft-caps low enough to bite; query_pre_attn_scalar unlike head_dim; layer 0 slides, layer 1 is global.
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    # Local layers on rope theta 10k, the global one on 1M with linear scaling, as Gemma 3 4B and up.
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0}})),
 }
+# Kinds whose norm weights are randomized too (Gemma's are stored as weight - 1, zero at init).
+RANDOM_NORMS = {"gemma2", "gemma3"}
 
 # The poisoned demo's NaN embedding row; the demo's greedy outputs of prompts.TEXTS never hold it.
 POISON_TOKEN = 7
@@ -46,6 +59,8 @@ def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+            elif kind in RANDOM_NORMS:
+                p.normal_(0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)
     demo = out_dir.parent / f"{out_dir.name}-demo-tokenizer"
     build_demo(demo)
