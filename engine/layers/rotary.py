@@ -18,7 +18,8 @@ def rope_inv_freq(hf_config, head_dim: int, max_len: int, layer_type: str | None
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim), 1.0
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))  # the rest of each head passes unrotated
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     # Dynamic NTK is fixed at the longest length we serve (as vLLM does) rather than varying per step; so is
@@ -35,7 +36,7 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):
             inv_freq, scale = rope_inv_freq(hf_config, head_dim, max_len, layer_type)
             freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq.cpu())
-            # [max_len, head_dim] = cat(cos, sin), each over head_dim / 2, as vLLM lays it out.
+            # [max_len, rot_dim] = cat(cos, sin), each over rot_dim / 2, as vLLM lays it out.
             cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1).to(device)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.head_dim = head_dim
@@ -55,5 +56,6 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    rot_dim = 2 * cos.shape[-1]  # partial rotary: the dims past rot_dim pass through
+    x1, x2 = x[..., :rot_dim].float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot_dim:].float()], dim=-1).to(x.dtype)

@@ -41,9 +41,17 @@ CONFIGS = {
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                      "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                         "rope_theta": 1000000.0}})),
+    # LongRoPE past original_max_position_embeddings (4): the engine (max_model_len 512) and transformers (every
+    # prompt is longer) take the long factors; a 3/4 partial rotary (as Phi-4-mini); fused qkv/gate_up tensors.
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=24,
+                  original_max_position_embeddings=4,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                   "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                   "long_factor": [2.0 + 0.5 * i for i in range(6)]})),
 }
 # Kinds whose norm weights are randomized too (Gemma's are stored as weight - 1, zero at init).
-RANDOM_NORMS = {"gemma2", "gemma3"}
+RANDOM_NORMS = {"gemma2", "gemma3", "phi3"}
 
 # The poisoned demo's NaN embedding row; the demo's greedy outputs of prompts.TEXTS never hold it.
 POISON_TOKEN = 7
