@@ -4,7 +4,6 @@ The device and dtype are decided here once (`shard_device`, `shard_dtype`); the 
 engine's defaults read `ModelSetup.device` and `ModelSetup.dtype`."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,6 @@ from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
 from engine.tokenizer import eos_token_ids, get_tokenizer
-
-logger = logging.getLogger("strata")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_BYTES = 1 << 30
