@@ -4,7 +4,6 @@ The device and dtype are decided here once (`shard_device`, `shard_dtype`); the 
 engine's defaults read `ModelSetup.device` and `ModelSetup.dtype`."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,6 @@ from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
 from engine.tokenizer import eos_token_ids, get_tokenizer
-
-logger = logging.getLogger("strata")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -133,9 +130,4 @@ def _max_model_len(config: EngineConfig, hf_config) -> int:
     if config.max_model_len and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is above the model's max_position_embeddings "
                          f"({model_max})")
-    max_len = config.max_model_len or model_max
-    window = getattr(hf_config, "sliding_window", None)
-    if window and window < max_len and getattr(hf_config, "use_sliding_window", True):
-        logger.warning("the model attends over a sliding window of %d tokens; max_model_len capped to it", window)
-        max_len = window
-    return max_len
+    return config.max_model_len or model_max

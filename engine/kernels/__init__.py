@@ -3,7 +3,7 @@
 Every public kernel function falls back to its reference for CPU tensors (unless TRITON_INTERPRET=1) and when
 Triton is not installed. Nothing here imports from the rest of `engine`.
 """
-from .activation import silu_and_mul, silu_and_mul_ref
+from .activation import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_ref
 from .gemv import gemv, gemv_ref
 from .paged_attention import paged_attention_ref, unified_attention, use_split_kv
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref

@@ -30,6 +30,7 @@ class ColumnParallelLinear(nn.Module):
         for name, size in shards:
             assert size % tp.size == 0, f"{name}: {size} output features do not split over {tp.size} ranks"
         self.shard_sizes = {name: size // tp.size for name, size in shards}
+        self.checkpoint_sizes = dict(shards)  # each part's rows in a fused checkpoint tensor
         self.shard_offsets, offset = {}, 0
         for name, size in self.shard_sizes.items():
             self.shard_offsets[name] = offset
@@ -38,7 +39,14 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(offset, dtype=dtype), requires_grad=False) if bias else None
         self.use_triton = False
 
-    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        """`shard` None: a checkpoint tensor holding every part, concatenated (Phi-3's qkv_proj, gate_up_proj)."""
+        if shard is None:
+            start = 0
+            for name, rows in self.checkpoint_sizes.items():
+                self.load(param, loaded.narrow(0, start, rows), name)
+                start += rows
+            return
         size, offset = self.shard_sizes[shard], self.shard_offsets[shard]
         part = loaded.narrow(0, self.tp.rank * size, size)
         param.data.narrow(0, offset, size).copy_(part)
@@ -56,9 +64,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_size = num_kv_heads * self.kv_replicas * head_dim
         super().__init__(hidden, [("q", num_heads * head_dim), ("k", kv_size), ("v", kv_size)], bias, tp, dtype)
         self.head_dim = head_dim
+        self.checkpoint_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
-    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
-        if shard == "q" or self.kv_replicas == 1:
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        if shard in (None, "q") or self.kv_replicas == 1:
             return super().load(param, loaded, shard)
         size, offset = self.shard_sizes[shard], self.shard_offsets[shard]  # one KV head per rank group
         kv_head = self.tp.rank // self.kv_replicas

@@ -7,7 +7,7 @@ from torch import nn
 from engine.kernels import gemv
 from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
-from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding, takes_gemv)
 from engine.layers.norm import RMSNorm
@@ -16,7 +16,8 @@ from engine.parallel_state import TPGroup
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int,
+                 sliding_window: int | None = None):
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.num_heads = cfg.num_attention_heads // tp.size
@@ -30,7 +31,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
@@ -68,9 +69,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, arch, tp, dtype, max_len)
+        self.self_attn = LlamaAttention(cfg, arch, tp, dtype, max_len, layer_sliding_window(cfg, layer_idx))
         self.mlp = LlamaMLP(cfg, tp, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -111,7 +112,10 @@ def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h, site: ReduceSit
 
 
 class LlamaForCausalLM(nn.Module):
-    """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits."""
+    """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits.
+    Families with other decoder layers (Gemma) subclass it with their own `decoder_layer`."""
+
+    decoder_layer = LlamaDecoderLayer
 
     # checkpoint name fragment -> (our parameter fragment, shard id)
     packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -127,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         self.is_first = self.layer_range[0] == 0
         self.is_last = self.layer_range[1] == cfg.num_hidden_layers
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if self.is_first else None
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, arch, tp, dtype, max_len)
+        self.layers = nn.ModuleDict({str(i): self.decoder_layer(cfg, arch, tp, dtype, max_len, i)
                                      for i in range(*self.layer_range)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
         self.lm_head = None
@@ -140,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
                 hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
         """Returns (hidden, residual); on the last stage `hidden` is already normed, ready for `logits`."""
         if self.is_first:
-            hidden = self.embed_tokens(input_ids)
+            hidden = self.embed(input_ids)
         if self.takes_decode_one(hidden):
             sites = self.tp.reduce_sites + [None]  # the norm reads the last down projection's all-reduce
             for i, layer in enumerate(self.layers.values()):
@@ -151,6 +155,9 @@ class LlamaForCausalLM(nn.Module):
         if self.is_last:
             hidden, _ = self.norm(hidden, residual)
         return hidden, residual
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
         """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'

@@ -58,7 +58,7 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                         module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
                     else:
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
-                    loaded.add((id(param), shard))
+                    loaded.update((id(param), s) for s in _shards_filled(module, shard))
             bar.update(1)
     expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model))
     if len(loaded) < expected:
@@ -85,6 +85,12 @@ class CheckpointSlice:
         def read(a):
             return a[...] if isinstance(a, cls) else a
         return func(*map(read, args), **{k: read(v) for k, v in (kwargs or {}).items()})
+
+
+def _shards_filled(module, shard: str | None) -> list[str | None]:
+    """A fused checkpoint tensor (shard None on a module of several parts) fills every part."""
+    parts = getattr(module, "shard_sizes", None)
+    return list(parts) if shard is None and parts else [shard]
 
 
 def _leaf_param_owners(model):

@@ -82,10 +82,11 @@ def test_the_default_split_gives_the_last_stage_fewer_layers_for_its_lm_head():
 
 
 @pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama_tied_mha", 1, 2),
-                                        ("qwen3", 2, 2)])
+                                        ("qwen3", 2, 2), ("phi3", 2, 1)])
 def test_parallel_matches_one_process(local_ray, tiny_model_dir, reference, tmp_path, kind, tp, pp):
     """mistral has one KV head, replicated over the two ranks; the tied model's last stage loads the embedding
-    as its LM head. Every rank records what it runs while profiled."""
+    as its LM head; phi3's fused qkv/gate_up tensors split over the ranks. Every rank records what it runs while
+    profiled."""
     llm = LLM(str(tiny_model_dir(kind)), tensor_parallel_size=tp, pipeline_parallel_size=pp)
     executor = llm.engine.executor
     try:
