@@ -55,15 +55,39 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                         continue
                     module, param, shard = target
                     if hasattr(module, "load"):
-                        module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
+                        try:
+                            module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
+                        except ValueError as e:  # a mis-shaped tensor: say which
+                            raise ValueError(f"checkpoint {model_dir}: {name}: {e}") from None
                     else:
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
                     loaded.add((id(param), shard))
             bar.update(1)
-    expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model))
-    if len(loaded) < expected:
+    expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model)
+                   if not hasattr(m, "param_shards"))
+    if len(loaded - _multi_tensor_shards(model)) < expected:
         raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
+    missing = _multi_tensor_shards(model) - loaded
+    if missing:
+        module, param, shard = min(_describe(model, missing))
+        raise ValueError(f"checkpoint {model_dir} is missing weights ({len(missing)} tensors), e.g. {module}'s "
+                         f"{param} {shard} of shape {list(model.get_submodule(module).checkpoint_shape(shard))}")
     return model.eval()
+
+
+def _multi_tensor_shards(model) -> set:
+    """(param id, shard) of every checkpoint tensor the parameters loaded from several (MoE experts) expect."""
+    return {(id(p), shard) for m in model.modules() if hasattr(m, "param_shards")
+            for p in m.parameters(recurse=False) for shard in m.param_shards(p)}
+
+
+def _describe(model, shards: set):
+    for module_name, m in model.named_modules():
+        if hasattr(m, "param_shards"):
+            for param_name, p in m.named_parameters(recurse=False):
+                for shard in m.param_shards(p):
+                    if (id(p), shard) in shards:
+                        yield module_name, param_name, shard
 
 
 class CheckpointSlice:
