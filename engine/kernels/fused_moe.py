@@ -7,7 +7,7 @@ CUDA graphs. The torch reference loops over the experts; it is the CPU path.
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_triton
+from ._triton import interpreting, tl, triton, use_triton
 from .activation import silu_and_mul
 from .moe_align import moe_align_block_size
 
@@ -17,7 +17,7 @@ def fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr
                      num_tokens_post_padded_ptr, N, K, EM, num_valid_tokens, stride_am, stride_ak, stride_be,
                      stride_bn, stride_bk, stride_cm, stride_cn, BLOCK_SIZE_M: tl.constexpr,
                      BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-                     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, IEEE: tl.constexpr):
+                     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, FP32_DOT: tl.constexpr):
     """C[pair] = A[pair // top_k] @ B[expert]^T (times the pair's router weight) for the pairs of each M block,
     B [E, N, K]. Blocks of an expert on another rank (-1) write zeros."""
     pid = tl.program_id(0)
@@ -53,8 +53,8 @@ def fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if IEEE:  # float32 weights: full precision, as the torch path
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        if FP32_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_SIZE_K * stride_ak
@@ -84,7 +84,13 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, t
         a, b, c, topk_weights if topk_weights is not None else c, sorted_token_ids, expert_ids,
         num_tokens_post_padded, b.shape[1], b.shape[2], em, c.shape[0], a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), b.stride(2), c.stride(0), c.stride(1), MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k,
-        IEEE=b.dtype == torch.float32, **config)
+        FP32_DOT=_fp32_dot(b.dtype), **config)
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """float32 weights multiply in full precision (not TF32), as the torch path does. Triton's interpreter gets
+    bfloat16 tl.dot wrong (3.9), so there bfloat16 tiles are widened first."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
