@@ -37,6 +37,7 @@ class TPGroup:
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when size > 1
     same_node: bool = True  # every rank of the group runs on one node
+    expert_parallel: bool = False  # MoE layers place whole experts on the ranks (engine/layers/moe.py)
     _one_shot_buffer: torch.Tensor | None = None
     # The batch-1 decode's all-reduces folded into its gemvs (engine/kernels/reduce_site.py), in step order
     reduce_sites: list[ReduceSite] = field(default_factory=list)

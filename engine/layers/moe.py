@@ -27,7 +27,7 @@ class FusedMoE(nn.Module):
         self.num_experts, self.top_k, self.renormalize, self.scoring = num_experts, top_k, renormalize, scoring
         self.tp = tp
         self.hidden, self.intermediate = hidden, intermediate
-        if getattr(tp, "expert_parallel", False) and tp.size > 1:
+        if tp.expert_parallel and tp.size > 1:
             per_rank = -(-num_experts // tp.size)  # the last ranks may hold fewer (odd expert counts)
             self.first_expert = min(tp.rank * per_rank, num_experts)
             self.num_local = min(per_rank, num_experts - self.first_expert)
@@ -59,6 +59,12 @@ class FusedMoE(nn.Module):
 
     def checkpoint_shape(self, shard: tuple[int, str]) -> tuple[int, int]:
         return (self.hidden, self.intermediate) if shard[1] == "w2" else (self.intermediate, self.hidden)
+
+    def describe_shard(self, name: str, shard: tuple[int, str]) -> str:
+        """A checkpoint tensor in words, for load errors: `name` is this module's path in the model."""
+        expert, which = shard
+        proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[which]
+        return f"{name}.{expert}.{proj} ({which}) of shape {list(self.checkpoint_shape(shard))}"
 
     def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, which = shard

@@ -69,9 +69,9 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
         raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
     missing = _multi_tensor_shards(model) - loaded
     if missing:
-        module, param, shard = min(_describe(model, missing))
-        raise ValueError(f"checkpoint {model_dir} is missing weights ({len(missing)} tensors), e.g. {module}'s "
-                         f"{param} {shard} of shape {list(model.get_submodule(module).checkpoint_shape(shard))}")
+        module, shard = min(_describe(model, missing))
+        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensors, the first: "
+                         f"{model.get_submodule(module).describe_shard(module, shard)}")
     return model.eval()
 
 
@@ -84,10 +84,10 @@ def _multi_tensor_shards(model) -> set:
 def _describe(model, shards: set):
     for module_name, m in model.named_modules():
         if hasattr(m, "param_shards"):
-            for param_name, p in m.named_parameters(recurse=False):
+            for p in m.parameters(recurse=False):
                 for shard in m.param_shards(p):
                     if (id(p), shard) in shards:
-                        yield module_name, param_name, shard
+                        yield module_name, shard
 
 
 class CheckpointSlice:

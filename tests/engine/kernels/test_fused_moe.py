@@ -144,3 +144,15 @@ def test_reference_is_the_weighted_sum_of_each_tokens_experts():
 
 def test_decode_and_prefill_tiles():
     assert moe_config(1, 128, 8)["BLOCK_SIZE_M"] == 16 and moe_config(4096, 128, 8)["BLOCK_SIZE_M"] == 64
+
+
+def test_routed_experts_match_reference(device):
+    """The MoE layer's Triton path end to end (router kernel into the fused experts) against its torch path."""
+    num_experts, hidden, inter = 7, 64, 32
+    w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
+    g = torch.Generator().manual_seed(7)
+    x, router = torch.randn(23, hidden, generator=g).to(device), torch.randn(num_experts, hidden, generator=g).to(device)
+    logits = x @ router.T
+    out = fused_experts(x, w13, w2, *topk_route(logits, 2, True))
+    torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, *topk_route_ref(logits, 2, True)),
+                               atol=1e-4, rtol=1e-4)
