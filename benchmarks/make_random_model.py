@@ -22,22 +22,42 @@ SHAPES = {
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
+    # Mixture of experts (Qwen3-MoE: per-head q/k norm, every layer sparse): about 61 GB in bf16
+    "qwen3-30b-a3b": dict(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960),
+    "tiny-moe": dict(architecture="Qwen3MoeForCausalLM", model_type="qwen3_moe", hidden_size=256,
+                     intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                     norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                     head_dim=32, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
 }
 
 
 def tensors_of_layer(i: int, s: dict) -> dict[str, tuple[int, ...]]:
-    h, inter, hd = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_attention_heads"]
-    kv = s["num_key_value_heads"] * hd
+    h, inter = s["hidden_size"], s["intermediate_size"]
+    hd = s.get("head_dim", h // s["num_attention_heads"])
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
     p = f"model.layers.{i}."
-    return {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,)}
+    tensors = {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+               p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+               p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    if "num_experts" in s:  # Qwen3-MoE: per-head q/k norm, a router and the experts on every layer
+        tensors |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                    p + "mlp.gate.weight": (s["num_experts"], h)}
+        inter = s["moe_intermediate_size"]
+        for e in range(s["num_experts"]):
+            tensors |= {f"{p}mlp.experts.{e}.gate_proj.weight": (inter, h),
+                        f"{p}mlp.experts.{e}.up_proj.weight": (inter, h),
+                        f"{p}mlp.experts.{e}.down_proj.weight": (h, inter)}
+        return tensors
+    return tensors | {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                      p + "mlp.down_proj.weight": (h, inter)}
 
 
 def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu"):
-    s = SHAPES[shape]
+    s = dict(SHAPES[shape])
+    arch, model_type = s.pop("architecture", "LlamaForCausalLM"), s.pop("model_type", "llama")
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(0)
     weight_map, shards = {}, []
@@ -56,7 +76,7 @@ def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if to
             weight_map[key] = name
         save_file(tensors, str(out / name), metadata={"format": "pt"})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, hidden_act="silu",
+    config = dict(architectures=[arch], model_type=model_type, rms_norm_eps=1e-5, hidden_act="silu",
                   tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, **s)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(out, s["vocab_size"])

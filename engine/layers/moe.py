@@ -28,9 +28,9 @@ class FusedMoE(nn.Module):
         self.tp = tp
         self.hidden, self.intermediate = hidden, intermediate
         if tp.expert_parallel and tp.size > 1:
-            per_rank = -(-num_experts // tp.size)  # the last ranks may hold fewer (odd expert counts)
-            self.first_expert = min(tp.rank * per_rank, num_experts)
-            self.num_local = min(per_rank, num_experts - self.first_expert)
+            base, extra = divmod(num_experts, tp.size)  # the first `extra` ranks hold one more
+            self.first_expert = tp.rank * base + min(tp.rank, extra)
+            self.num_local = base + (tp.rank < extra)
             self.inter_part, self.inter_start = intermediate, 0
             expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
             expert_map[self.first_expert: self.first_expert + self.num_local] = torch.arange(self.num_local,
