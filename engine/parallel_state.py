@@ -192,7 +192,9 @@ def balanced_layer_split(hf_config, pp: int) -> list[int]:
     h, n = hf_config.hidden_size, hf_config.num_hidden_layers
     d = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * hf_config.intermediate_size
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 1
+    inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size  # per expert
+    layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * inter * experts
     head = hf_config.vocab_size * h / layer
     if pp == 1:
         return [n]
