@@ -63,31 +63,24 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
                     loaded.add((id(param), shard))
             bar.update(1)
+    per_tensor = _per_tensor_shards(model)  # MoE experts: one parameter from many checkpoint tensors
     expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model)
                    if not hasattr(m, "param_shards"))
-    if len(loaded - _multi_tensor_shards(model)) < expected:
+    if len(loaded - per_tensor.keys()) < expected:
         raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
-    missing = _multi_tensor_shards(model) - loaded
+    missing = sorted(per_tensor[key] for key in per_tensor.keys() - loaded)
     if missing:
-        module, shard = min(_describe(model, missing))
+        path, shard, module = missing[0]
         raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensors, the first: "
-                         f"{model.get_submodule(module).describe_shard(module, shard)}")
+                         f"{module.describe_shard(path, shard)}")
     return model.eval()
 
 
-def _multi_tensor_shards(model) -> set:
-    """(param id, shard) of every checkpoint tensor the parameters loaded from several (MoE experts) expect."""
-    return {(id(p), shard) for m in model.modules() if hasattr(m, "param_shards")
+def _per_tensor_shards(model) -> dict:
+    """(param id, shard) -> (module path, shard, module) for the parameters of modules that list the checkpoint
+    tensors each of their parameters is loaded from (`param_shards`)."""
+    return {(id(p), shard): (path, shard, m) for path, m in model.named_modules() if hasattr(m, "param_shards")
             for p in m.parameters(recurse=False) for shard in m.param_shards(p)}
-
-
-def _describe(model, shards: set):
-    for module_name, m in model.named_modules():
-        if hasattr(m, "param_shards"):
-            for p in m.parameters(recurse=False):
-                for shard in m.param_shards(p):
-                    if (id(p), shard) in shards:
-                        yield module_name, shard
 
 
 class CheckpointSlice:
