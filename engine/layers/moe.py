@@ -33,11 +33,11 @@ class FusedMoE(nn.Module):
             self.num_local = base + (tp.rank < extra)
             self.inter_part, self.inter_start = intermediate, 0
             expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
-            expert_map[self.first_expert: self.first_expert + self.num_local] = torch.arange(self.num_local,
-                                                                                              dtype=torch.int32)
+            local = slice(self.first_expert, self.first_expert + self.num_local)
+            expert_map[local] = torch.arange(self.num_local, dtype=torch.int32)
             self.register_buffer("expert_map", expert_map, persistent=False)
         else:
-            assert intermediate % tp.size == 0, f"expert intermediate size {intermediate} does not split over {tp.size} ranks"
+            assert intermediate % tp.size == 0, f"expert intermediate {intermediate} does not split over {tp.size} ranks"
             self.first_expert, self.num_local = 0, num_experts
             self.inter_part = intermediate // tp.size
             self.inter_start = tp.rank * self.inter_part

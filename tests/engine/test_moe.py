@@ -66,10 +66,14 @@ def test_a_misshaped_expert_tensor_fails_at_load_naming_it_and_the_shape_expecte
         load(qwen3_moe_copy)
 
 
-def test_a_complete_checkpoint_loads_every_expert(tiny_model_dir):
-    path = tiny_model_dir("qwen3_moe")
-    model = load(path)
-    ref = load_file(str(path / "model.safetensors"))
+def test_a_sharded_checkpoint_loads_every_expert(tiny_model_dir, tmp_path):
+    """Saved over several safetensors files, the experts of one layer split between them."""
+    src = tiny_model_dir("qwen3_moe")
+    transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(
+        tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    model = load(tmp_path)
+    ref = load_file(str(src / "model.safetensors"))
     experts = model.layers["2"].mlp.experts
     assert torch.equal(experts.w13_weight[4, 32:], ref["model.layers.2.mlp.experts.4.up_proj.weight"])
     assert torch.equal(experts.w2_weight[1], ref["model.layers.2.mlp.experts.1.down_proj.weight"])

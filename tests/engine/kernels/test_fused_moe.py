@@ -151,8 +151,8 @@ def test_routed_experts_match_reference(device):
     num_experts, hidden, inter = 7, 64, 32
     w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
     g = torch.Generator().manual_seed(7)
-    x, router = torch.randn(23, hidden, generator=g).to(device), torch.randn(num_experts, hidden, generator=g).to(device)
-    logits = x @ router.T
+    x = torch.randn(23, hidden, generator=g).to(device)
+    logits = x @ torch.randn(num_experts, hidden, generator=g).to(device).T
     out = fused_experts(x, w13, w2, *topk_route(logits, 2, True))
     torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, *topk_route_ref(logits, 2, True)),
                                atol=1e-4, rtol=1e-4)
