@@ -65,6 +65,16 @@ def test_align_matches_reference(device, num_tokens, num_experts, top_k, block_s
     assert torch.equal(ids.reshape(-1)[sorted_ids[:used][valid].long()], expert_ids[block_of[valid]])
 
 
+def test_align_of_more_chunks_than_the_offsets_kernel_takes_at_once(device):
+    """300 tokens x top-8 = 2400 pairs: 19 chunks of 128, over two steps of the offsets kernel's 16 rows."""
+    ids = routed_ids(300, 64, 8, "random", device)
+    sorted_ids, expert_ids, post_pad = moe_align_block_size(ids, 16, 64)
+    ref_sorted, ref_experts, ref_post_pad = moe_align_block_size_ref(ids, 16, 64)
+    used = int(ref_post_pad)
+    assert int(post_pad) == used
+    assert torch.equal(sorted_ids[:used], ref_sorted[:used]) and torch.equal(expert_ids, ref_experts)
+
+
 def test_align_reference_pads_each_expert_to_whole_blocks():
     ids = torch.tensor([[1], [1], [3]], dtype=torch.int32)  # experts 0 and 2 idle
     sorted_ids, expert_ids, post_pad = moe_align_block_size_ref(ids, 4, 4)
