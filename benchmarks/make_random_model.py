@@ -55,8 +55,9 @@ def tensors_of_layer(i: int, s: dict) -> dict[str, tuple[int, ...]]:
                       p + "mlp.down_proj.weight": (h, inter)}
 
 
-def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu"):
-    s = dict(SHAPES[shape])
+def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu",
+         layers: int | None = None):
+    s = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     arch, model_type = s.pop("architecture", "LlamaForCausalLM"), s.pop("model_type", "llama")
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -102,5 +103,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape's (qwen3-30b-a3b's 48 take 61 GB)")
     args = ap.parse_args()
-    print(make(args.shape, args.out))
+    print(make(args.shape, args.out, layers=args.layers))
