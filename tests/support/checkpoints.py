@@ -43,7 +43,6 @@ CONFIGS = {
               dict(num_key_value_heads=2, intermediate_size=32, num_experts=7, num_experts_per_tok=1,
                    norm_topk_prob=False, clip_qkv=8.0, tie_word_embeddings=True)),
 }
-MOE_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 # The poisoned demo's NaN embedding row; the demo's greedy outputs of prompts.TEXTS never hold it.
 POISON_TOKEN = 7
