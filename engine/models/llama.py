@@ -27,7 +27,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
                                         getattr(cfg, "attention_bias", False), tp, dtype)
         self.rotary = RotaryEmbedding(cfg, self.head_dim, max_len)
-        self.qk_norm = arch == "Qwen3ForCausalLM"
+        self.qk_norm = arch in QK_NORM_ARCHS
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
@@ -49,17 +49,20 @@ class LlamaAttention(nn.Module):
         return self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1)
 
 
+QK_NORM_ARCHS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")  # per-head RMSNorm of q and k before rotary
+
+
 def _qkv_bias(cfg, arch: str) -> bool:
-    return arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False))
+    return arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False) or getattr(cfg, "qkv_bias", False))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, cfg, tp: TPGroup, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)], bias, tp, dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias, tp, dtype)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], bias, tp, dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, tp, dtype)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +72,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int, layer_idx: int = 0):
+    """`self_attn` and `mlp` default to Llama's; other families pass their own (an MoE block, another attention)."""
+
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int, layer_idx: int = 0,
+                 self_attn: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, arch, tp, dtype, max_len, layer_sliding_window(cfg, layer_idx))
-        self.mlp = LlamaMLP(cfg, tp, dtype)
+        self.self_attn = self_attn or LlamaAttention(cfg, arch, tp, dtype, max_len,
+                                                     layer_sliding_window(cfg, layer_idx))
+        self.mlp = mlp or LlamaMLP(cfg, tp, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -131,14 +138,22 @@ class LlamaForCausalLM(nn.Module):
         self.is_first = self.layer_range[0] == 0
         self.is_last = self.layer_range[1] == cfg.num_hidden_layers
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if self.is_first else None
-        self.layers = nn.ModuleDict({str(i): self.decoder_layer(cfg, arch, tp, dtype, max_len, i)
+        self.layers = nn.ModuleDict({str(i): self.make_layer(i, cfg, arch, tp, dtype, max_len)
                                      for i in range(*self.layer_range)})
+        # decode_one fuses Llama's own attention and MLP; other layers (MoE blocks) take the unfused path
+        self.llama_layers = all(type(layer.mlp) is LlamaMLP and type(layer.self_attn) is LlamaAttention
+                                for layer in self.layers.values())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
         self.lm_head = None
         if self.is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
+
+    def make_layer(self, index: int, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int) -> nn.Module:
+        """Decoder layer `index`: the family's `decoder_layer`; a family whose layers differ (MoE blocks) overrides
+        this."""
+        return self.decoder_layer(cfg, arch, tp, dtype, max_len, index)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
@@ -162,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
         """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'
         fused batch-1 form."""
-        return self.is_first and self.is_last and takes_gemv(self.lm_head, hidden)
+        return self.is_first and self.is_last and self.llama_layers and takes_gemv(self.lm_head, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

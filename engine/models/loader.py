@@ -55,15 +55,32 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                         continue
                     module, param, shard = target
                     if hasattr(module, "load"):
-                        module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
+                        try:
+                            module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
+                        except ValueError as e:  # a mis-shaped tensor: say which
+                            raise ValueError(f"checkpoint {model_dir}: {name}: {e}") from None
                     else:
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
                     loaded.update((id(param), s) for s in _shards_filled(module, shard))
             bar.update(1)
-    expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model))
-    if len(loaded) < expected:
+    per_tensor = _per_tensor_shards(model)  # MoE experts: one parameter from many checkpoint tensors
+    expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model)
+                   if not hasattr(m, "param_shards"))
+    if len(loaded - per_tensor.keys()) < expected:
         raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
+    missing = sorted(per_tensor[key] for key in per_tensor.keys() - loaded)
+    if missing:
+        path, shard, module = missing[0]
+        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensors, the first: "
+                         f"{module.describe_shard(path, shard)}")
     return model.eval()
+
+
+def _per_tensor_shards(model) -> dict:
+    """(param id, shard) -> (module path, shard, module) for the parameters of modules that list the checkpoint
+    tensors each of their parameters is loaded from (`param_shards`)."""
+    return {(id(p), shard): (path, shard, m) for path, m in model.named_modules() if hasattr(m, "param_shards")
+            for p in m.parameters(recurse=False) for shard in m.param_shards(p)}
 
 
 class CheckpointSlice:

@@ -49,6 +49,21 @@ CONFIGS = {
                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                                    "short_factor": [1.0 + 0.1 * i for i in range(6)],
                                    "long_factor": [2.0 + 0.5 * i for i in range(6)]})),
+    # Mixture-of-experts: odd expert counts, top-k 1 to 3, a shared expert, dense layers between sparse ones
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=3, num_experts_per_tok=2,
+                     sliding_window=None, tie_word_embeddings=False)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_key_value_heads=2, num_hidden_layers=3, num_experts=4, num_experts_per_tok=3,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, decoder_sparse_step=2,
+                       norm_topk_prob=False, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_key_value_heads=2, head_dim=32, num_hidden_layers=3, num_experts=5, num_experts_per_tok=2,
+                       moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True,
+                       tie_word_embeddings=False, use_sliding_window=False)),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
+              dict(num_key_value_heads=2, intermediate_size=32, num_experts=7, num_experts_per_tok=1,
+                   norm_topk_prob=False, clip_qkv=8.0, tie_word_embeddings=True)),
 }
 # Kinds whose norm weights are randomized too (Gemma's are stored as weight - 1, zero at init).
 RANDOM_NORMS = {"gemma2", "gemma3", "phi3"}
@@ -60,13 +75,13 @@ POISON_TOKEN = 7
 def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """A random model of `kind` with the demo byte-level tokenizer (its ids fit the 512-token vocab)."""
     config_cls, model_cls, extra = CONFIGS[kind]
-    config = config_cls(**COMMON, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = config_cls(**{**COMMON, **extra}, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     with torch.no_grad():  # random init is small; widen it so greedy decoding isn't a flat argmax tie
         for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5 / p.shape[1] ** 0.5 * 4)
+            if p.dim() >= 2:  # MoE experts: [experts, out, in]
+                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
             elif kind in RANDOM_NORMS:
                 p.normal_(0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)

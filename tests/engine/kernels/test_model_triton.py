@@ -48,7 +48,7 @@ def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]])
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"] + ["qwen2_moe"] * ON_GPU)  # MoE interpreted: test_fused_moe
 def test_triton_path_matches_torch_path(kind, tiny_model_dir):
     prompts = [[5, 9, 200, 17, 3], list(range(40, 77)), [300 + i for i in range(19)]]
     assert_triton_equals_torch(SCRIPT, tiny_model_dir(kind), prompts)
