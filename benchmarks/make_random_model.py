@@ -76,8 +76,13 @@ def tensors_of_layer(i: int, s: dict, extra_norms: tuple[str, ...] = ()) -> dict
 
 
 def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu",
-         layers: int | None = None):
+         layers: int | None = None, tokenizer: Path | None = None):
     s = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    if tokenizer is not None:  # a real tokenizer (structured outputs need tokens such as `{`): its vocabulary size
+        from transformers import AutoTokenizer
+
+        real = AutoTokenizer.from_pretrained(tokenizer)
+        s["vocab_size"] = len(real)
     family = FAMILIES[s.pop("family", "llama")]
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -101,7 +106,10 @@ def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if to
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = dict(**family["config"], torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, **s)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(out, s["vocab_size"])
+    if tokenizer is not None:
+        real.save_pretrained(out)
+    else:
+        write_tokenizer(out, s["vocab_size"])
     return out
 
 
@@ -125,5 +133,7 @@ if __name__ == "__main__":
     ap.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape's (qwen3-30b-a3b's 48 take 61 GB)")
+    ap.add_argument("--tokenizer", type=Path, help="a real tokenizer's directory instead of the word-level one; the "
+                                                   "vocabulary takes its size")
     args = ap.parse_args()
-    print(make(args.shape, args.out, layers=args.layers))
+    print(make(args.shape, args.out, layers=args.layers, tokenizer=args.tokenizer))
