@@ -45,7 +45,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.pipeline_depth = config.pipeline_parallel_size  # micro-batches, so no stage waits for another
         self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
-                                   config.scheduling_policy, micro_batches=self.pipeline_depth)
+                                   config.scheduling_policy, micro_batches=self.pipeline_depth,
+                                   bitmask_later=self.executor.samples_later)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.grammars = GrammarCompiler(self.tokenizer, setup.hf_config.vocab_size, setup.eos_token_ids)
         self._compiling: list[tuple[Future, str, list[Request]]] = []  # (grammar, request id, its sequences)
@@ -130,7 +131,8 @@ class EngineCore:
         """Run one step: finish the oldest step and return its deltas.
 
         Synchronous: schedule, run, finish. Async scheduling: launch the next step before finishing the one in
-        flight (not while a constrained sequence is in it: its next bitmask needs its token). Pipeline parallel:
+        flight; a constrained sequence's bitmask for it follows once the step in flight is read (executors that
+        sample later), or the sequence waits a step (the others). Pipeline parallel:
         keep up to pp steps in flight. A step that raises while the executor is still up is run again one request
         at a time, so only the request at fault (a NaN-producing input, ...) fails."""
         failed = self._take_compiled_grammars() if self._compiling else []
@@ -141,8 +143,7 @@ class EngineCore:
             if not self.async_scheduling or not sched.scheduled:
                 return failed + self._step_sync(sched)
             self._launch(sched)
-        constrained = any(s.sample and s.req.grammar is not None for s in self.in_flight[-1][0].scheduled)
-        ahead = None if constrained else self.scheduler.schedule(ahead=True)
+        ahead = self.scheduler.schedule(ahead=True)
         if ahead is not None and ahead.scheduled:
             self._launch(ahead)
         elif ahead is not None:
@@ -157,7 +158,11 @@ class EngineCore:
             self.in_flight.clear()
             self.scheduler.rewind(sched)
             return failed + self._recover(sched, batch, e)
-        return failed + self._finish_step(sched, result)
+        deltas = self._finish_step(sched, result)
+        if self.in_flight and self.in_flight[0][1].bitmask_later:  # its grammars have now read this step's tokens
+            later, later_batch, later_handle = self.in_flight[0]
+            self.executor.sample(later_handle, self._bitmask(later.scheduled, later_batch.bitmask_rows))
+        return failed + deltas
 
     def _take_compiled_grammars(self) -> list[StreamDelta]:
         """Give compiled grammars to their sequences, which may then be scheduled; fail the requests whose grammar
@@ -227,13 +232,19 @@ class EngineCore:
         return batch
 
     def _add_bitmask(self, batch: BatchInput, scheduled: list[ScheduledRequest]) -> None:
-        """The allowed next tokens of the constrained sequences that sample in this step."""
-        rows = [i for i, s in enumerate(scheduled) if s.sample and s.req.grammar is not None]
-        if rows:
-            batch.bitmask_rows = rows
-            batch.token_bitmask = np.empty((len(rows), self.grammars.bitmask_words), dtype=np.int32)
-            for j, i in enumerate(rows):
-                scheduled[i].req.grammar.fill_bitmask(batch.token_bitmask, j)
+        """The allowed next tokens of the constrained sequences that sample in this step; later (after the step
+        in flight is read) where one decodes ahead of a token its grammar has not seen."""
+        batch.bitmask_rows = [i for i, s in enumerate(scheduled) if s.sample and s.req.grammar is not None]
+        if any(scheduled[i].req.num_pending for i in batch.bitmask_rows):
+            batch.bitmask_later = True
+        elif batch.bitmask_rows:
+            batch.token_bitmask = self._bitmask(scheduled, batch.bitmask_rows)
+
+    def _bitmask(self, scheduled: list[ScheduledRequest], rows: list[int]) -> np.ndarray:
+        bitmask = np.empty((len(rows), self.grammars.bitmask_words), dtype=np.int32)
+        for j, i in enumerate(rows):
+            scheduled[i].req.grammar.fill_bitmask(bitmask, j)
+        return bitmask
 
     def _isolate(self, sched: SchedulerOutput, batch: BatchInput) -> list[StreamDelta]:
         """Rerun a failed step's sequences one by one; fail the requests whose sequence fails on its own.

@@ -30,6 +30,7 @@ class LaunchedStep:
     rows: list[int] = field(default_factory=list)  # batch rows that sample
     sampled: SamplerLaunch | None = None
     hidden: torch.Tensor | None = None  # kept only when prompt logprobs are asked for
+    logits: torch.Tensor | None = None  # until `sample`, for a step launched with bitmask_later
     qsl: list[int] = field(default_factory=list)
     # a stage before the last: its hidden states and residuals, for the next stage
     to_next_stage: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -219,15 +220,23 @@ class ModelRunner:
         if any(self.states[r].params.prompt_logprobs is not None for r in batch.req_ids if r in self.states):
             step.hidden = hidden
         if step.rows:
-            states = [self.states[batch.req_ids[i]] for i in step.rows]
-            bitmask = None
-            if batch.bitmask_rows:  # constrained rows, as indices among the sampling rows
-                sampling_index = {row: j for j, row in enumerate(step.rows)}
-                bitmask = (batch.token_bitmask, [sampling_index[r] for r in batch.bitmask_rows])
-            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states, bitmask)
-            if self.model.is_first:
-                self.expect_tokens(batch, DeviceTokens(step.sampled.tokens))
+            step.logits = self.model.logits(hidden[last])
+            if not batch.bitmask_later:
+                self.sample(step, batch.token_bitmask)
         return step
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep, token_bitmask) -> None:
+        """Queue a launched step's sampling, with structured outputs' bitmask for its constrained rows."""
+        batch, states = step.batch, [self.states[step.batch.req_ids[i]] for i in step.rows]
+        bitmask = None
+        if batch.bitmask_rows:  # constrained rows, as indices among the sampling rows
+            sampling_index = {row: j for j, row in enumerate(step.rows)}
+            bitmask = (token_bitmask, [sampling_index[r] for r in batch.bitmask_rows])
+        step.sampled = self.sampler.launch(step.logits, states, bitmask)
+        step.logits = None
+        if self.model.is_first:
+            self.expect_tokens(batch, DeviceTokens(step.sampled.tokens))
 
     def expect_tokens(self, batch: BatchInput, tokens: DeviceTokens) -> None:
         """The tokens a launched step samples (on a first pipeline stage: to be received from the last), in the

@@ -51,12 +51,12 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def can_decode_ahead(self) -> bool:
+    def can_decode_ahead(self, bitmask_later: bool) -> bool:
         """May run a step on its pending token before the token is known: the sampler needs no token history
-        (penalties, min_tokens, a grammar's state), and the pending token is not its last."""
+        (penalties, min_tokens; a grammar's state only where the bitmask may come after the launch), and the
+        pending token is not its last."""
         p = self.params
-        return (not p.needs_penalties and p.min_tokens == 0 and p.structured_outputs is None
+        return (not p.needs_penalties and p.min_tokens == 0 and (p.structured_outputs is None or bitmask_later)
                 and len(self.output_token_ids) + self.num_pending < self.max_tokens)
 
     @property

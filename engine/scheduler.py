@@ -35,8 +35,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs",
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, bitmask_later: bool = False):
         self.kv = kv
+        self.bitmask_later = bitmask_later  # constrained requests may decode ahead (the executor samples later)
         self.max_num_seqs = max_num_seqs
         self.micro_batches = micro_batches
         self.steps_launched = 0
@@ -153,7 +154,7 @@ class Scheduler:
         parallelism the first stage waits for that token to leave the last stage, so the step that sampled it
         should be one micro-batch round older (batch 1: each step follows the previous one straight from the last
         stage to the first, without the driver)."""
-        return (req.can_decode_ahead and req.num_pending == 1
+        return (req.can_decode_ahead(self.bitmask_later) and req.num_pending == 1
                 and self.steps_launched + 1 - req.last_step >= round_steps)
 
     def requeue_finished_ids(self, out: SchedulerOutput) -> None:

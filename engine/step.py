@@ -37,6 +37,7 @@ class BatchInput:
     # one row of ceil(vocab / 32) words per entry of bitmask_rows, bit set = allowed).
     bitmask_rows: list[int] = field(default_factory=list)
     token_bitmask: Any = None
+    bitmask_later: bool = False  # the bitmask comes with `Executor.sample`, once the step before has been read
 
 
 @dataclass

@@ -37,6 +37,13 @@ class Executor(Protocol[Handle]):
 
     def wait(self, handle: Handle) -> StepOutput: ...
 
+    @property
+    def samples_later(self) -> bool:
+        """Whether a step may be launched before its bitmask is known (`BatchInput.bitmask_later`)."""
+
+    def sample(self, handle: Handle, token_bitmask) -> None:
+        """Sample a step launched with `bitmask_later`, with its bitmask (rows as `BatchInput.bitmask_rows`)."""
+
     def discard(self, handle: Handle) -> None:
         """Wait for a submitted step whose output is dropped (an earlier one failed); its own failure is not
         reported."""

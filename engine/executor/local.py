@@ -40,6 +40,13 @@ class LocalExecutor:
     def wait(self, handle: LaunchedStep) -> StepOutput:
         return self.runner.finish(handle)
 
+    @property
+    def samples_later(self) -> bool:
+        return True
+
+    def sample(self, handle: LaunchedStep, token_bitmask) -> None:
+        self.runner.sample(handle, token_bitmask)
+
     def discard(self, handle: LaunchedStep) -> None:
         self.runner.discard(handle)
 

@@ -224,6 +224,13 @@ class RayExecutor:
         self._through(self.batches.write, batch, should_stop=self._drain_outputs_then_check)
         return seq
 
+    @property
+    def samples_later(self) -> bool:
+        return False  # the workers sample as they launch: constrained rows never decode ahead here
+
+    def sample(self, handle: int, token_bitmask) -> None:
+        raise NotImplementedError("Ray workers take a step's bitmask with the step")
+
     def wait(self, handle: int) -> StepOutput:
         if self.batches is None:
             return self._get(self._calls.pop(handle))[self._output_rank] or StepOutput()
