@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.layers.quantization import quant_config_for
 from engine.executor.base import Executor
 from engine.model_source import resolve_model
 from engine.models import model_class
@@ -43,6 +44,7 @@ class ModelSetup:
         hf_config = load_hf_config(model_dir)
         model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
         weight_files(model_dir)  # and on missing weights
+        quant_config_for(hf_config)  # and on a quantization scheme we cannot serve
         tokenizer = get_tokenizer(config)
         device = shard_device(config)
         on_gpus = device.type == "cuda"

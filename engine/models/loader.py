@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from engine.layers.quantization import quant_config_for
 from engine.models import model_class
 from engine.parallel_state import TPGroup
 
@@ -42,6 +43,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_len: int,
                tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None, progress: bool = True):
     arch, cls = model_class(getattr(hf_config, "architectures", None))
+    quant_config_for(hf_config)
     with torch.device(device):
         model = cls(hf_config, arch, dtype, max_len, tp=tp, layer_range=layer_range)
     loaded = set()
