@@ -38,14 +38,15 @@ class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
-                 custom_all_reduce: bool = True, cpu_threads: int | None = None):
+                 custom_all_reduce: bool = True, cpu_threads: int | None = None, quantization: str | None = None):
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         torch.manual_seed(seed)
-        self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
+        self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range,
+                                quantization=quantization)
         self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
         self.use_triton = select_kernels(self.model, attention_backend, device)
         # Batch-1 decode steps of a single-stage model all-reduce inside their gemvs: two sites a layer, but the

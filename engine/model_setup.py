@@ -44,7 +44,7 @@ class ModelSetup:
         hf_config = load_hf_config(model_dir)
         model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
         weight_files(model_dir)  # and on missing weights
-        quant_config_for(hf_config)  # and on a quantization scheme we cannot serve
+        quant_config_for(hf_config, config.quantization)  # and on a quantization scheme we cannot serve
         tokenizer = get_tokenizer(config)
         device = shard_device(config)
         on_gpus = device.type == "cuda"
@@ -62,7 +62,7 @@ class ModelSetup:
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
                     max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce,
-                    cpu_threads=self.cpu_threads())
+                    cpu_threads=self.cpu_threads(), quantization=self.config.quantization)
 
     def cpu_threads(self) -> int:
         """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a Serve replica), which would leave a CPU

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from engine.layers.quantization import quant_config_for
+from engine.layers.quantization import building_with, quant_config_for
 from engine.models import model_class
 from engine.parallel_state import TPGroup
 
@@ -41,10 +41,11 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_len: int,
-               tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None, progress: bool = True):
+               tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None, progress: bool = True,
+               quantization: str | None = None):
+    """`quantization`: online quantization of an unquantized checkpoint (a quantized one says its own)."""
     arch, cls = model_class(getattr(hf_config, "architectures", None))
-    quant_config_for(hf_config)
-    with torch.device(device):
+    with torch.device(device), building_with(quant_config_for(hf_config, quantization)):
         model = cls(hf_config, arch, dtype, max_len, tp=tp, layer_range=layer_range)
     loaded = set()
     files = weight_files(model_dir)
@@ -56,15 +57,18 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                     if target is None:
                         continue
                     module, param, shard = target
-                    if hasattr(module, "load"):
-                        module.load(param, CheckpointSlice(f.get_slice(name), device, dtype), shard)
+                    if hasattr(module, "load"):  # quantized weights and scales keep the file's dtype
+                        cast = dtype if param.dtype == dtype else None
+                        module.load(param, CheckpointSlice(f.get_slice(name), device, cast), shard)
                     else:
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
                     loaded.add((id(param), shard))
             bar.update(1)
-    expected = sum(len(getattr(m, "shard_sizes", {None: 0})) for m in _leaf_param_owners(model))
-    if len(loaded) < expected:
-        raise ValueError(f"checkpoint {model_dir} is missing weights: loaded {len(loaded)} of {expected} tensors")
+    missing = [f"{name}" + (f" ({shard})" if shard else "") for name, param, shard in _expected_tensors(model)
+               if (id(param), shard) not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} weight tensors: "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     return model.eval()
 
 
@@ -72,9 +76,14 @@ class CheckpointSlice:
     """A checkpoint tensor not read yet: `narrow` and `[index]` read only that part of the file. Any other torch
     use (`param.copy_(s)`) reads the whole tensor."""
 
-    def __init__(self, handle, device: torch.device, dtype: torch.dtype):
-        self.handle, self.device, self.dtype = handle, device, dtype
+    def __init__(self, handle, device: torch.device, dtype: torch.dtype | None):
+        """dtype: what reads are cast to; None keeps the file's (`self.dtype`)."""
+        self.handle, self.device = handle, device
         self.shape = torch.Size(handle.get_shape())
+        self.dtype = dtype or _SAFETENSORS_DTYPES[handle.get_dtype()]
+
+    def numel(self) -> int:
+        return self.shape.numel()
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.handle[index].to(device=self.device, dtype=self.dtype)
@@ -89,11 +98,20 @@ class CheckpointSlice:
         return func(*map(read, args), **{k: read(v) for k, v in (kwargs or {}).items()})
 
 
-def _leaf_param_owners(model):
-    """Each distinct parameter's owner, once per parameter (tied weights counted once)."""
+def _expected_tensors(model):
+    """(parameter name, parameter, shard) of each tensor the checkpoint must hold: each distinct parameter once
+    (tied weights counted once) per shard of its module; none for parameters made while loading."""
     seen = set()
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                yield module
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or getattr(p, "computed", False):
+                continue
+            seen.add(id(p))
+            for shard in getattr(module, "shard_sizes", {None: 0}):
+                yield f"{module_name}.{name}", p, shard
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
