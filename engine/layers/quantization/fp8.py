@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels.fp8 import (FP8, FP8_MAX, MIN_SCALE, dequantize_weight_fp8, per_token_group_quant_fp8_ref,
-                                per_token_quant_fp8_ref, quantize_fp8, scaled_mm_ref)
+from engine.kernels import fp8 as kernels
+from engine.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, dequantize_weight_fp8, quantize_fp8
+from engine.kernels.scaled_mm import scaled_mm
 from engine.layers.quantization.parts import InPart, OutPart, copy_part, parameter
 
 
@@ -88,10 +89,13 @@ class Fp8LinearMethod:
             return F.linear(x, dequantize_weight_fp8(layer.weight, scale, s.block).to(x.dtype), bias)
         rows = x.reshape(-1, x.shape[-1])
         if s.activations == "group":
-            x_q, x_scale = per_token_group_quant_fp8_ref(rows, s.block[1])
+            quant = kernels.per_token_group_quant_fp8 if layer.use_triton else kernels.per_token_group_quant_fp8_ref
+            x_q, x_scale = quant(rows, s.block[1])
         elif s.static_activations:
-            x_q, x_scale = quantize_fp8(rows, layer.input_scale), layer.input_scale.view(1, 1)
+            x_q, x_scale = kernels.static_quant_fp8(rows, layer.input_scale) if layer.use_triton else \
+                (quantize_fp8(rows, layer.input_scale), layer.input_scale.view(1, 1))
         else:
-            x_q, x_scale = per_token_quant_fp8_ref(rows)
-        out = scaled_mm_ref(x_q, x_scale, layer.weight, scale, x.dtype, bias, s.block)
+            x_q, x_scale = (kernels.per_token_quant_fp8 if layer.use_triton else kernels.per_token_quant_fp8_ref)(rows)
+        mm = scaled_mm if layer.use_triton else kernels.scaled_mm_ref
+        out = mm(x_q, x_scale, layer.weight, scale, x.dtype, bias, s.block)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -78,3 +78,13 @@ def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_
     the all-reduce (LlamaDecoderLayer.decode_one); on CPU over gloo with the kernels interpreted in the workers,
     on GPUs over NCCL and symmetric memory."""
     assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
+
+
+def test_triton_path_matches_torch_path_on_an_fp8_checkpoint(tiny_model_dir, tmp_path):
+    """FP8 W8A8 (compressed-tensors, per-channel weight scales, per-token activations): the Triton activation
+    quantization and scaled matmul against the torch references through the whole model (block-wise scales and
+    static activations: tests/engine/kernels/test_fp8.py)."""
+    from tests.support import quantized
+
+    path, _ = quantized.fp8_compressed_tensors(tiny_model_dir("llama"), tmp_path / "fp8", "channel", "token")
+    assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
