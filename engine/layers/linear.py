@@ -34,7 +34,7 @@ def _create_weight(layer: nn.Module, out_features: int, in_features: int, dtype:
     if layer.quant_method is None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
     else:
-        layer.quant_method.create_weights(layer, out_features, in_features)
+        layer.quant_method.create_weights(layer, out_features, in_features, dtype)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -107,3 +107,22 @@ def test_online_fp8_of_an_unquantized_checkpoint(tiny_model_dir, tmp_path):
     pairs = [(a[p][t], b[p][t]) for prompt, a, b in zip(prompts, online, plain) for p, t in enumerate(prompt) if p]
     error = sum(abs(a - b) for a, b in pairs) / sum(abs(b) for _, b in pairs)
     assert 0 < error < 0.08
+
+
+@pytest.mark.parametrize("fmt", ["awq", "w4a16_compressed_tensors"])
+def test_int4_weight_only_matches_the_dequantized_checkpoint(tiny_model_dir, tmp_path, fmt):
+    """AWQ (GEMM packing, zero points) and compressed-tensors pack-quantized (symmetric), 32 input features a group
+    (the tiny model's layers are 64 wide; real checkpoints use 128)."""
+    src = tiny_model_dir("llama")
+    path, dequantized = getattr(quantized, fmt)(src, tmp_path / "int4", 32)
+    ref = quantized.reference_model(src, tmp_path / "ref", dequantized, None)
+    assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
+
+
+def test_int4_group_size_that_does_not_divide_a_layer_fails_clearly(tiny_model_dir, tmp_path):
+    path, _ = quantized.awq(tiny_model_dir("llama"), tmp_path / "int4", 32)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 128
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="INT4 group size 128 does not divide a layer's 64 input features"):
+        LLM(str(path))

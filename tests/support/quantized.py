@@ -125,3 +125,57 @@ def reference_model(src: Path, dst: Path, dequantized: dict, activations: str | 
             if name.split(".")[-1] in LINEARS:
                 m.register_forward_pre_hook(fake_quant(name))
     return model
+
+
+def _pack_columns(values: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """AutoAWQ's and compressed-tensors' packing loops: int32 column c holds values[:, 8c + order[i]] in nibble i."""
+    packed = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for c in range(packed.shape[1]):
+        for i, j in enumerate(order):
+            packed[:, c] |= values[:, 8 * c + j].to(torch.int64) << (4 * i)
+    return packed.to(torch.uint32).view(torch.int32)
+
+
+def awq(src: Path, dst: Path, group: int) -> tuple[Path, dict]:
+    """An AutoAWQ GEMM checkpoint: asymmetric 4-bit with zero points, `group` input features to a scale."""
+    tensors, out, dequantized = load_file(str(src / "model.safetensors")), {}, {}
+    for name, w in tensors.items():
+        if not is_linear_weight(name):
+            out[name] = dequantized[name] = w
+            continue
+        n, k = w.shape
+        groups = w.view(n, k // group, group)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scales = ((hi - lo).clamp(min=1e-5) / 15).half().float()
+        zeros = (-torch.round(lo / scales)).clamp(0, 15)
+        q = (torch.round(groups / scales) + zeros).clamp(0, 15)
+        dequantized[name] = ((q - zeros) * scales).view(n, k)
+        prefix = name.removesuffix("weight")
+        awq_order = [0, 2, 4, 6, 1, 3, 5, 7]
+        out[prefix + "qweight"] = _pack_columns(q.view(n, k).t().contiguous(), awq_order)  # [K, N / 8]
+        out[prefix + "qzeros"] = _pack_columns(zeros[..., 0].t().contiguous(), awq_order)  # [K / G, N / 8]
+        out[prefix + "scales"] = scales[..., 0].t().contiguous().half()  # [K / G, N]
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+    return write_checkpoint(src, dst, out, qc), dequantized
+
+
+def w4a16_compressed_tensors(src: Path, dst: Path, group: int) -> tuple[Path, dict]:
+    """An llm-compressor W4A16 checkpoint (pack-quantized): symmetric 4-bit, stored as q + 8, grouped scales."""
+    tensors, out, dequantized = load_file(str(src / "model.safetensors")), {}, {}
+    for name, w in tensors.items():
+        if not is_linear_weight(name):
+            out[name] = dequantized[name] = w
+            continue
+        n, k = w.shape
+        groups = w.view(n, k // group, group)
+        scale = groups.abs().amax(-1, keepdim=True) / 7.5
+        q = torch.round(groups / scale).clamp(-8, 7)
+        dequantized[name] = (q * scale).view(n, k)
+        out[name.removesuffix("weight") + "weight_packed"] = _pack_columns((q + 8).view(n, k), list(range(8)))
+        out[name + "_scale"] = scale[..., 0].contiguous()
+        out[name + "_shape"] = torch.tensor([n, k])
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "dynamic": False, "actorder": None}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
+    return write_checkpoint(src, dst, out, qc), dequantized

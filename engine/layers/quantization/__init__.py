@@ -9,10 +9,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from engine.layers.quantization.awq import AwqConfig
 from engine.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from engine.layers.quantization.fp8_config import Fp8Config
 
-SUPPORTED = {"compressed-tensors": CompressedTensorsConfig, "fp8": Fp8Config}
+SUPPORTED = {"compressed-tensors": CompressedTensorsConfig, "fp8": Fp8Config, "awq": AwqConfig}
 ONLINE = {"fp8": Fp8Config.online}  # the `quantization` option on an unquantized checkpoint
 
 _building: ContextVar = ContextVar("quant_config", default=None)

@@ -36,7 +36,7 @@ class Fp8LinearMethod:
     def __init__(self, scheme: Fp8Scheme):
         self.scheme = scheme
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         s = self.scheme
         layer.weight = parameter(torch.empty(out_features, in_features, dtype=FP8))
         if s.block is not None:
