@@ -7,6 +7,7 @@ from .activation import silu_and_mul, silu_and_mul_ref
 from .fp8 import (per_token_group_quant_fp8, per_token_group_quant_fp8_ref, per_token_quant_fp8,
                   per_token_quant_fp8_ref, scaled_mm_ref, static_quant_fp8)
 from .gemv import gemv, gemv_ref
+from .int4 import int4_mm, int4_mm_ref
 from .paged_attention import paged_attention_ref, unified_attention, use_split_kv
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref

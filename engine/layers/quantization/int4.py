@@ -48,5 +48,11 @@ class Int4LinearMethod:
         return kernels.dequantize_packed_ref(layer.weight_packed, layer.weight_scale, self.group)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        if not layer.use_triton:
+            return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        tensors = (layer.qweight, layer.qzeros, layer.scales) if self.packing == "awq" else \
+            (layer.weight_packed, layer.weight_scale)
+        rows = x.reshape(-1, x.shape[-1])
+        out = kernels.int4_mm(rows, self.packing, tensors, self.group, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
