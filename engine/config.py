@@ -27,6 +27,9 @@ class EngineConfig(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         None, description="Quantize a 16-bit checkpoint while loading: fp8 = FP8 weights with per-channel scales, "
                           "activations per token. A quantized checkpoint's own scheme is read from its config.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV-cache storage: auto = the model dtype; fp8 (= fp8_e4m3) halves it, keys and values "
+                            "divided by per-tensor scales (the checkpoint's k_scale/v_scale, else 1.0).")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap (default: the model's).")
     max_num_seqs: int | None = Field(

@@ -62,7 +62,8 @@ class ModelSetup:
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
                     max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce,
-                    cpu_threads=self.cpu_threads(), quantization=self.config.quantization)
+                    cpu_threads=self.cpu_threads(), quantization=self.config.quantization,
+                    kv_cache_dtype=self.config.kv_cache_dtype)
 
     def cpu_threads(self) -> int:
         """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a Serve replica), which would leave a CPU

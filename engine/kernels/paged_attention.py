@@ -40,8 +40,9 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b, kc_stride_s, kc_stride_h,
-                 vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale, BLOCK_SIZE: tl.constexpr,
+                 TILE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 FP8_CACHE: tl.constexpr):
     """One online-softmax step over keys [tile * TILE, (tile + 1) * TILE), in base 2 (qk_scale holds log2(e))."""
     kv_pos = tile * TILE + tl.arange(0, TILE)
     kv_mask = kv_pos < kv_end
@@ -59,6 +60,9 @@ def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask
                 + kv_head * kc_stride_h + dims[:, None], mask=k_mask, other=0.0)
     v = tl.load(value_cache_ptr + block[:, None] * vc_stride_b + in_block[:, None] * vc_stride_s
                 + kv_head * vc_stride_h + dims[None, :], mask=v_mask, other=0.0)
+    if FP8_CACHE:  # e4m3 keys/values times their per-tensor scales
+        k = k.to(tl.float32) * k_scale
+        v = v.to(tl.float32) * v_scale
     s = _dot(q, k.to(q.dtype), UPCAST, PRECISION) * qk_scale
     if MASKED:
         s = tl.where(kv_mask[None, :] & (kv_pos[None, :] <= q_abs[:, None]), s, float("-inf"))
@@ -80,10 +84,10 @@ def _attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, num_seqs, head_dim,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
+    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride, k_scale, v_scale,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
     q_block, kv_head, split = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -124,13 +128,13 @@ def _attention_kernel(
     for tile in range(tile_lo, unmasked_hi):
         m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
-                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION)
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION, FP8_CACHE)
     for tile in range(unmasked_hi, tile_hi):
         m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
-                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION)
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, FP8_CACHE)
 
     if SPLIT:  # unnormalized partials; empty splits store m=-inf, l=0, acc=0 and weigh nothing in the merge
         part = (q_token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
@@ -199,15 +203,17 @@ def use_split_kv(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_l
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_query_len: int, max_seq_len: int,
-                      split_kv: bool | None = None, config: TileConfig | None = None) -> torch.Tensor:
+                      split_kv: bool | None = None, config: TileConfig | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """q/out: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]; query_start_loc: int32 [S + 1];
     seq_lens: int32 [S]; block_tables: int32 [S, max_blocks]. max_query_len/max_seq_len are host ints that
     only choose the path, tiles and split count (results never depend on them); split_kv=None picks by the
     heuristic, True/False forces; `config` overrides tile_config() (benchmarks sweep it).
-    Rows of tokens past query_start_loc[-1] (padding) are left untouched. Returns out."""
+    Rows of tokens past query_start_loc[-1] (padding) are left untouched. FP8 caches hold keys / k_scale and
+    values / v_scale in e4m3. Returns out."""
     if not use_triton(q):
         return paged_attention_ref(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_tables,
-                                   scale, max_query_len, max_seq_len, split_kv)
+                                   scale, max_query_len, max_seq_len, split_kv, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads, block_size = seq_lens.shape[0], key_cache.shape[2], key_cache.shape[1]
     assert num_heads % num_kv_heads == 0 and key_cache.dtype == value_cache.dtype
@@ -234,11 +240,12 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         scale * LOG2_E, num_seqs, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0), k_scale, v_scale,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile,
         DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_CACHE=key_cache.dtype == torch.float8_e4m3fn,
+        num_warps=num_warps,
         num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )
     if split_kv:
@@ -252,7 +259,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                         scale: float, max_query_len: int, max_seq_len: int,
-                        split_kv: bool | None = None) -> torch.Tensor:
+                        split_kv: bool | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Per sequence: gather its blocks, causal softmax in fp32. The split/max arguments are ignored."""
     block_size, group = key_cache.shape[1], q.shape[1] // key_cache.shape[2]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -261,8 +268,9 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if end == start:
             continue
         blocks = block_tables[i, :-(-seq_len // block_size)].long()
-        k = key_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = value_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        k = key_cache[blocks].flatten(0, 1)[:seq_len].float() * k_scale  # [L, Hk, D]
+        v = value_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
         causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]

@@ -55,6 +55,7 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                 for name in f.keys():
                     target = model.param_for(name)
                     if target is None:
+                        _load_kv_cache_scale(model, name, f)
                         continue
                     module, param, shard = target
                     if hasattr(module, "load"):  # quantized weights and scales keep the file's dtype
@@ -96,6 +97,19 @@ class CheckpointSlice:
         def read(a):
             return a[...] if isinstance(a, cls) else a
         return func(*map(read, args), **{k: read(v) for k, v in (kwargs or {}).items()})
+
+
+def _load_kv_cache_scale(model, name: str, f) -> None:
+    """An FP8 KV cache's per-tensor scales, as llm-compressor writes them (`layers.N.self_attn.k_scale`): onto the
+    layer's `attn` (engine/layers/attention.py), on the stage that holds it."""
+    module_path, _, scale = name.removeprefix("model.").rpartition(".")
+    if scale not in ("k_scale", "v_scale"):
+        return
+    try:
+        attn = model.get_submodule(f"{module_path}.attn")
+    except AttributeError:
+        return
+    setattr(attn, scale, f.get_tensor(name).float().item())
 
 
 def _expected_tensors(model):

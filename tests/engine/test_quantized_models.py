@@ -126,3 +126,41 @@ def test_int4_group_size_that_does_not_divide_a_layer_fails_clearly(tiny_model_d
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="INT4 group size 128 does not divide a layer's 64 input features"):
         LLM(str(path))
+
+
+def prompt_logprob_error(llm, reference, prompts) -> float:
+    """Mean |difference| of the prompt logprobs relative to the mean |logprob| of `reference`."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    ours = [o.prompt_logprobs for o in llm.generate(prompts, params, use_tqdm=False)]
+    ref = [o.prompt_logprobs for o in reference.generate(prompts, params, use_tqdm=False)]
+    pairs = [(a[p][t], b[p][t]) for prompt, a, b in zip(prompts, ours, ref) for p, t in enumerate(prompt) if p]
+    return sum(abs(a - b) for a, b in pairs) / sum(abs(b) for _, b in pairs)
+
+
+def test_fp8_kv_cache_with_scales_from_the_checkpoint_or_one(tiny_model_dir, tmp_path):
+    """kv_cache_dtype='fp8': keys and values stored in e4m3 (half the bytes of a 16-bit cache), divided by the
+    checkpoint's per-layer k_scale/v_scale where it has them. The prompt logprobs stay within 3% of the float32
+    cache's, and decode steps, which read the keys back from the cache, score their tokens as a prompt holding
+    them does (a fresh prompt attends over its keys and values rounded as the cache stores them)."""
+    src = tiny_model_dir("llama")
+    prompts = random_prompts(lens=(5, 33))
+    plain = LLM(str(src), max_num_seqs=4)
+    fp8 = LLM(str(src), max_num_seqs=4, kv_cache_dtype="fp8")
+    assert fp8.engine.executor.runner.kv_block_bytes() * 4 == plain.engine.executor.runner.kv_block_bytes()
+    assert 0 < prompt_logprob_error(fp8, plain, prompts) < 0.03
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    for prompt, out in zip(prompts, fp8.generate(prompts, greedy, use_tqdm=False)):
+        tokens = out.outputs[0].token_ids
+        decoded = [lp[t] for lp, t in zip(out.outputs[0].logprobs, tokens)]
+        whole = fp8.generate([prompt + tokens], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        as_prompt = [whole.prompt_logprobs[len(prompt) + i][t] for i, t in enumerate(tokens)]
+        assert as_prompt == pytest.approx(decoded, abs=1e-4)
+
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors |= {f"model.layers.{i}.self_attn.{s}": torch.tensor(0.1) for i in range(2) for s in ("k_scale", "v_scale")}
+    scaled = quantized.write_checkpoint(src, tmp_path / "scaled", tensors, None)
+    with_scales = LLM(str(scaled), max_num_seqs=4, kv_cache_dtype="fp8")
+    attn = with_scales.engine.executor.runner.model.attention_layers()[1]
+    assert (attn.k_scale, attn.v_scale) == (pytest.approx(0.1), pytest.approx(0.1))
+    error = prompt_logprob_error(with_scales, plain, prompts)
+    assert 0 < error < 0.03 and error != prompt_logprob_error(fp8, plain, prompts)
