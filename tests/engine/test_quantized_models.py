@@ -164,3 +164,14 @@ def test_fp8_kv_cache_with_scales_from_the_checkpoint_or_one(tiny_model_dir, tmp
     assert (attn.k_scale, attn.v_scale) == (pytest.approx(0.1), pytest.approx(0.1))
     error = prompt_logprob_error(with_scales, plain, prompts)
     assert 0 < error < 0.03 and error != prompt_logprob_error(fp8, plain, prompts)
+
+
+def test_fp8_per_tensor_checkpoint_with_static_activations(tiny_model_dir, tmp_path):
+    """quant_method fp8 without blocks (vLLM's serialized FP8): per-tensor weight_scale, static input_scale."""
+    src = tiny_model_dir("llama")
+    path, dequantized = quantized.fp8_compressed_tensors(src, tmp_path / "fp8", "tensor", "tensor")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static"}
+    (path / "config.json").write_text(json.dumps(config))
+    ref = quantized.reference_model(src, tmp_path / "ref", dequantized, "tensor", input_scales(path))
+    assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
