@@ -89,3 +89,12 @@ def test_triton_path_matches_torch_path_on_an_fp8_checkpoint_and_kv_cache(tiny_m
 
     path, _ = quantized.fp8_compressed_tensors(tiny_model_dir("llama"), tmp_path / "fp8", "channel", "token")
     assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]], kv_cache_dtype="fp8")
+
+
+def test_triton_path_matches_torch_path_on_an_awq_checkpoint(tiny_model_dir, tmp_path):
+    """INT4 AWQ through the whole model: the dequantize-and-multiply kernel against the torch path's dequantized
+    weights (both packings and group edges: tests/engine/kernels/test_int4.py)."""
+    from tests.support import quantized
+
+    path, _ = quantized.awq(tiny_model_dir("llama"), tmp_path / "awq", 32)
+    assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
