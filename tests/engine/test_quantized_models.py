@@ -175,3 +175,19 @@ def test_fp8_per_tensor_checkpoint_with_static_activations(tiny_model_dir, tmp_p
     (path / "config.json").write_text(json.dumps(config))
     ref = quantized.reference_model(src, tmp_path / "ref", dequantized, "tensor", input_scales(path))
     assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
+
+
+def test_tensor_parallel_fp8_matches_one_process(tiny_model_dir, tmp_path, local_ray):
+    """Two ranks over Ray split the fused qkv and gate/up weights with their per-tensor scales and the row-parallel
+    ones with theirs; with static activation scales every rank quantizes as one process does, so the outputs
+    agree."""
+    path, _ = quantized.fp8_compressed_tensors(tiny_model_dir("llama"), tmp_path / "fp8", "tensor", "tensor")
+    prompts = random_prompts(lens=(5, 19))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    one = LLM(str(path)).generate(prompts, params, use_tqdm=False)
+    two = LLM(str(path), tensor_parallel_size=2)
+    for a, b in zip(two.generate(prompts, params, use_tqdm=False), one, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [next(iter(p.values())) for p in a.prompt_logprobs[1:]] == \
+            pytest.approx([next(iter(p.values())) for p in b.prompt_logprobs[1:]], abs=1e-4)
+    two.shutdown()
