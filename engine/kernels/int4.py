@@ -5,12 +5,14 @@ Two packings, eight 4-bit values to an int32:
   columns of an int32 sit in its nibbles in the order 0 2 4 6 1 3 5 7; w = (q - zero) * scale.
 - compressed-tensors pack-quantized, symmetric: weight_packed [N, K / 8] with input column 8j + i in nibble i,
   stored as q + 8; weight_scale [N, K / G]; w = (stored - 8) * scale.
-`int4_mm` dequantizes a [BLOCK_K, BLOCK_N] tile of either in registers and multiplies it with tl.dot."""
+`int4_mm` dequantizes a [BLOCK_K, BLOCK_N] tile of either in registers and multiplies it with tl.dot, or for up
+to MAX_GEMV_ROWS rows of x (batch-1 decode) sums the products along K (the matrix-vector form)."""
 from __future__ import annotations
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import next_pow2, tl, triton, use_triton
+from .scaled_mm import MAX_GEMV_ROWS
 
 AWQ_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # output column j of an int32 is its nibble AWQ_NIBBLE[j]
 
@@ -46,7 +48,8 @@ def int4_mm_ref(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...]
 @triton.jit
 def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
                     zeros_stride, scales_stride, out_stride, GROUP: tl.constexpr, AWQ: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,7 +74,10 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
             z = 8
             s = tl.load(scales_ptr + cols[None, :] * scales_stride + groups, mask=tile_mask, other=0.0)
         w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(x, w)
+        if DOT:
+            acc += tl.dot(x, w)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -80,7 +86,8 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
 
 def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], group: int,
             bias: torch.Tensor | None = None, tiles: tuple[int, int, int] = (64, 64, 64)) -> torch.Tensor:
-    """The dequantize-and-multiply kernel; int4_mm_ref is its reference. tiles: (BLOCK_M, BLOCK_N, BLOCK_K)."""
+    """The dequantize-and-multiply kernel; int4_mm_ref is its reference. tiles: (BLOCK_M, BLOCK_N, BLOCK_K) of
+    the tensor-core form."""
     if not use_triton(x):
         return int4_mm_ref(x, packing, tensors, group, bias)
     m, k = x.shape
@@ -94,11 +101,12 @@ def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], gr
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k = tiles
-    block_m = 16 if m <= 16 else block_m
+    dot = m > MAX_GEMV_ROWS
+    block_m, block_n, block_k = tiles if dot else (next_pow2(m), 16, 128)
+    block_m = 16 if dot and m <= 16 else block_m
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _int4_mm_kernel[grid](x, w, zeros, scales, bias if bias is not None else out, out, m, n, k, x.stride(0),
                           w.stride(0), zeros.stride(0), scales.stride(0), out.stride(0), GROUP=group,
                           AWQ=packing == "awq", HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_K=block_k)
+                          BLOCK_K=block_k, DOT=dot)
     return out

@@ -42,7 +42,8 @@ def random_fp8(*shape, device):
     return (torch.randn(*shape, device=device) * 4).to(FP8)
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 48, 64), (37, 70, 200), (64, 64, 128)])
+# up to 8 rows: the matrix-vector form (one partial K tile; three, the last ragged); then tensor-core tiles
+@pytest.mark.parametrize("m, n, k", [(1, 48, 64), (3, 40, 600), (37, 70, 200), (64, 64, 128)])
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_scaled_mm_per_token_and_per_channel(device, m, n, k, per_token, out_dtype):
@@ -60,7 +61,8 @@ def test_scaled_mm_per_token_and_per_channel(device, m, n, k, per_token, out_dty
 
 @pytest.mark.parametrize("m, n, k, block", [(3, 96, 128, (32, 32)), (20, 80, 100, (32, 32)), (2, 128, 256, (128, 128))])
 def test_scaled_mm_block_wise(device, m, n, k, block):
-    """Ragged N and K end in partial blocks; N tiles of 32 and 64 straddle 32-row scale blocks or stay in one."""
+    """Ragged N and K end in partial blocks; N tiles of 32 and 64 straddle 32-row scale blocks or stay in one;
+    2 and 3 rows take the matrix-vector form."""
     torch.manual_seed(3)
     bn, bk = block
     x = torch.randn(m, k, device=device)

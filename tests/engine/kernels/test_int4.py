@@ -34,13 +34,14 @@ def int4_tensors(packing, n, k, group, device):
 
 
 @pytest.mark.parametrize("packing", ["awq", "pack"])
-@pytest.mark.parametrize("m, n, k, group, tiles", [(1, 40, 64, 32, (16, 32, 64)),  # a K tile over two groups
+@pytest.mark.parametrize("m, n, k, group, tiles", [(1, 40, 64, 32, None),  # matrix-vector: a K tile, two groups
+                                                   (5, 64, 384, 128, None),  # and three K tiles
                                                    (19, 72, 96, 32, (32, 64, 16)),  # ragged M and N
-                                                   (5, 64, 256, 128, (16, 32, 64))])
+                                                   (24, 64, 256, 128, (16, 32, 64))])  # K tiles inside a group
 def test_int4_mm_matches_reference(device, packing, m, n, k, group, tiles):
     x = torch.randn(m, k, device=device)
     tensors = int4_tensors(packing, n, k, group, device)
     bias = torch.randn(n, device=device)
     for b in (None, bias):
-        torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, tiles),
+        torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, *([tiles] if tiles else [])),
                                    int4_mm_ref(x, packing, tensors, group, b), atol=1e-3, rtol=1e-4)
