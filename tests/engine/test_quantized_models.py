@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
@@ -62,11 +63,18 @@ def test_compressed_tensors_fp8_matches_the_dequantized_checkpoint(tiny_model_di
 
 def test_fp8_block_wise_matches_the_dequantized_checkpoint(tiny_model_dir, tmp_path):
     """DeepSeek-V3 style: 32 x 32 weight blocks (the tiny model's layers are 64 wide; real ones use 128), the
-    activations quantized per 32 columns of a token."""
+    activations quantized per 32 columns of a token. transformers loads the same checkpoint as its dequantized
+    weights, which pins the format."""
     src = tiny_model_dir("llama")
     path, dequantized = quantized.fp8_block_wise(src, tmp_path / "fp8", (32, 32))
     ref = quantized.reference_model(src, tmp_path / "ref", dequantized, "group", group=32)
     assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
+    # transformers reads this format too (on CPU it dequantizes the weights and leaves activations as they are)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    weight_only = quantized.reference_model(src, tmp_path / "weight-only", dequantized, None)
+    ids = torch.tensor(random_prompts(lens=(33,)))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, weight_only(ids).logits)
 
 
 def test_fp8_block_wise_fails_clearly_where_blocks_split_a_fused_layer(tiny_model_dir, tmp_path):
