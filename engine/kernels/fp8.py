@@ -87,9 +87,10 @@ def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, scale_stri
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1.0 / (448.0 * 512.0))
+        # IEEE-rounded divisions (a GPU's `/` is approximate): the scales and bytes torch computes
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1.0 / (448.0 * 512.0))
         tl.store(scale_ptr + row * scale_stride + group, scale)
-    q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+    q = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
     tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
 
 

@@ -10,7 +10,7 @@ from .fp8 import FP8, FP8_MAX, round_to_e4m3
 def to_cache(x, scale, FP8_CACHE: tl.constexpr):
     """A key/value as the cache stores it."""
     if FP8_CACHE:
-        return round_to_e4m3(tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0))
+        return round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0))
     return x
 
 

@@ -23,8 +23,8 @@ class Fp8Config:
         block = qc.get("weight_block_size")
         if block is not None:
             if activation_scheme != "dynamic" or len(block) != 2:
-                raise ValueError(f"block-wise fp8 needs dynamic activations and a [block_n, block_k] weight_block_size, "
-                                 f"got {activation_scheme}, {block}")
+                raise ValueError("block-wise fp8 needs dynamic activations and a [block_n, block_k] "
+                                 f"weight_block_size, got {activation_scheme}, {block}")
             return cls(Fp8Scheme("block", "group", block=tuple(block)))
         static = activation_scheme == "static"
         return cls(Fp8Scheme("tensor", "tensor" if static else "token", static_activations=static))
