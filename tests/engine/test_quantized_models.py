@@ -107,6 +107,8 @@ def test_online_fp8_of_an_unquantized_checkpoint(tiny_model_dir, tmp_path):
             dequantized[name] = quantized.fp8(w, scale).float() * scale
     ref = quantized.reference_model(src, tmp_path / "ref", dequantized, "token")
     llm = LLM(str(src), quantization="fp8", max_num_seqs=4)
+    linears = [m for m in llm.engine.executor.runner.model.modules() if getattr(m, "quant_method", None)]
+    assert len(linears) == 8 and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)  # never 16-bit
     prompts = random_prompts(lens=(5, 33))
     assert_matches(llm, ref, prompts, abs_tol=2e-3)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
