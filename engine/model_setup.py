@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.layers.quantization import quant_config_for
 from engine.executor.base import Executor
+from engine.layers.quantization import quant_config_for
 from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
