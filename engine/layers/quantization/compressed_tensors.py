@@ -12,8 +12,8 @@ FORMATS = ("float-quantized", "pack-quantized")
 class CompressedTensorsConfig:
     name = "compressed-tensors"
 
-    def __init__(self, method, ignore: list[str]):
-        self.method, self.ignore = method, ignore
+    def __init__(self, method):
+        self.method = method
 
     @classmethod
     def from_config(cls, qc: dict) -> CompressedTensorsConfig:
@@ -28,8 +28,8 @@ class CompressedTensorsConfig:
         if ignore:
             raise ValueError(f"compressed-tensors: linear layers left unquantized ({ignore}) are not supported")
         if fmt == "pack-quantized":
-            return cls(_int4_method(groups[0]), ignore)
-        return cls(Fp8LinearMethod(_fp8_scheme(groups[0])), ignore)
+            return cls(_int4_method(groups[0]))
+        return cls(Fp8LinearMethod(_fp8_scheme(groups[0])))
 
     def linear_method(self):
         return self.method
