@@ -107,7 +107,7 @@ class OpenAIIngress:
         with self._counted(body.model):
             params = body.to_sampling_params(self.config.limits)
             tools = body.template_tools
-            if tools and endpoint.tool_call_parser is None:
+            if tools and endpoint.tool_call_parser is None and body.forced_tool_calls is None:
                 raise APIError(400, f"model {body.model!r} has no tool-call parser: set its tool_call_parser",
                                param="tools")
             messages = [m.template_dict() for m in body.messages]
@@ -115,7 +115,8 @@ class OpenAIIngress:
                                        {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})})
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
                                       params.logprobs, reasoning_parser=endpoint.config.reasoning_parser,
-                                      tool_call_parser=endpoint.tool_call_parser if tools else None)
+                                      tool_call_parser=body.forced_tool_calls or (
+                                          endpoint.tool_call_parser if tools else None))
             return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.post("/tokenize")

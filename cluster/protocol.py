@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import LimitsConfig
 from cluster.errors import APIError
-from engine import InvalidRequestError, SamplingParams
+from cluster.structured_outputs import StructuredOutputFields, forced_tool_call_schema
+from cluster.tool_calls import ForcedToolCalls
+from engine import InvalidRequestError, SamplingParams, StructuredOutputsParams
 
 
 def invalid_text_field(data: Any, path: str = "") -> str | None:
@@ -59,7 +61,7 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingRequest(StrictModel):
+class SamplingRequest(StrictModel, StructuredOutputFields):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extensions)."""
 
     model: str
@@ -115,7 +117,8 @@ class SamplingRequest(StrictModel):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
                 stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-                skip_special_tokens=self.skip_special_tokens, logit_bias=logit_bias, priority=self.priority)
+                skip_special_tokens=self.skip_special_tokens, logit_bias=logit_bias, priority=self.priority,
+                structured_outputs=self.structured_output_params())
         except InvalidRequestError as e:
             raise self.api_error(e) from None
 
@@ -125,6 +128,8 @@ class SamplingRequest(StrictModel):
     def api_error(self, error: InvalidRequestError) -> APIError:
         """The API's 400 for an engine error, naming the field as this request does."""
         param = self.engine_field_names.get(error.param, error.param) if error.param else None
+        if param == "structured_outputs":
+            param = self.structured_output_field or ("tools" if getattr(self, "forced_tool_calls", None) else param)
         return APIError(400, error.message, param=param, code=error.code)
 
 
@@ -203,7 +208,6 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -223,16 +227,26 @@ class ChatCompletionRequest(SamplingRequest):
     def to_sampling_params(self, limits: LimitsConfig) -> SamplingParams:
         if self.tool_choice not in (None, "none") and not self.tools:
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
-            raise APIError(400, "tool_choice 'required' and named functions need constrained decoding, which this "
-                                "server does not have yet: use 'auto'", param="tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         # With no limit given, a chat reply may run to the end of the context (as in vLLM).
-        return self.sampling_params(limits, self.max_completion_tokens or self.max_tokens, logprobs)
+        params = self.sampling_params(limits, self.max_completion_tokens or self.max_tokens, logprobs)
+        if self.forced_tool_calls is not None:
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
+                                    "structured output", param="tool_choice")
+            choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else "required"
+            params.structured_outputs = StructuredOutputsParams(
+                json=forced_tool_call_schema(self.template_tools, choice, self.parallel_tool_calls))
+        return params
+
+    @property
+    def forced_tool_calls(self) -> ForcedToolCalls | None:
+        """tool_choice "required" or a named function: the answer is JSON for the calls (constrained decoding)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ForcedToolCalls(self.tool_choice.function.name)
+        return ForcedToolCalls() if self.tool_choice == "required" else None
 
 
 # -- responses ------------------------------------------------------------------------------------------------

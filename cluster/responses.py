@@ -14,7 +14,8 @@ from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, PromptTokensDetails,
                               TokenLogprob, ToolCallInfo, TopLogprob, UsageInfo)
 from cluster.reasoning import ReasoningParserName, ReasoningStream, split_reasoning
-from cluster.tool_calls import ToolCallParserName, ToolCallStream, parse_tool_calls
+from cluster.tool_calls import (ForcedToolCalls, ForcedToolCallStream, ToolCallParserName, ToolCallStream,
+                                parse_tool_calls, tool_call_stream)
 from engine import StreamDelta
 
 
@@ -34,14 +35,14 @@ class ChoiceState:
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     started: bool = False
     reasoning: ReasoningStream | None = None  # the reasoning/answer split as the text streams
-    tools: ToolCallStream | None = None  # the tool calls in the answer as it streams
+    tools: ToolCallStream | ForcedToolCallStream | None = None  # the tool calls in the answer as it streams
 
 
 class ResponseBuilder:
     def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str,
                  prompts: list[Prompt], n: int, logprobs: int | None = None, echo: bool = False,
                  reasoning_parser: ReasoningParserName | None = None,
-                 tool_call_parser: ToolCallParserName | None = None):
+                 tool_call_parser: ToolCallParserName | ForcedToolCalls | None = None):
         self.kind, self.request_id, self.model = kind, request_id, model
         self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
         self.prompts, self.n, self.top_n, self.echo = prompts, n, logprobs, echo
@@ -79,7 +80,7 @@ class ResponseBuilder:
         reasoning, answer = split_reasoning(text, self.reasoning_parser) if self.reasoning_parser else ("", text)
         calls = []
         if self.tool_call_parser:
-            answer, calls = parse_tool_calls(answer)
+            answer, calls = parse_tool_calls(answer, self.tool_call_parser)
         return ChatResponseMessage(content=(answer.strip() or None) if calls else answer,
                                    reasoning_content=reasoning or None, tool_calls=[
                                        ToolCallInfo(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
@@ -96,7 +97,7 @@ class ResponseBuilder:
             reasoning, answer = c.reasoning.feed(delta.text, final)
         calls = []
         if self.tool_call_parser:
-            c.tools = c.tools or ToolCallStream()
+            c.tools = c.tools or tool_call_stream(self.tool_call_parser)
             first = len(c.tools.calls)
             answer, calls = c.tools.feed(answer, final)
             calls = [DeltaToolCall(index=first + k, id=t.id, type="function",

@@ -40,11 +40,9 @@ def parse_block(block: str) -> ToolCall | None:
     return ToolCall(call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(text: str, parser: ToolCallParserName | ForcedToolCalls = "hermes") -> tuple[str, list[ToolCall]]:
     """(content, calls) of a whole answer."""
-    stream = ToolCallStream()
-    content, calls = stream.feed(text, final=True)
-    return content, calls
+    return tool_call_stream(parser).feed(text, final=True)
 
 
 class ToolCallStream:
@@ -87,3 +85,39 @@ class ToolCallStream:
         self.calls += calls
         return content, calls
 
+
+
+@dataclass
+class ForcedToolCalls:
+    """`tool_choice` "required" or a named function: the answer is constrained to JSON (see
+    cluster/structured_outputs.py) that is the named function's arguments, or a list of {"name", "parameters"}.
+    Its calls are sent whole when the answer ends."""
+
+    function: str | None = None  # the named function; None: "required"
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self.function is not None:
+            return "", [ToolCall(self.function, text.strip())]
+        try:
+            calls = json.loads(text)
+        except ValueError:  # cut short (max_tokens): the text stays content
+            return text, []
+        return "", [ToolCall(c["name"], json.dumps(c.get("parameters", {}))) for c in calls
+                    if isinstance(c, dict) and isinstance(c.get("name"), str)]
+
+
+class ForcedToolCallStream:
+    def __init__(self, forced: ForcedToolCalls):
+        self.forced, self.text, self.calls = forced, "", []
+
+    def feed(self, delta: str, final: bool) -> tuple[str, list[ToolCall]]:
+        self.text += delta
+        if not final:
+            return "", []
+        content, calls = self.forced.parse(self.text)
+        self.calls += calls
+        return content, calls
+
+
+def tool_call_stream(parser: ToolCallParserName | ForcedToolCalls) -> ToolCallStream | ForcedToolCallStream:
+    return ForcedToolCallStream(parser) if isinstance(parser, ForcedToolCalls) else ToolCallStream()

@@ -2,9 +2,9 @@
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, StreamDelta
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
            "StreamDelta", "EngineStats", "InvalidRequestError", "EngineDeadError",
            "get_tokenizer", "apply_chat_template"]
 

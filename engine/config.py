@@ -15,6 +15,9 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer directory (default: the model's).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (CPU ranks) per pipeline stage.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages.")
+    enable_expert_parallel: bool = Field(
+        False, description="Mixture-of-experts models: each tensor-parallel rank holds whole experts (a share of "
+                           "them) instead of a slice of every expert's intermediate dim.")
     pipeline_layer_split: list[int] | None = Field(
         None, description="Decoder layers per pipeline stage (default: balanced by weight bytes, so the last stage, "
                           "which also holds the LM head, takes fewer).")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+import numpy as np
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, token_texts
@@ -16,6 +19,7 @@ from engine.request_validation import RequestLimits
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.step import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
+from engine.structured_output import GrammarCompiler, SequenceGrammar
 
 logger = logging.getLogger("strata")
 
@@ -43,6 +47,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, setup.max_num_seqs, setup.max_num_batched_tokens,
                                    config.scheduling_policy, micro_batches=self.pipeline_depth)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.grammars = GrammarCompiler(self.tokenizer, setup.hf_config.vocab_size, setup.eos_token_ids)
+        self._compiling: list[tuple[Future, str, list[Request]]] = []  # (grammar, request id, its sequences)
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._unsent: list[NewSequence] = []
         self._prompt_logprobs: dict[str, list] = {}
@@ -92,6 +98,8 @@ class EngineCore:
             self.scheduler.add(req)
         self.groups[request_id] = seqs
         self.prompt_tokens += len(ids)
+        if params.structured_outputs is not None:
+            self._compiling.append((self.grammars.submit(params.structured_outputs), request_id, seqs))
 
     def abort(self, request_id: str) -> bool:
         seqs = self.groups.pop(request_id, None)
@@ -122,16 +130,19 @@ class EngineCore:
         """Run one step: finish the oldest step and return its deltas.
 
         Synchronous: schedule, run, finish. Async scheduling: launch the next step before finishing the one in
-        flight. Pipeline parallel: keep up to pp steps in flight. A step that raises while the executor is still
-        up is run again one request at a time, so only the request at fault (a NaN-producing input, ...) fails."""
+        flight (not while a constrained sequence is in it: its next bitmask needs its token). Pipeline parallel:
+        keep up to pp steps in flight. A step that raises while the executor is still up is run again one request
+        at a time, so only the request at fault (a NaN-producing input, ...) fails."""
+        failed = self._take_compiled_grammars() if self._compiling else []
         if self.pipeline_depth > 1:
-            return self._step_pipelined()
+            return failed + self._step_pipelined()
         if not self.async_scheduling or not self.in_flight:
             sched = self.scheduler.schedule()
             if not self.async_scheduling or not sched.scheduled:
-                return self._step_sync(sched)
+                return failed + self._step_sync(sched)
             self._launch(sched)
-        ahead = self.scheduler.schedule(ahead=True)
+        constrained = any(s.sample and s.req.grammar is not None for s in self.in_flight[-1][0].scheduled)
+        ahead = None if constrained else self.scheduler.schedule(ahead=True)
         if ahead is not None and ahead.scheduled:
             self._launch(ahead)
         elif ahead is not None:
@@ -145,8 +156,29 @@ class EngineCore:
                 self.scheduler.rewind(later)
             self.in_flight.clear()
             self.scheduler.rewind(sched)
-            return self._recover(sched, batch, e)
-        return self._finish_step(sched, result)
+            return failed + self._recover(sched, batch, e)
+        return failed + self._finish_step(sched, result)
+
+    def _take_compiled_grammars(self) -> list[StreamDelta]:
+        """Give compiled grammars to their sequences, which may then be scheduled; fail the requests whose grammar
+        did not compile. With nothing else to run, wait a little for one rather than spin."""
+        s = self.scheduler
+        if not s.running and not self.in_flight and all(r.waits_for_grammar for r in s.waiting):
+            wait([future for future, _, _ in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        failed, compiling = [], []
+        for future, request_id, seqs in self._compiling:
+            if not future.done():
+                compiling.append((future, request_id, seqs))
+            elif request_id in self.groups:  # not aborted meanwhile
+                try:
+                    compiled = future.result()
+                except Exception as e:  # noqa: BLE001 - a grammar xgrammar parsed but cannot compile
+                    failed.append(self.fail(request_id, f"cannot compile the structured output's grammar: {e}"))
+                    continue
+                for req in seqs:
+                    req.grammar, req.waits_for_grammar = SequenceGrammar(compiled), False
+        self._compiling = compiling
+        return failed
 
     def _step_sync(self, sched: SchedulerOutput) -> list[StreamDelta]:
         batch = self._batch(sched)
@@ -191,7 +223,17 @@ class EngineCore:
         self._unsent = []
         for s in sched.scheduled:
             _add_to_batch(batch, s)
+        self._add_bitmask(batch, sched.scheduled)
         return batch
+
+    def _add_bitmask(self, batch: BatchInput, scheduled: list[ScheduledRequest]) -> None:
+        """The allowed next tokens of the constrained sequences that sample in this step."""
+        rows = [i for i, s in enumerate(scheduled) if s.sample and s.req.grammar is not None]
+        if rows:
+            batch.bitmask_rows = rows
+            batch.token_bitmask = np.empty((len(rows), self.grammars.bitmask_words), dtype=np.int32)
+            for j, i in enumerate(rows):
+                scheduled[i].req.grammar.fill_bitmask(batch.token_bitmask, j)
 
     def _isolate(self, sched: SchedulerOutput, batch: BatchInput) -> list[StreamDelta]:
         """Rerun a failed step's sequences one by one; fail the requests whose sequence fails on its own.
@@ -210,6 +252,7 @@ class EngineCore:
                 continue
             one = BatchInput(new_sequences=[new[req.request_id]] if req.request_id in new else [])
             _add_to_batch(one, s)
+            self._add_bitmask(one, [s])
             try:
                 result = self.executor.execute(one)
             except Exception as e:
@@ -227,7 +270,11 @@ class EngineCore:
 
     def _finish_step(self, sched, result) -> list[StreamDelta]:
         self.steps += 1
+        rejected = self._advance_grammars(sched, result)
         self.scheduler.update(sched, {rid: r.token_id for rid, r in result.sampled.items()})
+        for s in sched.scheduled:  # the grammar took a stop token: the output is complete
+            if s.req.grammar is not None and s.req.grammar.is_terminated and not s.req.is_finished:
+                self.scheduler.finish(s.req.request_id, "stop")
         for rid, (start, lps) in result.prompt_logprobs.items():
             self._prompt_logprobs.setdefault(rid, [None])[start + 1: start + 1 + len(lps)] = lps
         deltas = []
@@ -242,7 +289,21 @@ class EngineCore:
                 group_id = req.request_id.rpartition("#")[0]
                 logger.error("request %s failed in the engine: %s: %s", group_id, type(e).__name__, e)
                 deltas.append(self.fail(group_id, f"the engine failed on this request: {type(e).__name__}: {e}"))
+        for group_id in rejected:
+            deltas.append(self.fail(group_id, "the engine sampled a token its grammar does not allow"))
         return deltas
+
+    def _advance_grammars(self, sched: SchedulerOutput, result: StepOutput) -> set[str]:
+        """Move each constrained sequence's matcher past its new token; the ids of requests whose token the
+        grammar refused (a bug, never the user's: the bitmask allowed only grammar tokens)."""
+        rejected = set()
+        for s in sched.scheduled:
+            sample = result.sampled.get(s.req.request_id)
+            if s.req.grammar is not None and s.sample and sample is not None and not s.req.is_finished:
+                if not s.req.grammar.accept(sample.token_id):
+                    logger.error("request %s: token %d is outside its grammar", s.req.request_id, sample.token_id)
+                    rejected.add(s.req.request_id.rpartition("#")[0])
+        return rejected
 
     def _delta(self, req: Request, sample) -> StreamDelta:
         self.generation_tokens += 1
@@ -283,6 +344,7 @@ class EngineCore:
                            steps=self.steps, cached_block_hashes=self.kv.cached_hashes())
 
     def shutdown(self) -> None:
+        self.grammars.shutdown()
         self.executor.shutdown()
 
 

@@ -12,6 +12,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs
 from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
+from engine.layers.moe import FusedMoE
 from engine.models.loader import load_model
 from engine.parallel_state import DeviceTokens, TPGroup
 from engine.sampler import Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
@@ -38,8 +39,8 @@ class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
-                 custom_all_reduce: bool = True, cpu_threads: int | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 custom_all_reduce: bool = True, cpu_threads: int | None = None, expert_parallel: bool = False,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.device, self.dtype, self.block_size = device, dtype, block_size
@@ -47,6 +48,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         torch.manual_seed(seed)
+        if tp is not None:
+            tp.expert_parallel = expert_parallel
         self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range,
                                 quantization=quantization)
         self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
@@ -72,7 +75,8 @@ class ModelRunner:
         return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
                 "one_shot_all_reduce": self.one_shot_all_reduce, "fused_all_reduce": self.fused_all_reduce,
                 "device": str(self.device), "dtype": str(self.dtype),
-                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None}
+                "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "local_experts": next((m.num_local for m in self.model.modules() if isinstance(m, FusedMoE)), None)}
 
     # -- profiling ------------------------------------------------------------------------------------------
     def start_profile(self, out_dir: str) -> None:
@@ -219,7 +223,11 @@ class ModelRunner:
             step.hidden = hidden
         if step.rows:
             states = [self.states[batch.req_ids[i]] for i in step.rows]
-            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states)
+            bitmask = None
+            if batch.bitmask_rows:  # constrained rows, as indices among the sampling rows
+                sampling_index = {row: j for j, row in enumerate(step.rows)}
+                bitmask = (batch.token_bitmask, [sampling_index[r] for r in batch.bitmask_rows])
+            step.sampled = self.sampler.launch(self.model.logits(hidden[last]), states, bitmask)
             if self.model.is_first:
                 self.expect_tokens(batch, DeviceTokens(step.sampled.tokens))
         return step

@@ -4,7 +4,6 @@ The device and dtype are decided here once (`shard_device`, `shard_dtype`); the 
 engine's defaults read `ModelSetup.device` and `ModelSetup.dtype`."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
 from engine.tokenizer import eos_token_ids, get_tokenizer
-
-logger = logging.getLogger("strata")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -62,8 +59,8 @@ class ModelSetup:
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
                     max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce,
-                    cpu_threads=self.cpu_threads(), quantization=self.config.quantization,
-                    kv_cache_dtype=self.config.kv_cache_dtype)
+                    cpu_threads=self.cpu_threads(), expert_parallel=self.config.enable_expert_parallel,
+                    quantization=self.config.quantization, kv_cache_dtype=self.config.kv_cache_dtype)
 
     def cpu_threads(self) -> int:
         """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a Serve replica), which would leave a CPU
@@ -136,9 +133,4 @@ def _max_model_len(config: EngineConfig, hf_config) -> int:
     if config.max_model_len and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is above the model's max_position_embeddings "
                          f"({model_max})")
-    max_len = config.max_model_len or model_max
-    window = getattr(hf_config, "sliding_window", None)
-    if window and window < max_len and getattr(hf_config, "use_sliding_window", True):
-        logger.warning("the model attends over a sliding window of %d tokens; max_model_len capped to it", window)
-        max_len = window
-    return max_len
+    return config.max_model_len or model_max

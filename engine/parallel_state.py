@@ -37,6 +37,7 @@ class TPGroup:
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when size > 1
     same_node: bool = True  # every rank of the group runs on one node
+    expert_parallel: bool = False  # MoE layers place whole experts on the ranks (engine/layers/moe.py)
     _one_shot_buffer: torch.Tensor | None = None
     # The batch-1 decode's all-reduces folded into its gemvs (engine/kernels/reduce_site.py), in step order
     reduce_sites: list[ReduceSite] = field(default_factory=list)
@@ -191,7 +192,9 @@ def balanced_layer_split(hf_config, pp: int) -> list[int]:
     h, n = hf_config.hidden_size, hf_config.num_hidden_layers
     d = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * hf_config.intermediate_size
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 1
+    inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size  # per expert
+    layer = 2 * h * hf_config.num_attention_heads * d + 2 * h * kv * d + 3 * h * inter * experts
     head = hf_config.vocab_size * h / layer
     if pp == 1:
         return [n]

@@ -40,6 +40,8 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.seed = None if params.seed is None else params.seed + index
+        self.grammar = None  # structured outputs: its SequenceGrammar, once the grammar is compiled
+        self.waits_for_grammar = params.structured_outputs is not None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -52,9 +54,10 @@ class Request:
     @property
     def can_decode_ahead(self) -> bool:
         """May run a step on its pending token before the token is known: the sampler needs no token history
-        (penalties, min_tokens), and the pending token is not its last."""
+        (penalties, min_tokens, a grammar's state), and the pending token is not its last."""
         p = self.params
-        return not p.needs_penalties and p.min_tokens == 0 and len(self.output_token_ids) + self.num_pending < self.max_tokens
+        return (not p.needs_penalties and p.min_tokens == 0 and p.structured_outputs is None
+                and len(self.output_token_ids) + self.num_pending < self.max_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

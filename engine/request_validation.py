@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured_output import check_grammar
 
 
 @dataclass(frozen=True)
@@ -44,4 +45,6 @@ class RequestLimits:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
         if any(not 0 <= t < self.vocab_size for t in params.logit_bias or {}):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
+        if params.structured_outputs is not None:
+            check_grammar(params.structured_outputs)
 

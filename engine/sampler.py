@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.kernels.sampling import apply_penalties, greedy_sample, sample
@@ -55,15 +56,19 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
         return self.finish(self.launch(logits, states))
 
-    def launch(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerLaunch:
-        """Draw the batch's tokens on the device and start copying them to the host."""
+    def launch(self, logits: torch.Tensor, states: list[SamplingState],
+               bitmask: tuple[np.ndarray, list[int]] | None = None) -> SamplerLaunch:
+        """Draw the batch's tokens on the device and start copying them to the host. `bitmask`: structured
+        outputs' allowed tokens (xgrammar's packed bitmask) and the rows it constrains."""
         raw_logprobs = None
-        if all(_plain_greedy(s) for s in states):  # one kernel over the raw logits
+        if bitmask is None and all(_plain_greedy(s) for s in states):  # one kernel over the raw logits
             both = greedy_sample(logits, self.vocab_size)
             tokens = both[0]
         else:
             logits = logits[:, : self.vocab_size].float().contiguous()
             finite = torch.isfinite(logits).all(dim=-1)  # read back with the tokens: no extra device sync
+            if bitmask is not None:
+                self._mask(logits, *bitmask)
             if any(s.params.logprobs is not None for s in states):
                 raw_logprobs = torch.log_softmax(logits, dim=-1)
             if any(s.params.needs_penalties for s in states):
@@ -112,6 +117,19 @@ class Sampler:
                     counts[i] = torch.bincount(out, minlength=vocab)[:vocab].int()
         apply_penalties(logits, prompt_mask, counts, self._column(states, "repetition_penalty"),
                         self._column(states, "presence_penalty"), self._column(states, "frequency_penalty"))
+
+    def _mask(self, logits: torch.Tensor, bitmask: np.ndarray, rows: list[int]) -> None:
+        """-inf where the grammar forbids a token: one copy of the bitmask to the device, one kernel for the batch
+        (xgrammar's Triton kernel on CUDA, torch elsewhere)."""
+        import xgrammar as xgr
+
+        rows_mask = torch.from_numpy(bitmask)
+        if logits.device.type == "cuda":
+            rows_mask = rows_mask.pin_memory().to(logits.device, non_blocking=True)
+        mask = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32, device=logits.device)
+        mask[to_device(rows, torch.int64, self.device)] = rows_mask  # xgrammar indexes logits and mask alike
+        backend = "triton" if logits.device.type == "cuda" else "torch_native"
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows, backend=backend)
 
     def _bias(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
         """Add each request's logit_bias to its row, in one scatter for the batch."""

@@ -1,9 +1,43 @@
 """Per-request sampling options, shaped like vLLM's `SamplingParams`."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import InvalidRequestError
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on the output (vLLM's): a JSON schema, any JSON object, a regex, one of some strings, an EBNF
+    grammar, or a structural tag (xgrammar's format, as JSON)."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(f"structured outputs take exactly one of json, json_object, regex, choice, "
+                                      f"grammar or structural_tag; got {', '.join(given) or 'none'}",
+                                      "structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of strings", "structured_outputs")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the grammar is compiled from, as a hashable cache key."""
+        for kind in ("json", "regex", "choice", "grammar", "structural_tag"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return "json_object", ""
 
 
 @dataclass
@@ -27,6 +61,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first under the "priority" scheduling policy
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -108,6 +108,9 @@ class Scheduler:
         while (j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
                and len(out.scheduled) < step_seqs):
             req = self.waiting[j]
+            if req.waits_for_grammar:  # it waits for its grammar, not the batch
+                j += 1
+                continue
             if req.parent is not None and not self._parent_ready(req.parent):
                 j += 1  # a sibling waits until the shared prompt is computed
                 continue

@@ -4,6 +4,7 @@ the model runner, behind the executor's opaque step handle."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -32,6 +33,10 @@ class BatchInput:
     sample: list[bool] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
+    # Structured outputs: the tokens each constrained row may sample, as xgrammar's bitmask (a numpy int32 array,
+    # one row of ceil(vocab / 32) words per entry of bitmask_rows, bit set = allowed).
+    bitmask_rows: list[int] = field(default_factory=list)
+    token_bitmask: Any = None
 
 
 @dataclass

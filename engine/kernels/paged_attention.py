@@ -5,6 +5,8 @@ handles one (q-block, kv head): BLOCK_Q query tokens times the GROUP query heads
 tile is loaded once for the whole GQA group. Queries of a sequence are the last q_len tokens of its context.
 The split-KV (flash-decoding) path splits each context into up to MAX_SPLITS ranges and merges the partial softmaxes
 by log-sum-exp in a second kernel; it pays off when (sequence, kv head) programs alone cannot fill the GPU.
+A sliding window (vLLM's window_size = (left, 0): each query sees itself and the `left` keys before it) skips the
+tiles wholly outside it; a soft-cap bounds the scaled scores as softcap * tanh(score / softcap) (Gemma 2).
 """
 from typing import NamedTuple
 
@@ -38,12 +40,19 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+def _softcap(s, cap):
+    """cap * tanh(s / cap), written with one exp2 that saturates to +-cap instead of overflowing to NaN."""
+    return cap - 2.0 * cap / (tl.exp2(s * (2.0 * 1.4426950408889634 / cap)) + 1.0)
+
+
+@triton.jit
+def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b, kc_stride_s, kc_stride_h,
                  vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale, BLOCK_SIZE: tl.constexpr,
                  TILE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 FP8_CACHE: tl.constexpr):
-    """One online-softmax step over keys [tile * TILE, (tile + 1) * TILE), in base 2 (qk_scale holds log2(e))."""
+                 SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr):
+    """One online-softmax step over keys [tile * TILE, (tile + 1) * TILE), in base 2 (qk_scale holds log2(e), and
+    so does softcap)."""
     kv_pos = tile * TILE + tl.arange(0, TILE)
     kv_mask = kv_pos < kv_end
     if MASKED:
@@ -64,8 +73,13 @@ def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask
         k = k.to(tl.float32) * k_scale
         v = v.to(tl.float32) * v_scale
     s = _dot(q, k.to(q.dtype), UPCAST, PRECISION) * qk_scale
+    if USE_SOFTCAP:
+        s = _softcap(s, softcap)
     if MASKED:
-        s = tl.where(kv_mask[None, :] & (kv_pos[None, :] <= q_abs[:, None]), s, float("-inf"))
+        visible = kv_mask[None, :] & (kv_pos[None, :] <= q_abs[:, None])
+        if SLIDING_WINDOW > 0:
+            visible = visible & (q_abs[:, None] - kv_pos[None, :] < SLIDING_WINDOW)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp2() NaN-free for fully masked rows
     p = tl.exp2(s - shift[:, None])
@@ -82,12 +96,13 @@ def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask
 def _attention_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, num_seqs, head_dim,
+    qk_scale, softcap, num_seqs, head_dim,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride, k_scale, v_scale,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
     q_block, kv_head, split = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -114,27 +129,38 @@ def _attention_kernel(
 
     kv_end = tl.minimum(context_len + (q_block_local + 1) * BLOCK_Q, seq_len)  # causal bound of the last row
     tile_lo = 0
+    if SLIDING_WINDOW > 0:  # the first row's oldest visible key
+        tile_lo = tl.maximum(context_len + q_block_local * BLOCK_Q - SLIDING_WINDOW + 1, 0) // TILE
     tile_hi = tl.cdiv(kv_end, TILE)
     if SPLIT:
-        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, TILE), NUM_SPLITS)
-        tile_lo = split * tiles_per_split
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, TILE) - tile_lo, NUM_SPLITS)
+        tile_lo = tile_lo + split * tiles_per_split
         tile_hi = tl.minimum(tile_hi, tile_lo + tiles_per_split)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units); -inf while a row has seen no key
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
-    # Tiles wholly before the first row's position need no mask; only the last few (the causal diagonal) do.
-    unmasked_hi = tl.minimum(tl.maximum((context_len + q_block_local * BLOCK_Q + 1) // TILE, tile_lo), tile_hi)
-    for tile in range(tile_lo, unmasked_hi):
-        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+    # Tiles wholly before the first row's position need no mask; only the last few (the causal diagonal) do, and
+    # under a sliding window the first few, which the last row no longer sees whole.
+    unmasked_lo = tile_lo
+    if SLIDING_WINDOW > 0:
+        unmasked_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(kv_end - SLIDING_WINDOW, 0), TILE), tile_lo), tile_hi)
+    unmasked_hi = tl.minimum(tl.maximum((context_len + q_block_local * BLOCK_Q + 1) // TILE, unmasked_lo), tile_hi)
+    for tile in range(tile_lo, unmasked_lo):
+        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
                                  kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
-                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION, FP8_CACHE)
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
+    for tile in range(unmasked_lo, unmasked_hi):
+        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
+                                 key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
     for tile in range(unmasked_hi, tile_hi):
-        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale,
+        m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
                                  kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
-                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, FP8_CACHE)
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
 
     if SPLIT:  # unnormalized partials; empty splits store m=-inf, l=0, acc=0 and weigh nothing in the merge
         part = (q_token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
@@ -159,7 +185,7 @@ def _merge_splits_kernel(
     part = (token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, DIM_P2)
     m = tl.load(part_max_ptr + part)
-    weight = tl.exp2(m - tl.max(m, 0))  # the first split always holds key 0, so the max is finite
+    weight = tl.exp2(m - tl.max(m, 0))  # some split holds the token's own key, so the max is finite
     l = tl.sum(tl.load(part_sum_ptr + part) * weight, 0)
     acc = tl.sum(tl.load(part_out_ptr + part[:, None] * DIM_P2 + dims[None, :]) * weight[:, None], 0)
     tl.store(out_ptr + token * out_stride_t + head * out_stride_h + dims, (acc / l).to(out_ptr.dtype.element_ty),
@@ -203,17 +229,20 @@ def use_split_kv(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_l
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_query_len: int, max_seq_len: int,
-                      split_kv: bool | None = None, config: TileConfig | None = None, k_scale: float = 1.0,
+                      split_kv: bool | None = None, config: TileConfig | None = None,
+                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, k_scale: float = 1.0,
                       v_scale: float = 1.0) -> torch.Tensor:
     """q/out: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]; query_start_loc: int32 [S + 1];
     seq_lens: int32 [S]; block_tables: int32 [S, max_blocks]. max_query_len/max_seq_len are host ints that
     only choose the path, tiles and split count (results never depend on them); split_kv=None picks by the
     heuristic, True/False forces; `config` overrides tile_config() (benchmarks sweep it).
-    Rows of tokens past query_start_loc[-1] (padding) are left untouched. FP8 caches hold keys / k_scale and
-    values / v_scale in e4m3. Returns out."""
+    window_size: vLLM's (left, right) with right 0 (causal): (-1, -1) for none. softcap: 0 for none.
+    FP8 caches hold keys / k_scale and values / v_scale in e4m3.
+    Rows of tokens past query_start_loc[-1] (padding) are left untouched. Returns out."""
     if not use_triton(q):
         return paged_attention_ref(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_tables,
-                                   scale, max_query_len, max_seq_len, split_kv, k_scale, v_scale)
+                                   scale, max_query_len, max_seq_len, split_kv, window_size, softcap, k_scale,
+                                   v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads, block_size = seq_lens.shape[0], key_cache.shape[2], key_cache.shape[1]
     assert num_heads % num_kv_heads == 0 and key_cache.dtype == value_cache.dtype
@@ -237,16 +266,16 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     _attention_kernel[grid](
         out, part_out, part_max, part_sum,
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2_E, num_seqs, head_dim,
+        scale * LOG2_E, softcap * LOG2_E, num_seqs, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0), k_scale, v_scale,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile,
-        DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv,
+        DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv, SLIDING_WINDOW=window_size[0] + 1,
+        USE_SOFTCAP=softcap > 0,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_CACHE=key_cache.dtype == torch.float8_e4m3fn,
-        num_warps=num_warps,
-        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -259,7 +288,8 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                         scale: float, max_query_len: int, max_seq_len: int,
-                        split_kv: bool | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                        split_kv: bool | None = None, window_size: tuple[int, int] = (-1, -1),
+                        softcap: float = 0.0, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Per sequence: gather its blocks, causal softmax in fp32. The split/max arguments are ignored."""
     block_size, group = key_cache.shape[1], q.shape[1] // key_cache.shape[2]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -272,8 +302,11 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         v = value_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        scores = scores.masked_fill(~causal, float("-inf"))
+        distance = q_pos[:, None] - torch.arange(seq_len, device=q.device)[None, :]
+        visible = (distance >= 0) & ((distance <= window_size[0]) if window_size[0] >= 0 else True)
+        scores = scores.masked_fill(~visible, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype)
     return out

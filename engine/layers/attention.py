@@ -19,8 +19,10 @@ class TorchAttentionPlan:
     decode_tables: torch.Tensor | None = None  # [D, blocks] their block tables, cut to the longest context
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, ctx] True where a key position is inside the context
     decode_ctx: int = 0
+    decode_rows_seq: torch.Tensor | None = None  # [D] their sequence indices
     chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
     # (start row, q_len, ctx, block table or None for a fresh prompt, causal mask or None)
+    window_masks: dict = field(default_factory=dict)  # (chunk index or "decode", window) -> mask, built on first use
 
 
 @dataclass
@@ -39,16 +41,22 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """sliding_window: each query sees itself and the window - 1 tokens before it (Hugging Face's `sliding_window`);
+    None for the whole context. softcap: scores bounded as softcap * tanh(score / softcap) (Gemma 2); None for none."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window, self.softcap = sliding_window, softcap or 0.0
+        self.window_size = (sliding_window - 1, 0) if sliding_window else (-1, -1)  # vLLM's (left, right) form
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         # An FP8 cache's per-tensor scales (stored = x / scale): the checkpoint's, or 1.0
         self.k_scale = self.v_scale = 1.0
         self.use_triton = False
 
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
-        """(v, key_cache, value_cache, slot_mapping) for a kernel that stores this step's keys/values itself (the
+        """(v, key_cache, value_cache, slot_mapping, k_scale, v_scale) for a kernel that stores this step's keys/values itself (the
         rotary kernel on the Triton path), or None where `forward` must store them."""
         if self.use_triton and self.kv_cache is not None:
             return v, self.kv_cache[0], self.kv_cache[1], meta.slot_mapping, self.k_scale, self.v_scale
@@ -64,13 +72,15 @@ class Attention(nn.Module):
             out = torch.empty_like(q)
             return unified_attention(q, key_cache, value_cache, out, meta.query_start_loc, meta.seq_lens,
                                      meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
-                                     k_scale=self.k_scale, v_scale=self.v_scale)
+                                     window_size=self.window_size, softcap=self.softcap, k_scale=self.k_scale,
+                                     v_scale=self.v_scale)
         key_cache = value_cache = None  # no cache yet while profiling: every sequence is a fresh prompt
         scales = (self.k_scale, self.v_scale)
         if self.kv_cache is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
             k, v = write_kv(k, v, key_cache, value_cache, meta.slot_mapping, *scales)
-        return torch_paged_attention(q, k, v, key_cache, value_cache, meta, self.scale, *scales)
+        return torch_paged_attention(q, k, v, key_cache, value_cache, meta, self.scale, self.sliding_window,
+                                     self.softcap, *scales)
 
 
 def write_kv(k, v, key_cache, value_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0):
@@ -105,6 +115,7 @@ def plan_torch_attention(meta: AttentionMetadata, block_size: int, device: torch
         ctx = max(meta.seq_lens_cpu[i] for i in decodes)
         idx = torch.tensor(decodes, device=device)
         plan.decode_rows = torch.tensor([starts[i] for i in decodes], device=device)
+        plan.decode_rows_seq = idx
         plan.decode_tables = meta.block_tables[idx, :-(-ctx // block_size)].long()
         plan.decode_mask = (torch.arange(ctx, device=device)[None, :] < meta.seq_lens[idx][:, None])[:, None, None, :]
         plan.decode_ctx = ctx
@@ -122,7 +133,8 @@ def plan_torch_attention(meta: AttentionMetadata, block_size: int, device: torch
 
 
 def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
-                          k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                          sliding_window: int | None = None, softcap: float = 0.0, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
     """Reference path on CPU and CUDA. Prompts without a cached prefix attend over their own new k/v;
     decodes are batched over a padded gather of their blocks; other chunks gather their context."""
     if meta.torch_plan is None:
@@ -133,20 +145,64 @@ def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetada
         rows, ctx = plan.decode_rows, plan.decode_ctx
         keys = cached_values(key_cache[plan.decode_tables].flatten(1, 2)[:, :ctx], q.dtype, k_scale)  # [D, ctx, Hk, Dh]
         values = cached_values(value_cache[plan.decode_tables].flatten(1, 2)[:, :ctx], q.dtype, v_scale)
-        out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, plan.decode_mask, scale).squeeze(1)
-    for s, q_len, ctx, table, mask in plan.chunks:
+        mask = plan.decode_mask
+        if sliding_window:
+            mask = _windowed(plan, "decode", sliding_window, lambda: plan.decode_mask & (
+                torch.arange(ctx, device=q.device) >= meta.seq_lens[plan.decode_rows_seq][:, None] - sliding_window
+            )[:, None, None, :])
+        out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap).squeeze(1)
+    for i, (s, q_len, ctx, table, mask) in enumerate(plan.chunks):
         if table is None:
             keys, values = k[s:s + q_len][None], v[s:s + q_len][None]
         else:
             keys = cached_values(key_cache[table].flatten(0, 1)[:ctx][None], q.dtype, k_scale)
             values = cached_values(value_cache[table].flatten(0, 1)[:ctx][None], q.dtype, v_scale)
-        out[s:s + q_len] = _sdpa(q[s:s + q_len][None], keys, values, mask, scale, causal=table is None)[0]
+        causal = table is None
+        if sliding_window:
+            mask, causal = _windowed(plan, i, sliding_window, lambda: _window_mask(q_len, ctx, sliding_window,
+                                                                                    q.device)), False
+        out[s:s + q_len] = _sdpa(q[s:s + q_len][None], keys, values, mask, scale, causal, softcap)[0]
     return out
 
 
-def _sdpa(q, k, v, mask, scale, causal=False):
+def _windowed(plan: TorchAttentionPlan, key, window: int, build) -> torch.Tensor:
+    """A mask under a sliding window, built once per step and shared by the layers with that window."""
+    if (key, window) not in plan.window_masks:
+        plan.window_masks[key, window] = build()
+    return plan.window_masks[key, window]
+
+
+def _window_mask(q_len: int, ctx: int, window: int, device) -> torch.Tensor:
+    """[1, 1, q_len, ctx]: the last q_len of ctx positions each see themselves and the window - 1 before."""
+    distance = torch.arange(ctx - q_len, ctx, device=device)[:, None] - torch.arange(ctx, device=device)[None, :]
+    return ((distance >= 0) & (distance < window))[None, None]
+
+
+def _sdpa(q, k, v, mask, scale, causal=False, softcap=0.0):
     """q: [B, Lq, Hq, D], k/v: [B, Lk, Hk, D] -> [B, Lq, Hq, D]."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if softcap:  # SDPA has no soft-cap: the scores in full, in fp32
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = softcap * torch.tanh(q.float() @ k.float().transpose(-1, -2) * (scale / softcap))
+        if causal:
+            mask = _window_mask(q.shape[2], k.shape[2], k.shape[2], q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                        enable_gqa=k.shape[1] != q.shape[1])
     return o.transpose(1, 2)
+
+
+def layer_sliding_window(hf_config, layer_idx: int) -> int | None:
+    """The sliding window of decoder layer `layer_idx`, None for full attention. Configs with `layer_types` say it
+    per layer (Gemma 2/3; Qwen2 with use_sliding_window, from max_window_layers on); others slide in every layer
+    when they set `sliding_window` (Mistral v0.1, Phi-3)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window

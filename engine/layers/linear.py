@@ -47,6 +47,7 @@ class ColumnParallelLinear(nn.Module):
         for name, size in shards:
             assert size % tp.size == 0, f"{name}: {size} output features do not split over {tp.size} ranks"
         self.shard_sizes = {name: size // tp.size for name, size in shards}
+        self.checkpoint_sizes = dict(shards)  # each part's rows in a fused checkpoint tensor
         self.shard_offsets, offset = {}, 0
         for name, size in self.shard_sizes.items():
             self.shard_offsets[name] = offset
@@ -55,13 +56,22 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(offset, dtype=dtype), requires_grad=False) if bias else None
         self.use_triton = False
 
-    def out_part(self, shard: str) -> OutPart:
-        """This rank's rows of the checkpoint's `shard` tensor and where they go in the fused weight."""
+    def out_part(self, shard: str, base: int = 0) -> OutPart:
+        """This rank's rows of the checkpoint's `shard` tensor and where they go in the fused weight; `base`: the
+        part's first row in a checkpoint tensor that holds every part."""
         size = self.shard_sizes[shard]
-        return OutPart(self.tp.rank * size, size, self.shard_offsets[shard])
+        return OutPart(base + self.tp.rank * size, size, self.shard_offsets[shard])
 
-    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
-        part = self.out_part(shard)
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        """`shard` None: a checkpoint tensor holding every part, concatenated (Phi-3's qkv_proj, gate_up_proj)."""
+        if shard is not None:
+            return self.load_part(param, loaded, self.out_part(shard))
+        base = 0
+        for name, rows in self.checkpoint_sizes.items():
+            self.load_part(param, loaded, self.out_part(name, base))
+            base += rows
+
+    def load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: OutPart) -> None:
         if self.quant_method is not None and param is not self.bias:
             return self.quant_method.load(self, param, loaded, part, None)
         param.data.narrow(0, part.offset, part.size).copy_(loaded.narrow(0, part.start, part.size))
@@ -79,12 +89,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_size = num_kv_heads * self.kv_replicas * head_dim
         super().__init__(hidden, [("q", num_heads * head_dim), ("k", kv_size), ("v", kv_size)], bias, tp, dtype)
         self.head_dim = head_dim
+        self.checkpoint_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
-    def out_part(self, shard: str) -> OutPart:
+    def out_part(self, shard: str, base: int = 0) -> OutPart:
         if shard == "q" or self.kv_replicas == 1:
-            return super().out_part(shard)
+            return super().out_part(shard, base)
         kv_head = self.tp.rank // self.kv_replicas  # one KV head per rank group
-        return OutPart(kv_head * self.head_dim, self.head_dim, self.shard_offsets[shard])
+        return OutPart(base + kv_head * self.head_dim, self.head_dim, self.shard_offsets[shard])
 
 
 class RowParallelLinear(nn.Module):

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from engine.kernels import fused_add_rms_norm, rms_norm
+from engine.kernels import fused_add_rms_norm, rms_norm, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -26,4 +26,24 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's x / rms(x) * (1 + w): the checkpoint holds w. The weight is kept as 1 + w in fp32, so the shared
+    kernels run it (they read the weight in fp32) and a bf16 model loses none of w's small values to rounding."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__(dim, eps, torch.float32)
+
+    def load(self, param: nn.Parameter, loaded, shard: str | None = None) -> None:
+        param.data.copy_(loaded[...].float() + 1)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.use_triton:
+            return super().forward(x, residual)
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = rms_norm_ref(x, self.weight, self.eps)  # in fp32 with the fp32 weight, as Gemma's own norm
         return out if residual is None else (out, residual)

@@ -8,29 +8,35 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from engine.kernels import reshape_and_cache, rotary_embedding
 
 
-def rope_inv_freq(hf_config, head_dim: int, max_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scale for this config (default, linear, llama3, yarn, dynamic, ...)."""
+def rope_inv_freq(hf_config, head_dim: int, max_len: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for this config (default, linear, llama3, yarn, dynamic, ...).
+    `layer_type`: the key of this layer's own parameters where the config has one set per layer type (Gemma 3's
+    sliding_attention and full_attention)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim), 1.0
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))  # the rest of each head passes unrotated
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    # Dynamic NTK is fixed at the longest length we serve (as vLLM does) rather than varying per step.
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), seq_len=max_len)
+    # Dynamic NTK is fixed at the longest length we serve (as vLLM does) rather than varying per step; so is
+    # longrope's choice of factors: the long ones when max_len is past original_max_position_embeddings.
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), seq_len=max_len, layer_type=layer_type)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, hf_config, head_dim: int, max_len: int):
+    def __init__(self, hf_config, head_dim: int, max_len: int, layer_type: str | None = None):
         super().__init__()
         # Computed on the CPU whatever the default device the model is built under (transformers' init functions
         # return CPU tensors), then moved there.
         device = torch.get_default_device()
         with torch.device("cpu"):
-            inv_freq, scale = rope_inv_freq(hf_config, head_dim, max_len)
+            inv_freq, scale = rope_inv_freq(hf_config, head_dim, max_len, layer_type)
             freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq.cpu())
-            # [max_len, head_dim] = cat(cos, sin), each over head_dim / 2, as vLLM lays it out.
+            # [max_len, rot_dim] = cat(cos, sin), each over rot_dim / 2, as vLLM lays it out.
             cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1).to(device)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.head_dim = head_dim
@@ -50,5 +56,6 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    rot_dim = 2 * cos.shape[-1]  # partial rotary: the dims past rot_dim pass through
+    x1, x2 = x[..., :rot_dim].float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot_dim:].float()], dim=-1).to(x.dtype)

@@ -7,7 +7,7 @@ from torch import nn
 from engine.kernels import gemv
 from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
-from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding, quant_method, takes_gemv)
 from engine.layers.norm import RMSNorm
@@ -16,7 +16,8 @@ from engine.parallel_state import TPGroup
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int,
+                 sliding_window: int | None = None):
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.num_heads = cfg.num_attention_heads // tp.size
@@ -26,11 +27,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
                                         getattr(cfg, "attention_bias", False), tp, dtype)
         self.rotary = RotaryEmbedding(cfg, self.head_dim, max_len)
-        self.qk_norm = arch == "Qwen3ForCausalLM"
+        self.qk_norm = arch in QK_NORM_ARCHS
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
@@ -48,17 +49,20 @@ class LlamaAttention(nn.Module):
         return self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1)
 
 
+QK_NORM_ARCHS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")  # per-head RMSNorm of q and k before rotary
+
+
 def _qkv_bias(cfg, arch: str) -> bool:
-    return arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False))
+    return arch == "Qwen2ForCausalLM" or bool(getattr(cfg, "attention_bias", False) or getattr(cfg, "qkv_bias", False))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, cfg, tp: TPGroup, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)], bias, tp, dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias, tp, dtype)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], bias, tp, dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, tp, dtype)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int):
+    """`self_attn` and `mlp` default to Llama's; other families pass their own (an MoE block, another attention)."""
+
+    def __init__(self, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int, layer_idx: int = 0,
+                 self_attn: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, arch, tp, dtype, max_len)
-        self.mlp = LlamaMLP(cfg, tp, dtype)
+        self.self_attn = self_attn or LlamaAttention(cfg, arch, tp, dtype, max_len,
+                                                     layer_sliding_window(cfg, layer_idx))
+        self.mlp = mlp or LlamaMLP(cfg, tp, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -111,7 +119,10 @@ def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h, site: ReduceSit
 
 
 class LlamaForCausalLM(nn.Module):
-    """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits."""
+    """`layer_range` holds this pipeline stage's layers; the first stage embeds, the last computes logits.
+    Families with other decoder layers (Gemma) subclass it with their own `decoder_layer`."""
+
+    decoder_layer = LlamaDecoderLayer
 
     # checkpoint name fragment -> (our parameter fragment, shard id)
     packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -127,8 +138,11 @@ class LlamaForCausalLM(nn.Module):
         self.is_first = self.layer_range[0] == 0
         self.is_last = self.layer_range[1] == cfg.num_hidden_layers
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if self.is_first else None
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, arch, tp, dtype, max_len)
+        self.layers = nn.ModuleDict({str(i): self.make_layer(i, cfg, arch, tp, dtype, max_len)
                                      for i in range(*self.layer_range)})
+        # decode_one fuses Llama's own attention and MLP; other layers (MoE blocks) take the unfused path
+        self.llama_layers = all(type(layer.mlp) is LlamaMLP and type(layer.self_attn) is LlamaAttention
+                                for layer in self.layers.values())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
         self.lm_head = None
         if self.is_last:
@@ -137,11 +151,16 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight
         self.plain_weights = all(quant_method(m) is None for m in self.modules())  # decode_one reads .weight
 
+    def make_layer(self, index: int, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int) -> nn.Module:
+        """Decoder layer `index`: the family's `decoder_layer`; a family whose layers differ (MoE blocks) overrides
+        this."""
+        return self.decoder_layer(cfg, arch, tp, dtype, max_len, index)
+
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
         """Returns (hidden, residual); on the last stage `hidden` is already normed, ready for `logits`."""
         if self.is_first:
-            hidden = self.embed_tokens(input_ids)
+            hidden = self.embed(input_ids)
         if self.takes_decode_one(hidden):
             sites = self.tp.reduce_sites + [None]  # the norm reads the last down projection's all-reduce
             for i, layer in enumerate(self.layers.values()):
@@ -153,10 +172,14 @@ class LlamaForCausalLM(nn.Module):
             hidden, _ = self.norm(hidden, residual)
         return hidden, residual
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
         """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'
         fused batch-1 form."""
-        return self.is_first and self.is_last and self.plain_weights and takes_gemv(self.lm_head, hidden)
+        return (self.is_first and self.is_last and self.llama_layers and self.plain_weights
+                and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -60,15 +60,17 @@ def load_model(model_dir: Path, hf_config, dtype: torch.dtype, device: torch.dev
                     module, param, shard = target
                     if hasattr(module, "load"):  # quantized weights and scales keep the file's dtype
                         cast = dtype if param.dtype == dtype else None
-                        module.load(param, CheckpointSlice(f.get_slice(name), device, cast), shard)
+                        try:
+                            module.load(param, CheckpointSlice(f.get_slice(name), device, cast), shard)
+                        except ValueError as e:  # a mis-shaped tensor: say which
+                            raise ValueError(f"checkpoint {model_dir}: {name}: {e}") from None
                     else:
                         param.data.copy_(f.get_tensor(name).to(device=device, dtype=dtype))
-                    loaded.add((id(param), shard))
+                    loaded.update((id(param), s) for s in _shards_filled(module, shard))
             bar.update(1)
-    missing = [f"{name}" + (f" ({shard})" if shard else "") for name, param, shard in _expected_tensors(model)
-               if (id(param), shard) not in loaded]
+    missing = [what for what, param, shard in _expected_tensors(model) if (id(param), shard) not in loaded]
     if missing:
-        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} weight tensors: "
+        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensors: "
                          f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     return model.eval()
 
@@ -112,17 +114,28 @@ def _load_kv_cache_scale(model, name: str, f) -> None:
     setattr(attn, scale, f.get_tensor(name).float().item())
 
 
+def _shards_filled(module, shard: str | None) -> list[str | None]:
+    """A fused checkpoint tensor (shard None on a module of several parts) fills every part."""
+    parts = getattr(module, "shard_sizes", None)
+    return list(parts) if shard is None and parts else [shard]
+
+
 def _expected_tensors(model):
-    """(parameter name, parameter, shard) of each tensor the checkpoint must hold: each distinct parameter once
-    (tied weights counted once) per shard of its module; none for parameters made while loading."""
+    """(the tensor in words, parameter, shard) of each tensor the checkpoint must hold: each distinct parameter
+    once (tied weights counted once) per shard of its module, or per checkpoint tensor of a module that lists them
+    (`param_shards`: MoE experts, one parameter from many tensors); none for parameters made while loading."""
     seen = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or getattr(p, "computed", False):
                 continue
             seen.add(id(p))
+            if hasattr(module, "param_shards"):
+                for shard in module.param_shards(p):
+                    yield module.describe_shard(module_name, shard), p, shard
+                continue
             for shard in getattr(module, "shard_sizes", {None: 0}):
-                yield f"{module_name}.{name}", p, shard
+                yield f"{module_name}.{name}" + (f" ({shard})" if shard else ""), p, shard
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

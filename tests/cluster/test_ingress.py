@@ -5,9 +5,11 @@ import json
 import re
 import threading
 import time
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from cluster.config import ClusterConfig, LimitsConfig, ModelConfig
@@ -360,3 +362,41 @@ def test_tools_for_a_model_without_a_tool_call_parser_are_a_400(client):
     out = client.chat.completions.create(model="demo", messages=MESSAGES, tools=tools, tool_choice="none",
                                          max_tokens=4)
     assert out.choices[0].message.tool_calls is None and out.usage.completion_tokens == 4
+
+
+# -- structured outputs ---------------------------------------------------------------------------------------
+class Forecast(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=8)
+    celsius: int = pydantic.Field(ge=-40, le=50)
+    sky: Literal["clear", "cloudy", "rain"]
+
+
+def test_openai_parse_returns_the_pydantic_object(client):
+    """The openai client's chat.completions.parse sends a strict json_schema; the random demo model answers with
+    JSON that parses into the class only because of the constraint."""
+    out = client.chat.completions.parse(model="demo", messages=MESSAGES, response_format=Forecast, max_tokens=120,
+                                        temperature=1.0, seed=4, n=2)
+    for choice in out.choices:
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Forecast)
+
+
+def test_structured_output_on_completions_whole_and_streamed(client):
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1,
+                                    extra_body={"guided_choice": ["yes", "no"]})
+    assert out.choices[0].text in ("yes", "no") and out.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model="demo", prompt=PROMPT, max_tokens=40, temperature=1.0, seed=2, stream=True,
+                                       extra_body={"structured_outputs": {"regex": r"[a-z]{3}-[0-9]{2}"}})
+    assert re.fullmatch(r"[a-z]{3}-[0-9]{2}", "".join(c.choices[0].text for c in stream))
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+])
+def test_a_bad_structured_output_is_a_400_naming_its_field(base_url, body, param):
+    r = httpx.post(f"{base_url}/v1/chat/completions", headers=auth(), timeout=60,
+                   json={"model": "demo", "messages": MESSAGES, "max_tokens": 4, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -64,8 +64,8 @@ def test_empty_or_too_many_prompts(prompt):
 
 
 def test_chat_rejects_what_it_cannot_do():
-    for extra in [dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
-                  dict(tool_choice="auto"), dict(response_format={"type": "json_object"}), dict(top_logprobs=2)]:
+    for extra in [dict(tool_choice="auto"), dict(tool_choice="required"), dict(top_logprobs=2),
+                  dict(response_format={"type": "json_schema"})]:
         with pytest.raises(APIError):
             ChatCompletionRequest(**CHAT, **extra).to_sampling_params(LIMITS)
     parts = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jsonschema
 import pytest
 
 from cluster.config import LimitsConfig, ModelConfig
@@ -78,13 +79,71 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_modes_that_need_constrained_decoding_are_a_400_naming_tool_choice(choice):
-    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
-                                 tool_choice=choice)
-    with pytest.raises(APIError) as e:
-        body.to_sampling_params(LimitsConfig())
-    assert e.value.status == 400 and e.value.param == "tool_choice"
+FORCING_TOOLS = TOOLS + [{"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}]
+FORCING_TOOLS[0]["function"]["parameters"]["properties"]["city"]["maxLength"] = 8
+
+
+@pytest.fixture(scope="module")
+def demo_endpoint():
+    endpoint = LocalModelEndpoint(ModelConfig(model="demo", num_kv_blocks=64, max_num_seqs=8), LimitsConfig())
+    yield endpoint
+    endpoint.replica.engine.shutdown()
+
+
+def forced_response(endpoint, tool_choice, stream: bool, parallel=None):
+    body = ChatCompletionRequest(model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                 tools=FORCING_TOOLS, tool_choice=tool_choice, max_tokens=200, temperature=1.0,
+                                 seed=2, n=2, parallel_tool_calls=parallel, stream=stream)
+    ids = endpoint.encode_chat([m.template_dict() for m in body.messages], True, None, {"tools": body.template_tools})
+    builder = ResponseBuilder("chat", "c", "demo", [Prompt(ids)], 2, tool_call_parser=body.forced_tool_calls)
+    async def run():
+        response = await RequestSession(endpoint, body, builder, body.to_sampling_params(LimitsConfig()),
+                                        ServingMetrics()).respond(stream)
+        return response, [chunk async for chunk in response.body_iterator] if stream else []
+
+    response, chunks = asyncio.run(run())
+    if not stream:
+        return [(c["message"]["tool_calls"], c["finish_reason"]) for c in json.loads(response.body)["choices"]]
+    events = [json.loads(line[6:]) for chunk in chunks for line in
+              (chunk if isinstance(chunk, str) else chunk.decode()).splitlines() if line.startswith("data: {")]
+    choices = {}
+    for event in events:
+        for c in event["choices"]:
+            calls, _ = choices.setdefault(c["index"], ([], None))
+            calls += c["delta"].get("tool_calls") or []
+            choices[c["index"]] = (calls, c.get("finish_reason") or choices[c["index"]][1])
+    return [choices[i] for i in sorted(choices)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_function_is_always_called_with_valid_arguments(demo_endpoint, stream):
+    """The random demo model calls the named function with arguments its schema accepts: the constraint does it."""
+    for calls, finish_reason in forced_response(demo_endpoint, {"type": "function", "function": {"name": "add"}},
+                                                stream):
+        (call,) = calls
+        assert call["function"]["name"] == "add" and finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), FORCING_TOOLS[1]["function"]["parameters"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_at_least_one_tool(demo_endpoint, stream):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in FORCING_TOOLS}
+    for calls, finish_reason in forced_response(demo_endpoint, "required", stream, parallel=False):
+        assert len(calls) == 1 and finish_reason == "tool_calls"
+        for call in calls:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+
+
+def test_forced_calls_are_checked():
+    base = dict(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
+    for extra, param in (({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")):
+        with pytest.raises(APIError) as e:
+            ChatCompletionRequest(**base, **extra).to_sampling_params(LimitsConfig())
+        assert e.value.status == 400 and e.value.param == param
 
 
 def test_tools_and_tool_results_reach_the_template_of_a_real_engine():

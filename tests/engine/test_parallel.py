@@ -82,10 +82,11 @@ def test_the_default_split_gives_the_last_stage_fewer_layers_for_its_lm_head():
 
 
 @pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama_tied_mha", 1, 2),
-                                        ("qwen3", 2, 2)])
+                                        ("qwen3", 2, 2), ("phi3", 2, 1)])
 def test_parallel_matches_one_process(local_ray, tiny_model_dir, reference, tmp_path, kind, tp, pp):
     """mistral has one KV head, replicated over the two ranks; the tied model's last stage loads the embedding
-    as its LM head. Every rank records what it runs while profiled."""
+    as its LM head; phi3's fused qkv/gate_up tensors split over the ranks. Every rank records what it runs while
+    profiled."""
     llm = LLM(str(tiny_model_dir(kind)), tensor_parallel_size=tp, pipeline_parallel_size=pp)
     executor = llm.engine.executor
     try:
@@ -126,6 +127,22 @@ def pipelined_steps_match(executor, ref):
         if len(out[i]) < params.max_tokens:
             inflight.append((i, submit(i)))
     assert [out[0], out[1]] == [ref[0].outputs[0].token_ids, ref[1].outputs[0].token_ids]
+
+
+@pytest.mark.parametrize("kind,tp,pp,ep,local_experts", [("olmoe", 2, 1, False, 7), ("qwen3_moe", 2, 1, True, 3),
+                                                         ("qwen2_moe", 1, 2, False, 4)])
+def test_mixture_of_experts_in_parallel_matches_one_process(local_ray, tiny_model_dir, reference, kind, tp, pp, ep,
+                                                            local_experts):
+    """olmoe: every expert's intermediate dim and the whole-projection q/k norms split over two ranks; qwen3_moe:
+    its five experts placed three and two (expert parallel); qwen2_moe: its dense and sparse layers over two
+    stages (rank 0 holds its one sparse layer's four experts)."""
+    llm = LLM(str(tiny_model_dir(kind)), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              enable_expert_parallel=ep)
+    try:
+        assert llm.engine.executor.describe()["local_experts"] == local_experts
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference(kind))
+    finally:
+        llm.shutdown()
 
 
 def test_hung_worker_fails_the_health_check(local_ray, tiny_model_dir):

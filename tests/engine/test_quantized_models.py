@@ -89,7 +89,7 @@ def test_missing_scale_tensor_fails_naming_it(tiny_model_dir, tmp_path):
     tensors = load_file(str(path / "model.safetensors"))
     del tensors["model.layers.1.mlp.down_proj.weight_scale"]
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing 1 weight tensors: layers.1.mlp.down_proj.weight_scale"):
+    with pytest.raises(ValueError, match=r"missing 1 tensors: layers.1.mlp.down_proj.weight_scale"):
         LLM(str(path))
 
 

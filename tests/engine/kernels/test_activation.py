@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.activation import silu_and_mul, silu_and_mul_ref
+from engine.kernels.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_ref
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -20,3 +20,17 @@ def test_matches_reference(device, dtype, shape):
 def test_reference_is_swiglu_gate():
     x = torch.randn(4, 32)
     torch.testing.assert_close(silu_and_mul_ref(x), F.silu(x[:, :16]) * x[:, 16:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_matches_reference(device, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2 * 1500, dtype=dtype, device=device) * 3
+    out = gelu_tanh_and_mul(x)
+    assert out.shape == (3, 1500) and out.dtype == dtype
+    torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_reference_is_geglu_gate():
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(gelu_tanh_and_mul_ref(x), F.gelu(x[:, :16], approximate="tanh") * x[:, 16:])

@@ -34,15 +34,17 @@ def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devic
     return q, key_cache, value_cache, query_start_loc, seq_lens_t, block_tables
 
 
-def check(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, split_kv, pad_tokens=0, config=None):
+def check(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, split_kv, pad_tokens=0, config=None,
+          window_size=(-1, -1), softcap=0.0):
     torch.manual_seed(0)
     q, key_cache, value_cache, query_start_loc, seq_lens_t, block_tables = make_batch(
         q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, pad_tokens)
     args = (query_start_loc, seq_lens_t, block_tables, head_dim ** -0.5, max(q_lens), max(seq_lens))
     out = torch.full_like(q, float("nan"))  # poisoned: any row the kernel forgets stays NaN
     ref = torch.full_like(q, float("nan"))
-    assert unified_attention(q, key_cache, value_cache, out, *args, split_kv=split_kv, config=config) is out
-    paged_attention_ref(q, key_cache, value_cache, ref, *args)
+    assert unified_attention(q, key_cache, value_cache, out, *args, split_kv=split_kv, config=config,
+                             window_size=window_size, softcap=softcap) is out
+    paged_attention_ref(q, key_cache, value_cache, ref, *args, window_size=window_size, softcap=softcap)
     num_real = sum(q_lens)
     assert not out[:num_real].isnan().any()
     assert out[num_real:].isnan().all()  # padding rows are left alone
@@ -119,3 +121,40 @@ def test_reference_matches_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k, v, is_causal=True, scale=0.125, enable_gqa=True).transpose(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,group", [(1, 8), (7, 1), (7, 2), (64, 8), (64, 1)])
+def test_sliding_window(device, window, group):
+    """Windows shorter than a tile, than a block and than most contexts, over the mixed batch: tiles wholly outside
+    the window are skipped, the window's lower edge is masked inside a tile."""
+    check(*MIXED, 2 * group, 2, 64, torch.float32, device, split_kv=False, window_size=(window - 1, 0))
+
+
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_sliding_window_split_kv(device, window):
+    """Flash-decoding over a window: the splits cover the window's tiles only; a chunk's rows in the same batch."""
+    check([1, 1, 1, 20], [300, 77, 3, 90], 8, 2, 64, torch.float32, device, split_kv=True,
+          window_size=(window - 1, 0))
+
+
+@pytest.mark.parametrize("softcap,group,split_kv,window", [(50.0, 1, None, 0), (0.5, 8, False, 0), (0.5, 2, True, 7)])
+def test_softcap(device, softcap, group, split_kv, window):
+    """A loose cap (Gemma 2's 50) and one far below the scores, which saturates tanh; also under a window."""
+    check(*MIXED, 2 * group, 2, 64, torch.float16, device, split_kv=split_kv, softcap=softcap,
+          window_size=(window - 1, 0))
+
+
+def test_reference_window_and_softcap_match_a_dense_mask():
+    """The oracle's window and soft-cap against SDPA with an explicit mask over soft-capped scores."""
+    torch.manual_seed(0)
+    q, key_cache, value_cache, query_start_loc, seq_lens, block_tables = make_batch(
+        [29], [29], 4, 2, 64, torch.float32, "cpu")
+    out = paged_attention_ref(q, key_cache, value_cache, torch.empty_like(q), query_start_loc, seq_lens,
+                              block_tables, 0.125, 29, 29, window_size=(4, 0), softcap=2.0)
+    blocks = block_tables[0, :2].long()
+    k = key_cache[blocks].flatten(0, 1)[:29].transpose(0, 1).repeat_interleave(2, 0)
+    v = value_cache[blocks].flatten(0, 1)[:29].transpose(0, 1).repeat_interleave(2, 0)
+    scores = 2.0 * torch.tanh(q.transpose(0, 1) @ k.transpose(1, 2) * 0.125 / 2.0)
+    i, j = torch.arange(29)[:, None], torch.arange(29)[None, :]
+    scores = scores.masked_fill(~((j <= i) & (i - j <= 4)), float("-inf"))
+    torch.testing.assert_close(out, (scores.softmax(-1) @ v).transpose(0, 1), atol=1e-5, rtol=1e-5)

@@ -13,6 +13,9 @@ assert not HAS_TRITON
 x = torch.randn(3, 8)
 torch.testing.assert_close(k.rms_norm(x, torch.ones(8), 1e-6), k.rms_norm_ref(x, torch.ones(8), 1e-6))
 torch.testing.assert_close(k.silu_and_mul(x), k.silu_and_mul_ref(x))
+w, ids = k.topk_route(x, 2, True)
+w13, w2 = torch.randn(8, 8, 8), torch.randn(8, 8, 4)
+torch.testing.assert_close(k.fused_experts(x, w13, w2, w, ids), k.fused_experts_ref(x, w13, w2, w, ids))
 print("ok")
 """
 

@@ -1,0 +1,147 @@
+"""Structured outputs: sequences constrained to a JSON schema, any JSON object, a regex, a choice of strings, an
+EBNF grammar or a structural tag, with xgrammar.
+
+A request's grammar is checked when it arrives (`check_grammar`: parsed, without the tokenizer), compiled against
+the vocabulary in a thread pool off the step loop (cached by its text), and then each sequence gets a matcher. The
+engine fills the token bitmask of the sequences that sample in a step before launching it, and advances each
+matcher with every token the step returns; the sampler applies the bitmask on the device, for the whole batch."""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger("strata")
+
+# A random or repetitive model can write whitespace between JSON tokens forever; a bound keeps every constrained
+# output finite (as vLLM's xgrammar backend does), while still allowing indented JSON.
+MAX_JSON_WHITESPACE = 16
+MAX_CACHED_GRAMMARS = 256
+
+
+def check_grammar(params: StructuredOutputsParams) -> None:
+    """Raise InvalidRequestError if the constraint does not parse (a bad schema, regex or grammar)."""
+    import xgrammar as xgr
+
+    kind, text = params.key
+    try:
+        if kind == "json":
+            xgr.Grammar.from_json_schema(text, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        elif kind == "regex":
+            xgr.Grammar.from_regex(text)
+        elif kind in ("grammar", "choice"):
+            xgr.Grammar.from_ebnf(_ebnf(params))
+        elif kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(*_structural_tag_args(text))
+    except InvalidRequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with the parser's message
+        raise InvalidRequestError(f"invalid {kind.replace('_', ' ')} for structured outputs: "
+                                  f"{str(e).strip().splitlines()[0][:300]}", "structured_outputs") from None
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """xgrammar's grammar for a JSON schema, with raw control characters kept out of length-bounded strings
+    (xgrammar 0.2.9's `maxLength` strings allow U+0000-U+001F, which JSON forbids unescaped; its other strings
+    do not)."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE))
+    return ebnf.replace(r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+
+
+def _ebnf(params: StructuredOutputsParams) -> str:
+    if params.choice is None:
+        return params.grammar
+    return "root ::= " + " | ".join(json.dumps(c) for c in params.choice)  # JSON string escapes are EBNF's too
+
+
+def _structural_tag_args(text: str) -> tuple:
+    """vLLM's `structural_tag` shape ({"structures": [{"begin", "schema", "end"}], "triggers": [...]}), or
+    xgrammar's own format (passed through)."""
+    import xgrammar as xgr
+
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"structural_tag is not JSON: {e}", "structured_outputs") from None
+    if isinstance(tag, dict) and "structures" in tag:
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"])
+                 for s in tag["structures"]]
+        return items, list(tag.get("triggers", []))
+    return (text,)
+
+
+class GrammarCompiler:
+    """Compiles constraints against one model's vocabulary, in the background, at most once per distinct text."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
+        self._tokenizer, self._vocab_size, self._stop_ids = tokenizer, vocab_size, sorted(stop_token_ids)
+        self._compiler = None  # built on first use: the vocabulary scan costs ~0.1 s per 50k tokens
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-grammar")
+        self._cache: dict[tuple[str, str], Future] = {}
+
+    @property
+    def bitmask_words(self) -> int:
+        return (self._vocab_size + 31) // 32
+
+    def submit(self, params: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar (already done when this text was compiled before)."""
+        key = params.key
+        future = self._cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            if len(self._cache) >= MAX_CACHED_GRAMMARS:
+                self._cache.pop(next(iter(self._cache)))
+            future = self._cache[key] = self._pool.submit(self._compile, params)
+        return future
+
+    def _compile(self, params: StructuredOutputsParams):
+        import xgrammar as xgr
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                      stop_token_ids=self._stop_ids or None)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        kind, text = params.key
+        if kind == "json":
+            return self._compiler.compile_grammar(json_schema_ebnf(text))
+        if kind == "json_object":  # OpenAI's json_object is an object (xgrammar's builtin JSON allows arrays too)
+            return self._compiler.compile_grammar(json_schema_ebnf('{"type": "object"}'))
+        if kind == "regex":
+            return self._compiler.compile_regex(text)
+        if kind == "structural_tag":
+            return self._compiler.compile_structural_tag(*_structural_tag_args(text))
+        return self._compiler.compile_grammar(_ebnf(params))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SequenceGrammar:
+    """One sequence's matcher: the grammar state after the tokens it has output."""
+
+    def __init__(self, compiled):
+        import xgrammar as xgr
+
+        self._matcher = xgr.GrammarMatcher(compiled)
+
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        """The tokens allowed next, as bits in `bitmask[row]` (all allowed once the grammar has ended)."""
+        if self._matcher.is_terminated():
+            bitmask[row] = -1
+        else:
+            self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a sampled token; False if the grammar does not allow it (it then stays where it was)."""
+        return self._matcher.is_terminated() or self._matcher.accept_token(token_id)
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted: the sequence is done."""
+        return self._matcher.is_terminated()

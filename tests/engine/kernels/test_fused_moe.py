@@ -1,0 +1,168 @@
+"""The MoE kernels (router top-k, token-to-expert alignment, the fused expert GEMMs) against their torch
+references: experts that receive no token, one expert receiving every token, padded blocks, expert parallelism's
+other-rank experts, and batch sizes from 1 to 300."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.fused_moe import fused_experts, fused_experts_ref, moe_config
+from engine.kernels.moe_align import moe_align_block_size, moe_align_block_size_ref
+from engine.kernels.moe_router import topk_route, topk_route_ref
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,scoring,renormalize", [
+    (1, 5, 1, "softmax", False), (37, 7, 2, "softmax", True), (37, 7, 3, "softmax", False),
+    (9, 64, 2, "sigmoid", True), (9, 6, 3, "sigmoid", False), (300, 20, 3, "softmax", True)])
+def test_router_matches_reference(device, num_tokens, num_experts, top_k, scoring, renormalize):
+    torch.manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, num_experts, device=device) * 3
+    weights, ids = topk_route(logits, top_k, renormalize, scoring)
+    ref_weights, ref_ids = topk_route_ref(logits, top_k, renormalize, scoring)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    if renormalize:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(num_tokens, device=device))
+
+
+def test_router_reference_is_softmax_then_topk():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    weights, ids = topk_route_ref(logits, 2, renormalize=False)
+    probs = torch.softmax(logits, -1)[0]
+    assert ids.tolist() == [[1, 2]] and weights[0].tolist() == pytest.approx([probs[1].item(), probs[2].item()])
+
+
+def routed_ids(num_tokens, num_experts, top_k, case, device):
+    g = torch.Generator().manual_seed(num_tokens * 7 + top_k)
+    if case == "one_expert_takes_all":  # expert 2 in every token's top-k, the rest spread over experts 0 and 1
+        ids = torch.stack([torch.full((num_tokens,), 2)] + [torch.randint(0, 2, (num_tokens,), generator=g)
+                                                           for _ in range(top_k - 1)], dim=1)
+    elif case == "idle_experts":  # only the even experts receive tokens
+        ids = torch.stack([torch.randperm((num_experts + 1) // 2, generator=g)[:top_k] * 2 for _ in range(num_tokens)])
+    else:
+        ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])
+    return ids.to(torch.int32).to(device)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_size", [(1, 5, 1, 16), (45, 7, 2, 16),
+                                                                       (130, 9, 3, 64), (300, 16, 2, 64)])
+@pytest.mark.parametrize("case", ["random", "idle_experts", "one_expert_takes_all"])
+def test_align_matches_reference(device, num_tokens, num_experts, top_k, block_size, case):
+    ids = routed_ids(num_tokens, num_experts, top_k, case, device)
+    sorted_ids, expert_ids, post_pad = moe_align_block_size(ids, block_size, num_experts)
+    ref_sorted, ref_experts, ref_post_pad = moe_align_block_size_ref(ids, block_size, num_experts)
+    assert sorted_ids.shape == ref_sorted.shape and expert_ids.shape == ref_experts.shape
+    used = int(ref_post_pad)
+    assert int(post_pad) == used and used % block_size == 0
+    assert torch.equal(sorted_ids[:used], ref_sorted[:used])
+    assert torch.equal(expert_ids[: used // block_size], ref_experts[: used // block_size])
+    # every pair once, padding marked with numel, each block's pairs routed to its expert
+    numel = ids.numel()
+    real = sorted_ids[:used][sorted_ids[:used] < numel].long()
+    assert sorted(real.tolist()) == list(range(numel))
+    block_of = torch.arange(used, device=device) // block_size
+    valid = sorted_ids[:used] < numel
+    assert torch.equal(ids.reshape(-1)[sorted_ids[:used][valid].long()], expert_ids[block_of[valid]])
+
+
+def test_align_of_more_chunks_than_the_offsets_kernel_takes_at_once(device):
+    """300 tokens x top-8 = 2400 pairs: 19 chunks of 128, over two steps of the offsets kernel's 16 rows."""
+    ids = routed_ids(300, 64, 8, "random", device)
+    sorted_ids, expert_ids, post_pad = moe_align_block_size(ids, 16, 64)
+    ref_sorted, ref_experts, ref_post_pad = moe_align_block_size_ref(ids, 16, 64)
+    used = int(ref_post_pad)
+    assert int(post_pad) == used
+    assert torch.equal(sorted_ids[:used], ref_sorted[:used]) and torch.equal(expert_ids, ref_experts)
+
+
+def test_align_reference_pads_each_expert_to_whole_blocks():
+    ids = torch.tensor([[1], [1], [3]], dtype=torch.int32)  # experts 0 and 2 idle
+    sorted_ids, expert_ids, post_pad = moe_align_block_size_ref(ids, 4, 4)
+    assert int(post_pad) == 8
+    assert sorted_ids[:8].tolist() == [0, 1, 3, 3, 2, 3, 3, 3] and expert_ids[:2].tolist() == [1, 3]
+
+
+def test_align_maps_other_ranks_experts_to_minus_one(device):
+    ids = routed_ids(50, 6, 2, "random", device)
+    expert_map = torch.tensor([-1, -1, -1, 0, 1, 2], dtype=torch.int32, device=device)  # this rank: experts 3-5
+    _, expert_ids, post_pad = moe_align_block_size(ids, 16, 6, expert_map)
+    _, global_ids, _ = moe_align_block_size_ref(ids, 16, 6)
+    blocks = int(post_pad) // 16
+    assert torch.equal(expert_ids[:blocks], expert_map[global_ids[:blocks].long()])
+
+
+def expert_weights(num_experts, hidden, inter, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
+    return w13.to(device, dtype), w2.to(device, dtype)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,case", [
+    (1, 5, 1, "random"), (3, 7, 2, "idle_experts"), (64, 8, 2, "one_expert_takes_all"), (300, 9, 3, "random")])
+def test_fused_experts_match_reference(device, num_tokens, num_experts, top_k, case):
+    """Sizes on both sides of the decode/prefill tile switch; hidden 80 and intermediate 48 leave partial tiles."""
+    hidden, inter = 80, 48
+    w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1)).to(device)
+    ids = routed_ids(num_tokens, num_experts, top_k, case, device)
+    weights = torch.rand(num_tokens, top_k, generator=torch.Generator().manual_seed(2)).to(device)
+    out = fused_experts(x, w13, w2, weights, ids)
+    torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_experts_of_one_rank_sum_to_all_experts(device):
+    """Expert parallelism: each rank's experts (the others -1 in its map) give a part; the parts sum to the whole."""
+    num_experts, hidden, inter = 5, 64, 32
+    w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
+    x = torch.randn(20, hidden, generator=torch.Generator().manual_seed(3)).to(device)
+    ids = routed_ids(20, num_experts, 2, "random", device)
+    weights = torch.rand(20, 2, generator=torch.Generator().manual_seed(4)).to(device)
+    parts = []
+    for local in (range(0, 3), range(3, 5)):
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        expert_map[list(local)] = torch.arange(len(local), dtype=torch.int32)
+        expert_map = expert_map.to(device)
+        part = fused_experts(x, w13[local.start: local.stop], w2[local.start: local.stop], weights, ids, expert_map)
+        ref = fused_experts_ref(x, w13[local.start: local.stop], w2[local.start: local.stop], weights, ids, expert_map)
+        torch.testing.assert_close(part, ref, atol=1e-4, rtol=1e-4)
+        parts.append(part)
+    torch.testing.assert_close(parts[0] + parts[1], fused_experts_ref(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_experts_in_bfloat16(device):
+    w13, w2 = expert_weights(6, 64, 32, torch.bfloat16, device)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    ids = routed_ids(40, 6, 2, "random", device)
+    weights = torch.rand(40, 2, generator=torch.Generator().manual_seed(6)).to(device)
+    out = fused_experts(x, w13, w2, weights, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fused_experts_ref(x, w13, w2, weights, ids).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_reference_is_the_weighted_sum_of_each_tokens_experts():
+    w13, w2 = expert_weights(3, 8, 4, torch.float32, "cpu")
+    x, ids, weights = torch.randn(2, 8), torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+
+    def expert(e, v):
+        gate, up = (w13[e] @ v).chunk(2)
+        return w2[e] @ (F.silu(gate) * up)
+
+    expected = torch.stack([sum(weights[t, s] * expert(ids[t, s], x[t]) for s in range(2)) for t in range(2)])
+    torch.testing.assert_close(fused_experts_ref(x, w13, w2, weights, ids), expected)
+
+
+def test_decode_and_prefill_tiles():
+    assert moe_config(1, 128, 8)["BLOCK_SIZE_M"] == 16 and moe_config(4096, 128, 8)["BLOCK_SIZE_M"] == 64
+
+
+def test_routed_experts_match_reference(device):
+    """The MoE layer's Triton path end to end (router kernel into the fused experts) against its torch path."""
+    num_experts, hidden, inter = 7, 64, 32
+    w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(23, hidden, generator=g).to(device)
+    logits = x @ torch.randn(num_experts, hidden, generator=g).to(device).T
+    out = fused_experts(x, w13, w2, *topk_route(logits, 2, True))
+    torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, *topk_route_ref(logits, 2, True)),
+                               atol=1e-4, rtol=1e-4)

@@ -1,0 +1,66 @@
+"""Sliding windows and soft-caps through the scheduler: chunked prefill over cached context, prefix-cache hits and
+preemption still give transformers' greedy tokens and prompt logprobs. Gemma 2 alternates windowed and global
+layers and soft-caps; Phi-3 slides in every layer and loads fused qkv/gate_up tensors."""
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+from tests.support.prompts import random_prompts
+
+PROMPTS = random_prompts(seed=3, lens=(7, 40, 61, 23))
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=0)
+
+
+def transformers_outputs(path, prompts=PROMPTS):
+    """Per prompt: greedy tokens and each prompt token's logprob (from the second on)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            gen = hf.generate(torch.tensor([prompt]), max_new_tokens=PARAMS.max_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            logprobs = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+            outs.append((gen, [logprobs[i - 1, prompt[i]].item() for i in range(1, len(prompt))]))
+    return outs
+
+
+def assert_matches(outs, expected):
+    for out, (tokens, prompt_logprobs) in zip(outs, expected, strict=True):
+        assert out.outputs[0].token_ids == tokens
+        ours = [lp[tok] for lp, tok in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+        assert ours == pytest.approx(prompt_logprobs, abs=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi3"])
+def test_chunked_prefill_prefix_hits_and_preemption_keep_transformers_outputs(kind, tiny_model_dir):
+    path = tiny_model_dir(kind)
+    expected = transformers_outputs(path)
+    chunked = LLM(str(path), max_num_batched_tokens=16, block_size=16)  # prompts over 16 tokens come in chunks
+    assert_matches(chunked.generate(PROMPTS, PARAMS, use_tqdm=False), expected)
+    # Again without prompt logprobs (which compute every prompt position), so over cached prefix blocks.
+    again = chunked.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [tokens for tokens, _ in expected]
+    assert chunked.stats().prefix_cache_hits > 0
+    tiny = LLM(str(path), num_kv_blocks=7, block_size=16)  # 112 tokens for ~180 needed
+    assert_matches(tiny.generate(PROMPTS, PARAMS, use_tqdm=False), expected)
+    assert tiny.stats().preemptions > 0
+
+
+def test_phi3_longrope_short_factors_within_the_original_context(tiny_model_dir, tmp_path):
+    """A max_model_len within original_max_position_embeddings rotates by the short factors, as transformers does
+    for sequences that never pass it."""
+    path = tmp_path / "phi3-short"
+    shutil.copytree(tiny_model_dir("phi3"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["original_max_position_embeddings"] = 128
+    config["rope_parameters"]["original_max_position_embeddings"] = 128
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(path), max_model_len=128)
+    assert_matches(llm.generate(PROMPTS, PARAMS, use_tqdm=False), transformers_outputs(path))
+    long = LLM(str(path))  # max_model_len 512: the long factors, which transformers takes past 128 tokens only
+    assert long.generate(PROMPTS[:1], PARAMS, use_tqdm=False)[0].prompt_logprobs[1:] != \
+        llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)[0].prompt_logprobs[1:]
