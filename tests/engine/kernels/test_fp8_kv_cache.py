@@ -55,18 +55,24 @@ def test_rotary_fused_write_to_an_fp8_cache(device):
 
 
 @pytest.mark.parametrize("split_kv", [False, True])
-def test_paged_attention_reads_an_fp8_cache(device, split_kv):
+@pytest.mark.parametrize("window_size,softcap", [((-1, -1), 0.0), ((6, 0), 2.0)])  # plain; Gemma 2's both
+def test_paged_attention_reads_an_fp8_cache(device, split_kv, window_size, softcap):
+    """Prefill, a chunk over a cached prefix and decodes in one batch, with or without split-KV, a sliding window
+    and a soft-cap."""
     torch.manual_seed(2)
     q, key_cache, value_cache, query_start_loc, seq_lens, block_tables = make_batch(
         *MIXED, num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32, device=device)
     key_cache = cache_values(torch.nan_to_num(key_cache, 0.0), FP8, SCALES[0])  # NaN has no e4m3 byte that
     value_cache = cache_values(torch.nan_to_num(value_cache, 0.0), FP8, SCALES[1])  # a read would show
     out = unified_attention(q, key_cache, value_cache, torch.empty_like(q), query_start_loc, seq_lens, block_tables,
-                            0.125, max(MIXED[0]), max(MIXED[1]), split_kv, k_scale=SCALES[0], v_scale=SCALES[1])
+                            0.125, max(MIXED[0]), max(MIXED[1]), split_kv, window_size=window_size, softcap=softcap,
+                            k_scale=SCALES[0], v_scale=SCALES[1])
     ref = paged_attention_ref(q, key_cache, value_cache, torch.empty_like(q), query_start_loc, seq_lens,
-                              block_tables, 0.125, max(MIXED[0]), max(MIXED[1]), k_scale=SCALES[0], v_scale=SCALES[1])
+                              block_tables, 0.125, max(MIXED[0]), max(MIXED[1]), window_size=window_size,
+                              softcap=softcap, k_scale=SCALES[0], v_scale=SCALES[1])
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the reference is attention over the dequantized cache
     plain = paged_attention_ref(q, key_cache.float() * SCALES[0], value_cache.float() * SCALES[1],
-                                torch.empty_like(q), query_start_loc, seq_lens, block_tables, 0.125, 0, 0)
+                                torch.empty_like(q), query_start_loc, seq_lens, block_tables, 0.125, 0, 0,
+                                window_size=window_size, softcap=softcap)
     torch.testing.assert_close(ref, plain)
