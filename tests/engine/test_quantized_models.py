@@ -61,6 +61,16 @@ def test_compressed_tensors_fp8_matches_the_dequantized_checkpoint(tiny_model_di
     assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
 
 
+def test_fp8_of_fused_checkpoint_tensors_under_a_sliding_window(tiny_model_dir, tmp_path):
+    """Phi-3 keeps q/k/v and gate/up fused in one checkpoint tensor each, quantized with one per-tensor scale that
+    every part of the fused layer takes; its layers attend over a 24-token window, which 33-token prompts pass."""
+    src = tiny_model_dir("phi3")
+    path, dequantized = quantized.fp8_compressed_tensors(src, tmp_path / "fp8", "tensor", "token")
+    assert "model.layers.0.self_attn.qkv_proj.weight_scale" in load_file(str(path / "model.safetensors"))
+    ref = quantized.reference_model(src, tmp_path / "ref", dequantized, "token")
+    assert_matches(LLM(str(path), max_num_seqs=4), ref, random_prompts(lens=(5, 33)), abs_tol=2e-3)
+
+
 def test_fp8_block_wise_matches_the_dequantized_checkpoint(tiny_model_dir, tmp_path):
     """DeepSeek-V3 style: 32 x 32 weight blocks (the tiny model's layers are 64 wide; real ones use 128), the
     activations quantized per 32 columns of a token. transformers loads the same checkpoint as its dequantized
@@ -201,3 +211,9 @@ def test_tensor_parallel_fp8_matches_one_process(tiny_model_dir, tmp_path, local
         assert [next(iter(p.values())) for p in a.prompt_logprobs[1:]] == \
             pytest.approx([next(iter(p.values())) for p in b.prompt_logprobs[1:]], abs=1e-4)
     two.shutdown()
+
+
+def test_quantizing_a_mixture_of_experts_model_fails_at_load(tiny_model_dir):
+    """Its fused experts take 16-bit weights: refused rather than served half quantized."""
+    with pytest.raises(ValueError, match="quantized mixture-of-experts models are not supported"):
+        LLM(str(tiny_model_dir("qwen3_moe")), quantization="fp8")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.support.prompts import random_prompts
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+           "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused checkpoint tensors
 FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 
 
