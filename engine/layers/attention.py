@@ -56,8 +56,8 @@ class Attention(nn.Module):
         self.use_triton = False
 
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
-        """(v, key_cache, value_cache, slot_mapping, k_scale, v_scale) for a kernel that stores this step's keys/values itself (the
-        rotary kernel on the Triton path), or None where `forward` must store them."""
+        """(v, key_cache, value_cache, slot_mapping, k_scale, v_scale) for a kernel that stores this step's
+        keys/values itself (the rotary kernel on the Triton path), or None where `forward` must store them."""
         if self.use_triton and self.kv_cache is not None:
             return v, self.kv_cache[0], self.kv_cache[1], meta.slot_mapping, self.k_scale, self.v_scale
         return None
