@@ -27,6 +27,12 @@ class EngineConfig(BaseModel):
         120.0, gt=0, description="Seconds for all ranks to join; also bounds every collective and a stuck step.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weight/activation dtype; auto = checkpoint's torch_dtype on CUDA, float32 on CPU.")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="Quantize a 16-bit checkpoint while loading: fp8 = FP8 weights with per-channel scales, "
+                          "activations per token. A quantized checkpoint's own scheme is read from its config.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV-cache storage: auto = the model dtype; fp8 (= fp8_e4m3) halves it, keys and values "
+                            "divided by per-tensor scales (the checkpoint's k_scale/v_scale, else 1.0).")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap (default: the model's).")
     max_num_seqs: int | None = Field(

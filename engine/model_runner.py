@@ -40,16 +40,19 @@ class ModelRunner:
     def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, tp: TPGroup | None = None, layer_range: tuple[int, int] | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
-                 custom_all_reduce: bool = True, cpu_threads: int | None = None, expert_parallel: bool = False):
+                 custom_all_reduce: bool = True, cpu_threads: int | None = None, expert_parallel: bool = False,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.kv_cache_dtype = torch.float8_e4m3fn if kv_cache_dtype.startswith("fp8") else dtype
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         torch.manual_seed(seed)
         if tp is not None:
             tp.expert_parallel = expert_parallel
-        self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range)
+        self.model = load_model(model_dir, hf_config, dtype, device, max_model_len, tp, layer_range,
+                                quantization=quantization)
         self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
         self.use_triton = select_kernels(self.model, attention_backend, device)
         # Batch-1 decode steps of a single-stage model all-reduce inside their gemvs: two sites a layer, but the
@@ -99,7 +102,7 @@ class ModelRunner:
     def kv_block_bytes(self) -> int:
         layers = self.model.attention_layers()
         a = layers[0]
-        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * self.kv_cache_dtype.itemsize
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, gpu_memory_utilization: float = 0.9) -> int | None:
@@ -132,8 +135,8 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
         for attn in self.model.attention_layers():
-            cache = torch.zeros(2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype,
-                                device=self.device)
+            cache = torch.zeros(2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
+                                dtype=self.kv_cache_dtype, device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
         if self.graphs is not None:

@@ -12,6 +12,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.executor.base import Executor
+from engine.layers.quantization import quant_config_for
 from engine.model_source import resolve_model
 from engine.models import model_class
 from engine.models.loader import load_hf_config, weight_files
@@ -40,6 +41,7 @@ class ModelSetup:
         hf_config = load_hf_config(model_dir)
         model_class(getattr(hf_config, "architectures", None))  # fail early on an unsupported architecture
         weight_files(model_dir)  # and on missing weights
+        quant_config_for(hf_config, config.quantization)  # and on a quantization scheme we cannot serve
         tokenizer = get_tokenizer(config)
         device = shard_device(config)
         on_gpus = device.type == "cuda"
@@ -57,7 +59,8 @@ class ModelSetup:
                     max_model_len=self.max_model_len, block_size=self.config.block_size, seed=self.config.seed,
                     attention_backend=self.config.attention_backend, enforce_eager=self.config.enforce_eager,
                     max_num_seqs=self.max_num_seqs, custom_all_reduce=not self.config.disable_custom_all_reduce,
-                    cpu_threads=self.cpu_threads(), expert_parallel=self.config.enable_expert_parallel)
+                    cpu_threads=self.cpu_threads(), expert_parallel=self.config.enable_expert_parallel,
+                    quantization=self.config.quantization, kv_cache_dtype=self.config.kv_cache_dtype)
 
     def cpu_threads(self) -> int:
         """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a Serve replica), which would leave a CPU

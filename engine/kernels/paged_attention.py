@@ -48,9 +48,9 @@ def _softcap(s, cap):
 @triton.jit
 def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b, kc_stride_s, kc_stride_h,
-                 vc_stride_b, vc_stride_s, vc_stride_h, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr):
+                 vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale, BLOCK_SIZE: tl.constexpr,
+                 TILE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr):
     """One online-softmax step over keys [tile * TILE, (tile + 1) * TILE), in base 2 (qk_scale holds log2(e), and
     so does softcap)."""
     kv_pos = tile * TILE + tl.arange(0, TILE)
@@ -69,6 +69,9 @@ def _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask
                 + kv_head * kc_stride_h + dims[:, None], mask=k_mask, other=0.0)
     v = tl.load(value_cache_ptr + block[:, None] * vc_stride_b + in_block[:, None] * vc_stride_s
                 + kv_head * vc_stride_h + dims[None, :], mask=v_mask, other=0.0)
+    if FP8_CACHE:  # e4m3 keys/values times their per-tensor scales
+        k = k.to(tl.float32) * k_scale
+        v = v.to(tl.float32) * v_scale
     s = _dot(q, k.to(q.dtype), UPCAST, PRECISION) * qk_scale
     if USE_SOFTCAP:
         s = _softcap(s, softcap)
@@ -95,11 +98,11 @@ def _attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, softcap, num_seqs, head_dim,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride,
+    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, bt_stride, k_scale, v_scale,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
     q_block, kv_head, split = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -146,18 +149,18 @@ def _attention_kernel(
     for tile in range(tile_lo, unmasked_lo):
         m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
-                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP)
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
     for tile in range(unmasked_lo, unmasked_hi):
         m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
-                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP)
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, False, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
     for tile in range(unmasked_hi, tile_hi):
         m, l, acc = _attend_tile(q, m, l, acc, tile, kv_end, q_abs, seq, kv_head, dims, dim_mask, qk_scale, softcap,
                                  key_cache_ptr, value_cache_ptr, block_tables_ptr, bt_stride, kc_stride_b,
-                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP)
+                                 kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, k_scale, v_scale,
+                                 BLOCK_SIZE, TILE, True, UPCAST, PRECISION, SLIDING_WINDOW, USE_SOFTCAP, FP8_CACHE)
 
     if SPLIT:  # unnormalized partials; empty splits store m=-inf, l=0, acc=0 and weigh nothing in the merge
         part = (q_token.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
@@ -227,16 +230,19 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_query_len: int, max_seq_len: int,
                       split_kv: bool | None = None, config: TileConfig | None = None,
-                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0) -> torch.Tensor:
+                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """q/out: [T, Hq, D]; caches: [num_blocks, block_size, Hk, D]; query_start_loc: int32 [S + 1];
     seq_lens: int32 [S]; block_tables: int32 [S, max_blocks]. max_query_len/max_seq_len are host ints that
     only choose the path, tiles and split count (results never depend on them); split_kv=None picks by the
     heuristic, True/False forces; `config` overrides tile_config() (benchmarks sweep it).
     window_size: vLLM's (left, right) with right 0 (causal): (-1, -1) for none. softcap: 0 for none.
+    FP8 caches hold keys / k_scale and values / v_scale in e4m3.
     Rows of tokens past query_start_loc[-1] (padding) are left untouched. Returns out."""
     if not use_triton(q):
         return paged_attention_ref(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_tables,
-                                   scale, max_query_len, max_seq_len, split_kv, window_size, softcap)
+                                   scale, max_query_len, max_seq_len, split_kv, window_size, softcap, k_scale,
+                                   v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads, block_size = seq_lens.shape[0], key_cache.shape[2], key_cache.shape[1]
     assert num_heads % num_kv_heads == 0 and key_cache.dtype == value_cache.dtype
@@ -263,13 +269,13 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         scale * LOG2_E, softcap * LOG2_E, num_seqs, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0), k_scale, v_scale,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE=tile,
         DIM_P2=dim_p2, NUM_SPLITS=num_splits, SPLIT=split_kv, SLIDING_WINDOW=window_size[0] + 1,
         USE_SOFTCAP=softcap > 0,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_CACHE=key_cache.dtype == torch.float8_e4m3fn,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -283,7 +289,7 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                         scale: float, max_query_len: int, max_seq_len: int,
                         split_kv: bool | None = None, window_size: tuple[int, int] = (-1, -1),
-                        softcap: float = 0.0) -> torch.Tensor:
+                        softcap: float = 0.0, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Per sequence: gather its blocks, causal softmax in fp32. The split/max arguments are ignored."""
     block_size, group = key_cache.shape[1], q.shape[1] // key_cache.shape[2]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -292,8 +298,9 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if end == start:
             continue
         blocks = block_tables[i, :-(-seq_len // block_size)].long()
-        k = key_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = value_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        k = key_cache[blocks].flatten(0, 1)[:seq_len].float() * k_scale  # [L, Hk, D]
+        v = value_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)

@@ -9,13 +9,14 @@ reshape_and_cache folded in: one launch per layer instead of two).
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
-from .reshape_and_cache import reshape_and_cache_ref
+from .fp8 import FP8
+from .reshape_and_cache import reshape_and_cache_ref, to_cache
 
 
 @triton.jit
 def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, pairs, pair_mask, cache_ptr,
-                  cache_stride_h, head_dim, IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HEADS_P2: tl.constexpr,
-                  TO_CACHE: tl.constexpr, DIM_P2: tl.constexpr):
+                  cache_stride_h, head_dim, cache_scale, IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr,
+                  HEADS_P2: tl.constexpr, TO_CACHE: tl.constexpr, DIM_P2: tl.constexpr, FP8_CACHE: tl.constexpr):
     """Rotate in place; TO_CACHE also stores the rotated heads (and any unrotated tail dims) at cache_ptr."""
     heads = tl.arange(0, HEADS_P2)[:, None]
     mask = (heads < num_heads) & pair_mask[None, :]
@@ -32,11 +33,11 @@ def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, pairs, 
     tl.store(base + second[None, :], y2, mask=mask)
     if TO_CACHE:
         cache = cache_ptr + heads * cache_stride_h
-        tl.store(cache + first[None, :], y1, mask=mask)
-        tl.store(cache + second[None, :], y2, mask=mask)
+        tl.store(cache + first[None, :], to_cache(y1, cache_scale, FP8_CACHE), mask=mask)
+        tl.store(cache + second[None, :], to_cache(y2, cache_scale, FP8_CACHE), mask=mask)
         tail = 2 * ROT_HALF + tl.arange(0, DIM_P2)[None, :]  # partial rotary: dims past rot_dim pass through
         tail_mask = (heads < num_heads) & (tail < head_dim)
-        tl.store(cache + tail, tl.load(base + tail, mask=tail_mask), mask=tail_mask)
+        tl.store(cache + tail, to_cache(tl.load(base + tail, mask=tail_mask), cache_scale, FP8_CACHE), mask=tail_mask)
 
 
 @triton.jit(do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])  # views at batch-dependent offsets
@@ -44,9 +45,9 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
                    cache_stride, num_q_heads, num_k_heads,
                    v_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr, v_stride_t, v_stride_h,
                    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, head_dim,
-                   IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                   k_scale, v_scale, IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr, HALF_P2: tl.constexpr,
                    Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr,
-                   WRITE_KV: tl.constexpr):
+                   WRITE_KV: tl.constexpr, FP8_CACHE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_P2)
@@ -54,7 +55,7 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
     cos = tl.load(cache_ptr + pos * cache_stride + pairs, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cache_ptr + pos * cache_stride + ROT_HALF + pairs, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, num_q_heads, cos, sin, pairs, pair_mask, q_ptr, 0, head_dim,
-                  IS_NEOX, ROT_HALF, Q_HEADS_P2, False, DIM_P2)
+                  1.0, IS_NEOX, ROT_HALF, Q_HEADS_P2, False, DIM_P2, False)
     if WRITE_KV:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     else:
@@ -63,25 +64,25 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
         block, offset = slot // block_size, slot % block_size
         _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, num_k_heads, cos, sin, pairs, pair_mask,
                       key_cache_ptr + block * kc_stride_b + offset * kc_stride_s, kc_stride_h, head_dim,
-                      IS_NEOX, ROT_HALF, K_HEADS_P2, True, DIM_P2)
+                      k_scale, IS_NEOX, ROT_HALF, K_HEADS_P2, True, DIM_P2, FP8_CACHE)
         heads = tl.arange(0, K_HEADS_P2)[:, None]
         dims = tl.arange(0, DIM_P2)[None, :]
         mask = (heads < num_k_heads) & (dims < head_dim)
         v = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + dims, mask=mask)
-        tl.store(value_cache_ptr + block * vc_stride_b + offset * vc_stride_s + heads * vc_stride_h + dims, v, mask=mask)
+        tl.store(value_cache_ptr + block * vc_stride_b + offset * vc_stride_s + heads * vc_stride_h + dims,
+                 to_cache(v, v_scale, FP8_CACHE), mask=mask)
     else:
         _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, num_k_heads, cos, sin, pairs, pair_mask, k_ptr, 0,
-                      head_dim, IS_NEOX, ROT_HALF, K_HEADS_P2, False, DIM_P2)
+                      head_dim, 1.0, IS_NEOX, ROT_HALF, K_HEADS_P2, False, DIM_P2, False)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                      head_dim: int, is_neox: bool = True,
-                     kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     kv_write: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: [T] int (int64 or int32); q: [T, Hq, head_dim], k: [T, Hk, head_dim], last dim contiguous
     (views into a fused qkv tensor are fine). Rotates q and k in place and returns them.
-    kv_write = (v, key_cache, value_cache, slot_mapping), as reshape_and_cache takes them: also stores the rotated
-    keys and the values at their slots (slot -1 = padding, skipped)."""
+    kv_write = (v, key_cache, value_cache, slot_mapping[, k_scale, v_scale]), as reshape_and_cache takes them: also
+    stores the rotated keys and the values at their slots (slot -1 = padding, skipped)."""
     if not use_triton(q):
         q, k = rotary_embedding_ref(positions, q, k, cos_sin_cache, head_dim, is_neox)
         if kv_write is not None:
@@ -93,19 +94,20 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if num_tokens == 0:
         return q, k
     if kv_write is not None:
-        v, key_cache, value_cache, slot_mapping = kv_write
+        v, key_cache, value_cache, slot_mapping, *scales = kv_write
         assert v.stride(-1) == key_cache.stride(-1) == value_cache.stride(-1) == 1
-        assert k.dtype == v.dtype == key_cache.dtype == value_cache.dtype
+        assert k.dtype == v.dtype and key_cache.dtype == value_cache.dtype in (k.dtype, FP8)
         cache_args = (v, key_cache, value_cache, slot_mapping, v.stride(0), v.stride(1), *key_cache.stride()[:3],
                       *value_cache.stride()[:3], key_cache.shape[1])
     else:
-        cache_args = (k, k, k, positions, 0, 0, 0, 0, 0, 0, 0, 0, 1)  # never dereferenced
+        cache_args, scales = (k, k, k, positions, 0, 0, 0, 0, 0, 0, 0, 0, 1), ()  # never dereferenced
+    k_scale, v_scale = scales or (1.0, 1.0)
     _rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cos_sin_cache.stride(0), q.shape[1], k.shape[1], *cache_args, head_dim,
+        cos_sin_cache.stride(0), q.shape[1], k.shape[1], *cache_args, head_dim, k_scale, v_scale,
         IS_NEOX=is_neox, ROT_HALF=rot_half, HALF_P2=next_pow2(rot_half),
         Q_HEADS_P2=next_pow2(q.shape[1]), K_HEADS_P2=next_pow2(k.shape[1]), DIM_P2=next_pow2(head_dim),
-        WRITE_KV=kv_write is not None,
+        WRITE_KV=kv_write is not None, FP8_CACHE=kv_write is not None and kv_write[1].dtype == FP8,
     )
     return q, k
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import reshape_and_cache, unified_attention
+from engine.kernels.reshape_and_cache import cache_values, cached_values
 
 
 @dataclass
@@ -50,13 +51,15 @@ class Attention(nn.Module):
         self.sliding_window, self.softcap = sliding_window, softcap or 0.0
         self.window_size = (sliding_window - 1, 0) if sliding_window else (-1, -1)  # vLLM's (left, right) form
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        # An FP8 cache's per-tensor scales (stored = x / scale): the checkpoint's, or 1.0
+        self.k_scale = self.v_scale = 1.0
         self.use_triton = False
 
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
-        """(v, key_cache, value_cache, slot_mapping) for a kernel that stores this step's keys/values itself (the
-        rotary kernel on the Triton path), or None where `forward` must store them."""
+        """(v, key_cache, value_cache, slot_mapping, k_scale, v_scale) for a kernel that stores this step's
+        keys/values itself (the rotary kernel on the Triton path), or None where `forward` must store them."""
         if self.use_triton and self.kv_cache is not None:
-            return v, self.kv_cache[0], self.kv_cache[1], meta.slot_mapping
+            return v, self.kv_cache[0], self.kv_cache[1], meta.slot_mapping, self.k_scale, self.v_scale
         return None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -65,30 +68,41 @@ class Attention(nn.Module):
         if self.use_triton and self.kv_cache is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
             if not kv_written:
-                reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+                reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = torch.empty_like(q)
             return unified_attention(q, key_cache, value_cache, out, meta.query_start_loc, meta.seq_lens,
                                      meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
-                                     window_size=self.window_size, softcap=self.softcap)
+                                     window_size=self.window_size, softcap=self.softcap, k_scale=self.k_scale,
+                                     v_scale=self.v_scale)
         key_cache = value_cache = None  # no cache yet while profiling: every sequence is a fresh prompt
+        scales = (self.k_scale, self.v_scale)
         if self.kv_cache is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-            write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+            k, v = write_kv(k, v, key_cache, value_cache, meta.slot_mapping, *scales)
         return torch_paged_attention(q, k, v, key_cache, value_cache, meta, self.scale, self.sliding_window,
-                                     self.softcap)
+                                     self.softcap, *scales)
 
 
-def write_kv(k, v, key_cache, value_cache, slot_mapping) -> None:
-    """Store the step's keys/values at their slots (the torch path never pads, so every slot is real).
+def write_kv(k, v, key_cache, value_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0):
+    """Store the step's keys/values at their slots (the torch path never pads, so every slot is real). Returns
+    them as the cache holds them (an FP8 cache's rounding included), so a fresh prompt attends over the same keys
+    and values as the Triton kernel, which reads them back from the cache.
 
     Non-finite values (a request whose input drives the model to NaN) are stored as 0: decodes read whole blocks
     and mask the positions past each context, and a masked NaN still poisons the output (0 * NaN), so a NaN left
     in a freed block would break every later request that reuses it. (The Triton kernel never loads those slots.)
     """
-    k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
-    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    stored = []
+    for x, cache, scale in ((k, key_cache, k_scale), (v, value_cache, v_scale)):
+        x_cached = cache_values(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), cache.dtype, scale)
+        rows = cache.view(-1, *cache.shape[2:])
+        if x_cached.dtype != x.dtype:  # FP8: index_copy_ has no e4m3 kernel on CPU; copy the bytes
+            rows.view(torch.uint8).index_copy_(0, slot_mapping, x_cached.view(torch.uint8))
+            stored.append(cached_values(x_cached, x.dtype, scale))
+        else:
+            rows.index_copy_(0, slot_mapping, x_cached)
+            stored.append(x)
+    return stored
 
 
 def plan_torch_attention(meta: AttentionMetadata, block_size: int, device: torch.device) -> TorchAttentionPlan:
@@ -119,7 +133,8 @@ def plan_torch_attention(meta: AttentionMetadata, block_size: int, device: torch
 
 
 def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
-                          sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+                          sliding_window: int | None = None, softcap: float = 0.0, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
     """Reference path on CPU and CUDA. Prompts without a cached prefix attend over their own new k/v;
     decodes are batched over a padded gather of their blocks; other chunks gather their context."""
     if meta.torch_plan is None:
@@ -128,8 +143,8 @@ def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetada
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
         rows, ctx = plan.decode_rows, plan.decode_ctx
-        keys = key_cache[plan.decode_tables].flatten(1, 2)[:, :ctx]  # [D, ctx, Hk, Dh]
-        values = value_cache[plan.decode_tables].flatten(1, 2)[:, :ctx]
+        keys = cached_values(key_cache[plan.decode_tables].flatten(1, 2)[:, :ctx], q.dtype, k_scale)  # [D, ctx, Hk, Dh]
+        values = cached_values(value_cache[plan.decode_tables].flatten(1, 2)[:, :ctx], q.dtype, v_scale)
         mask = plan.decode_mask
         if sliding_window:
             mask = _windowed(plan, "decode", sliding_window, lambda: plan.decode_mask & (
@@ -140,8 +155,8 @@ def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetada
         if table is None:
             keys, values = k[s:s + q_len][None], v[s:s + q_len][None]
         else:
-            keys = key_cache[table].flatten(0, 1)[:ctx][None]
-            values = value_cache[table].flatten(0, 1)[:ctx][None]
+            keys = cached_values(key_cache[table].flatten(0, 1)[:ctx][None], q.dtype, k_scale)
+            values = cached_values(value_cache[table].flatten(0, 1)[:ctx][None], q.dtype, v_scale)
         causal = table is None
         if sliding_window:
             mask, causal = _windowed(plan, i, sliding_window, lambda: _window_mask(q_len, ctx, sliding_window,

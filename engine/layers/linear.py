@@ -6,18 +6,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import gemv
+from engine.layers.quantization import linear_method_for_new_layer
+from engine.layers.quantization.parts import InPart, OutPart
 from engine.parallel_state import TPGroup
 
 
 def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     """A batch-1 decode row on the Triton path takes the matrix-vector kernel, which reads the weights faster than
     cuBLAS does at M = 1."""
-    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1
+    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1 and quant_method(layer) is None
+
+
+def quant_method(layer: nn.Module):
+    """The layer's quantized-weight method (engine/layers/quantization); None for plain weights."""
+    return getattr(layer, "quant_method", None)
 
 
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T + bias."""
+    if quant_method(layer) is not None:
+        return layer.quant_method.apply(layer, x, bias)
     return gemv(x, layer.weight, bias) if takes_gemv(layer, x) else F.linear(x, layer.weight, bias)
+
+
+def _create_weight(layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    layer.quant_method = linear_method_for_new_layer()
+    if layer.quant_method is None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+    else:
+        layer.quant_method.create_weights(layer, out_features, in_features, dtype)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -35,21 +52,29 @@ class ColumnParallelLinear(nn.Module):
         for name, size in self.shard_sizes.items():
             self.shard_offsets[name] = offset
             offset += size
-        self.weight = nn.Parameter(torch.empty(offset, in_features, dtype=dtype), requires_grad=False)
+        _create_weight(self, offset, in_features, dtype)
         self.bias = nn.Parameter(torch.empty(offset, dtype=dtype), requires_grad=False) if bias else None
         self.use_triton = False
 
+    def out_part(self, shard: str, base: int = 0) -> OutPart:
+        """This rank's rows of the checkpoint's `shard` tensor and where they go in the fused weight; `base`: the
+        part's first row in a checkpoint tensor that holds every part."""
+        size = self.shard_sizes[shard]
+        return OutPart(base + self.tp.rank * size, size, self.shard_offsets[shard])
+
     def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
         """`shard` None: a checkpoint tensor holding every part, concatenated (Phi-3's qkv_proj, gate_up_proj)."""
-        if shard is None:
-            start = 0
-            for name, rows in self.checkpoint_sizes.items():
-                self.load(param, loaded.narrow(0, start, rows), name)
-                start += rows
-            return
-        size, offset = self.shard_sizes[shard], self.shard_offsets[shard]
-        part = loaded.narrow(0, self.tp.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(part)
+        if shard is not None:
+            return self.load_part(param, loaded, self.out_part(shard))
+        base = 0
+        for name, rows in self.checkpoint_sizes.items():
+            self.load_part(param, loaded, self.out_part(name, base))
+            base += rows
+
+    def load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: OutPart) -> None:
+        if self.quant_method is not None and param is not self.bias:
+            return self.quant_method.load(self, param, loaded, part, None)
+        param.data.narrow(0, part.offset, part.size).copy_(loaded.narrow(0, part.start, part.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self, x, self.bias)
@@ -66,12 +91,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         self.checkpoint_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
-    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
-        if shard in (None, "q") or self.kv_replicas == 1:
-            return super().load(param, loaded, shard)
-        size, offset = self.shard_sizes[shard], self.shard_offsets[shard]  # one KV head per rank group
-        kv_head = self.tp.rank // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, kv_head * self.head_dim, self.head_dim))
+    def out_part(self, shard: str, base: int = 0) -> OutPart:
+        if shard == "q" or self.kv_replicas == 1:
+            return super().out_part(shard, base)
+        kv_head = self.tp.rank // self.kv_replicas  # one KV head per rank group
+        return OutPart(base + kv_head * self.head_dim, self.head_dim, self.shard_offsets[shard])
 
 
 class RowParallelLinear(nn.Module):
@@ -82,13 +106,15 @@ class RowParallelLinear(nn.Module):
         assert in_features % tp.size == 0, f"{in_features} input features do not split over {tp.size} ranks"
         self.tp = tp
         self.in_part = in_features // tp.size
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_part, dtype=dtype), requires_grad=False)
+        _create_weight(self, out_features, self.in_part, dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.use_triton = False
 
     def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         if param is self.bias:
             param.data.copy_(loaded)
+        elif self.quant_method is not None:
+            self.quant_method.load(self, param, loaded, None, InPart(self.tp.rank * self.in_part, self.in_part))
         else:
             param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_part, self.in_part))
 

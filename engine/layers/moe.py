@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.kernels import fused_experts, fused_experts_ref, topk_route, topk_route_ref
+from engine.layers.quantization import linear_method_for_new_layer
 from engine.parallel_state import TPGroup
 
 # checkpoint expert projection -> (our parameter, shard of it)
@@ -24,6 +25,9 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool,
                  tp: TPGroup, dtype: torch.dtype, scoring: str = "softmax"):
         super().__init__()
+        if linear_method_for_new_layer() is not None:  # else FP8/INT4 expert tensors would load as plain weights
+            raise ValueError("quantized mixture-of-experts models are not supported yet: the fused-MoE kernels take "
+                             "16-bit expert weights")
         self.num_experts, self.top_k, self.renormalize, self.scoring = num_experts, top_k, renormalize, scoring
         self.tp = tp
         self.hidden, self.intermediate = hidden, intermediate

@@ -9,7 +9,7 @@ from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                  VocabParallelEmbedding, takes_gemv)
+                                  VocabParallelEmbedding, quant_method, takes_gemv)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel_state import TPGroup
@@ -149,6 +149,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
+        self.plain_weights = all(quant_method(m) is None for m in self.modules())  # decode_one reads .weight
 
     def make_layer(self, index: int, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int) -> nn.Module:
         """Decoder layer `index`: the family's `decoder_layer`; a family whose layers differ (MoE blocks) overrides
@@ -177,7 +178,8 @@ class LlamaForCausalLM(nn.Module):
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
         """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'
         fused batch-1 form."""
-        return self.is_first and self.is_last and self.llama_layers and takes_gemv(self.lm_head, hidden)
+        return (self.is_first and self.is_last and self.llama_layers and self.plain_weights
+                and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

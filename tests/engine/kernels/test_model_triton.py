@@ -35,10 +35,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]]) -> None:
+def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]], **options) -> None:
     """Run `script` on the model and prompts; its "triton" outputs equal its "torch" ones."""
     env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1")
-    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts), json.dumps(OPTIONS)],
+    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts),
+                           json.dumps(OPTIONS | options)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,3 +88,22 @@ def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_
     the all-reduce (LlamaDecoderLayer.decode_one); on CPU over gloo with the kernels interpreted in the workers,
     on GPUs over NCCL and symmetric memory."""
     assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
+
+
+def test_triton_path_matches_torch_path_on_an_fp8_checkpoint_and_kv_cache(tiny_model_dir, tmp_path):
+    """FP8 W8A8 (compressed-tensors, per-channel weight scales, per-token activations) over an FP8 KV cache: the
+    Triton activation quantization, scaled matmul and cache writes and reads against the torch path through the
+    whole model (block-wise scales and static activations: tests/engine/kernels/test_fp8.py)."""
+    from tests.support import quantized
+
+    path, _ = quantized.fp8_compressed_tensors(tiny_model_dir("llama"), tmp_path / "fp8", "channel", "token")
+    assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]], kv_cache_dtype="fp8")
+
+
+def test_triton_path_matches_torch_path_on_an_awq_checkpoint(tiny_model_dir, tmp_path):
+    """INT4 AWQ through the whole model: the dequantize-and-multiply kernel against the torch path's dequantized
+    weights (both packings and group edges: tests/engine/kernels/test_int4.py)."""
+    from tests.support import quantized
+
+    path, _ = quantized.awq(tiny_model_dir("llama"), tmp_path / "awq", 32)
+    assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])

@@ -1,0 +1,89 @@
+"""FP8 scaled matmul: out[M, N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias) with FP8 tensor-core dots
+(tl.dot on e4m3 operands, fp32 accumulation). Scales per token or per tensor for x and per output channel for w
+are applied once, after the K loop; block-wise scales (DeepSeek-V3's 1 x bk for x, bn x bk for w) per K tile,
+whose width is bk. Up to MAX_GEMV_ROWS rows of x (batch-1 decode) take the matrix-vector form of the same kernel:
+no tensor-core tile to fill, each program streams a few whole weight rows along K with wide K tiles.
+The reference is fp8.scaled_mm_ref."""
+from __future__ import annotations
+
+import torch
+
+from ._triton import next_pow2, tl, triton, use_triton
+from .fp8 import scaled_mm_ref
+
+MAX_GEMV_ROWS = 8
+
+
+@triton.jit
+def product(a, b, DOT: tl.constexpr):
+    """a [M, K] @ b[N, K]^T in fp32: a tensor-core dot, or (the matrix-vector form) products summed along K."""
+    if DOT:
+        return tl.dot(a, tl.trans(b))
+    return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+
+
+@triton.jit
+def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, a_stride, b_stride,
+                      out_stride, a_scale_stride, b_scale_stride, GROUP_N: tl.constexpr, BLOCK_WISE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rows < M, cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
+    b_row = b_ptr + cols.to(tl.int64)[:, None] * b_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        part = product(a, b, DOT)
+        if BLOCK_WISE:  # BLOCK_K is the scale block's width: one x scale per row, one w scale per column here
+            a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
+            b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
+                              other=0.0)
+            acc += part * a_scale[:, None] * b_scale[None, :]
+        else:
+            acc += part
+    if not BLOCK_WISE:
+        a_scale = tl.load(a_scale_ptr + rows * a_scale_stride, mask=m_mask, other=0.0)  # stride 0: per tensor
+        acc *= a_scale[:, None] * tl.load(b_scale_ptr + cols, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              out_dtype: torch.dtype, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+              tiles: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """x_q [M, K] and w_q [N, K] FP8, rows contiguous; x_scale [M, 1] or [1, 1], w_scale [N]; with
+    block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. tiles: (BLOCK_M, BLOCK_N)
+    of the tensor-core form."""
+    if not use_triton(x_q):
+        return scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, bias, block)
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    assert w_q.shape[1] == k and x_q.stride(-1) == 1 and w_q.stride(-1) == 1
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    dot = m > MAX_GEMV_ROWS
+    block_m, block_n = tiles if dot else (next_pow2(m), 8)
+    block_m = 16 if dot and m <= 16 else block_m  # the smallest tl.dot tile
+    x_scale, w_scale = x_scale.float(), w_scale.float()
+    if block is None:
+        a_scale_stride, b_scale_stride, group_n = (x_scale.stride(0) if x_scale.shape[0] > 1 else 0), 0, 1
+        block_k = 64 if dot else 256
+    else:
+        group_n, block_k = block
+        assert block_k >= 16 and block_k & (block_k - 1) == 0, f"block-wise K width {block_k}: a power of two >= 16"
+        a_scale_stride, b_scale_stride = x_scale.stride(0), w_scale.stride(0)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _scaled_mm_kernel[grid](x_q, w_q, out, x_scale, w_scale, bias if bias is not None else out, m, n, k,
+                            x_q.stride(0), w_q.stride(0), out.stride(0), a_scale_stride, b_scale_stride,
+                            GROUP_N=group_n, BLOCK_WISE=block is not None, HAS_BIAS=bias is not None,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot)
+    return out

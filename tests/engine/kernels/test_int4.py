@@ -1,0 +1,47 @@
+"""The INT4 dequantize-and-multiply kernel against its torch reference: both packings, ragged M/N/K, K tiles that
+straddle groups, and the unpacking against values packed the way AutoAWQ and compressed-tensors pack them."""
+import pytest
+import torch
+
+from engine.kernels.int4 import AWQ_NIBBLE, int4_mm, int4_mm_ref, unpack_int4
+
+
+def pack_columns(values, order):
+    """AutoAWQ's loop (order 0 2 4 6 1 3 5 7) or compressed-tensors' (0..7): int32 c holds value 8c + order[i] in
+    nibble i."""
+    packed = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for c in range(packed.shape[1]):
+        for i, j in enumerate(order):
+            packed[:, c] |= values[:, 8 * c + j].to(torch.int64) << (4 * i)
+    return packed.to(torch.uint32).view(torch.int32)
+
+
+@pytest.mark.parametrize("order, nibbles", [([0, 2, 4, 6, 1, 3, 5, 7], AWQ_NIBBLE), (list(range(8)), None)])
+def test_unpack_inverts_the_checkpoint_packing(order, nibbles):
+    values = torch.randint(0, 16, (5, 24))
+    values[0, :8] = 15  # all nibbles set: the int32 is negative
+    assert torch.equal(unpack_int4(pack_columns(values, order), nibbles), values.to(torch.int32))
+
+
+def int4_tensors(packing, n, k, group, device):
+    torch.manual_seed(n + k)
+    if packing == "awq":
+        return (pack_columns(torch.randint(0, 16, (k, n)), [0, 2, 4, 6, 1, 3, 5, 7]).to(device),
+                pack_columns(torch.randint(0, 16, (k // group, n)), [0, 2, 4, 6, 1, 3, 5, 7]).to(device),
+                (torch.rand(k // group, n) / 10).to(device))
+    return pack_columns(torch.randint(0, 16, (n, k)), list(range(8))).to(device), \
+        (torch.rand(n, k // group) / 10).to(device)
+
+
+@pytest.mark.parametrize("packing", ["awq", "pack"])
+@pytest.mark.parametrize("m, n, k, group, tiles", [(1, 40, 64, 32, None),  # matrix-vector: a K tile, two groups
+                                                   (5, 64, 384, 128, None),  # and three K tiles
+                                                   (19, 72, 96, 32, (32, 64, 16)),  # ragged M and N
+                                                   (24, 64, 256, 128, (16, 32, 64))])  # K tiles inside a group
+def test_int4_mm_matches_reference(device, packing, m, n, k, group, tiles):
+    x = torch.randn(m, k, device=device)
+    tensors = int4_tensors(packing, n, k, group, device)
+    bias = torch.randn(n, device=device)
+    for b in (None, bias):
+        torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, *([tiles] if tiles else [])),
+                                   int4_mm_ref(x, packing, tensors, group, b), atol=1e-3, rtol=1e-4)
