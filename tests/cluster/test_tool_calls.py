@@ -218,10 +218,19 @@ def test_required_calls_at_least_one_tool(demo_endpoint, stream):
 def test_forced_calls_are_checked():
     base = dict(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
     for extra, param in (({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")):
+                         ({"tool_choice": "required", "guided_regex": "[a-z]+"}, "tool_choice")):
         with pytest.raises(APIError) as e:
             ChatCompletionRequest(**base, **extra).to_sampling_params(LimitsConfig())
         assert e.value.status == 400 and e.value.param == param
+
+
+def test_a_forced_call_takes_precedence_over_response_format():
+    """As in vLLM: response_format shapes a text answer, and this answer is a call (agent SDKs send both)."""
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=FORCING_TOOLS,
+                                 tool_choice={"type": "function", "function": {"name": "add"}},
+                                 response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                                     "type": "object", "properties": {"x": {"type": "string"}}}}})
+    assert body.to_sampling_params(LimitsConfig()).structured_outputs.json == FORCING_TOOLS[1]["function"]["parameters"]
 
 
 def test_tools_and_tool_results_reach_the_template_of_a_real_engine():
