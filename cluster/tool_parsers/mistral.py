@@ -1,4 +1,4 @@
-"""`mistral` (Mistral 7B Instruct v0.3, Mistral Nemo and others with this template): the calls follow
+"""`mistral` (Mistral 7B Instruct v0.3 and other models whose template writes this form): the calls follow
 `[TOOL_CALLS]` as a JSON list, `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`; the text before is
 content. `[TOOL_CALLS]` is a special token, so requests that may call tools keep special tokens in the text
 (`KEEPS_SPECIAL_TOKENS`, as vLLM's parser does). What follows the tag and is not a list of calls is content,
