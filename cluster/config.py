@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.tool_calls import ToolCallParserName
 from engine.config import EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -56,10 +57,12 @@ class ModelConfig(EngineConfig):
         None, description="Split the model's <think>...</think> reasoning from its answer into reasoning_content "
                           "(chat), as vLLM's --reasoning-parser: deepseek_r1 (the template opens the reasoning) "
                           "or qwen3 (reasoning only when the output opens with <think>).")
-    tool_call_parser: Literal["hermes"] | None = Field(
-        None, description="How the model writes tool calls, parsed into OpenAI's tool_calls (hermes: "
-                          "<tool_call>{json}</tool_call>, as Hermes and Qwen models). Default: hermes where the "
-                          "chat template writes <tool_call>, else none (a request with tools gets a 400).")
+    tool_call_parser: ToolCallParserName | None = Field(
+        None, description="How the model writes tool calls, parsed into OpenAI's tool_calls, as vLLM's "
+                          "--tool-call-parser: hermes (<tool_call>{json}</tool_call>: Hermes, Qwen), llama3_json "
+                          "({\"name\", \"parameters\"} answers, ;-separated: Llama 3.1-3.3) or mistral "
+                          "([TOOL_CALLS] [{json}, ...]). Default: the one whose format the chat template writes, "
+                          "else none (a request with tools gets a 400).")
     request_retries: int = Field(
         2, ge=0, description="Times a request moves to another replica when its replica fails before any of its "
                              "output reached the client.")

@@ -36,6 +36,7 @@ from cluster.protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
                               TokenizeResponse, invalid_text_field, new_id, request_body_schemas)
 from cluster.responses import Prompt, ResponseBuilder
 from cluster.session import RequestSession
+from cluster.tool_calls import KEEPS_SPECIAL_TOKENS
 
 logger = logging.getLogger("strata")
 
@@ -113,10 +114,12 @@ class OpenAIIngress:
             messages = [m.template_dict() for m in body.messages]
             ids = endpoint.encode_chat(messages, body.add_generation_prompt, body.chat_template,
                                        {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})})
+            tool_call_parser = body.forced_tool_calls or (endpoint.tool_call_parser if tools else None)
+            if isinstance(tool_call_parser, str) and tool_call_parser in KEEPS_SPECIAL_TOKENS:  # calls open with one
+                params.skip_special_tokens = False
             builder = ResponseBuilder("chat", new_id("chatcmpl"), body.model, [Prompt(ids)], params.n,
                                       params.logprobs, reasoning_parser=endpoint.config.reasoning_parser,
-                                      tool_call_parser=body.forced_tool_calls or (
-                                          endpoint.tool_call_parser if tools else None))
+                                      tool_call_parser=tool_call_parser)
             return await RequestSession(endpoint, body, builder, params, self.metrics).respond(body.stream)
 
     @app.post("/tokenize")

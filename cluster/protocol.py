@@ -233,9 +233,11 @@ class ChatCompletionRequest(SamplingRequest):
         # With no limit given, a chat reply may run to the end of the context (as in vLLM).
         params = self.sampling_params(limits, self.max_completion_tokens or self.max_tokens, logprobs)
         if self.forced_tool_calls is not None:
-            if params.structured_outputs is not None:
-                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
-                                    "structured output", param="tool_choice")
+            # This answer is a call: the shape asked of a text answer (response_format) yields to the call's, as in
+            # vLLM (agent SDKs send both). An explicit constraint of vLLM's cannot be combined with it.
+            if params.structured_outputs is not None and self.structured_output_field != "response_format":
+                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                    f"{self.structured_output_field}", param="tool_choice")
             choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else "required"
             params.structured_outputs = StructuredOutputsParams(
                 json=forced_tool_call_schema(self.template_tools, choice, self.parallel_tool_calls))

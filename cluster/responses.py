@@ -14,8 +14,8 @@ from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, PromptTokensDetails,
                               TokenLogprob, ToolCallInfo, TopLogprob, UsageInfo)
 from cluster.reasoning import ReasoningParserName, ReasoningStream, split_reasoning
-from cluster.tool_calls import (ForcedToolCalls, ForcedToolCallStream, ToolCallParserName, ToolCallStream,
-                                parse_tool_calls, tool_call_stream)
+from cluster.tool_calls import (ForcedToolCalls, ToolCallParserName, ToolCallStream, parse_tool_calls,
+                                tool_call_stream)
 from engine import StreamDelta
 
 
@@ -35,7 +35,7 @@ class ChoiceState:
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     started: bool = False
     reasoning: ReasoningStream | None = None  # the reasoning/answer split as the text streams
-    tools: ToolCallStream | ForcedToolCallStream | None = None  # the tool calls in the answer as it streams
+    tools: ToolCallStream | None = None  # the tool calls in the answer as it streams
 
 
 class ResponseBuilder:

@@ -15,42 +15,93 @@ from cluster.model_endpoint import LocalModelEndpoint
 from cluster.protocol import ChatCompletionRequest
 from cluster.responses import Prompt, ResponseBuilder
 from cluster.session import RequestSession
-from cluster.tool_calls import ToolCallStream, parse_tool_calls
+from cluster.tool_calls import default_parser, parse_tool_calls, tool_call_stream
 from engine import StreamDelta
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
-CASES = [  # text, content, [(name, arguments)]
-    ("Let me look. " + WEATHER, "Let me look. ", [("get_weather", {"city": "Paris", "unit": "c"})]),
-    (WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"), "\n",
-     [("get_weather", {"city": "Paris", "unit": "c"}), ("get_weather", {"city": "Oslo", "unit": "c"})]),
+PARIS = ("get_weather", {"city": "Paris", "unit": "c"})
+HERMES = [  # text, content, [(name, arguments)]
+    ("Let me look. " + WEATHER, "Let me look. ", [PARIS]),
+    (WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"), "\n", [PARIS, ("get_weather", {"city": "Oslo", "unit": "c"})]),
     ('<tool_call>{"name": "now", "arguments": "{}"}</tool_call>', "", [("now", {})]),
     ("<tool_call>not json</tool_call> done", "<tool_call>not json</tool_call> done", []),
     ('a < b <tool_call>{"name": "cut', 'a < b <tool_call>{"name": "cut', []),
     ("no calls at all", "no calls at all", []),
 ]
+LLAMA3_JSON = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}', "", [PARIS]),
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}; {"name": "now", '
+     '"arguments": {}}', "", [PARIS, ("now", {})]),
+    ('\n {"name": "f", "parameters": {"x": [1, {"y": "};{"}]}}\n', "", [("f", {"x": [1, {"y": "};{"}]})]),
+    ('{"name": "now", "parameters": {}} Done.', " Done.", [("now", {})]),
+    ('{"answer": 42}', '{"answer": 42}', []),  # a plain JSON answer
+    ('{"name": "Bob", "age": 3}', '{"name": "Bob", "age": 3}', []),
+    ('Sure: {"name": "now", "parameters": {}}', 'Sure: {"name": "now", "parameters": {}}', []),
+    ('{"name": "cut", "parameters": {"x": ', '{"name": "cut", "parameters": {"x": ', []),
+    ("<|python_ta", "<|python_ta", []),
+    ("no calls at all", "no calls at all", []),
+]
+MISTRAL = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]', "", [PARIS]),
+    ('Let me check.[TOOL_CALLS][{"name": "f", "arguments": {"x": "]"}}, {"name": "now", "arguments": {}}]',
+     "Let me check.", [("f", {"x": "]"}), ("now", {})]),
+    ('[TOOL_CALLS] [{"name": "now", "arguments": {}}] Done.', " Done.", [("now", {})]),
+    ("[TOOL_CALLS] not a list", " not a list", []),
+    ('[TOOL_CALLS] [{"name": "cut", "arguments": {', ' [{"name": "cut", "arguments": {', []),
+    ('[TOOL_CALLS] [{"name": "now", "arguments": {}}, oops', ", oops", [("now", {})]),
+    ("a [TOOL_CALL] b [TOOL_CA", "a [TOOL_CALL] b [TOOL_CA", []),
+]
+CASES = [(parser, *case) for parser, cases in (("hermes", HERMES), ("llama3_json", LLAMA3_JSON), ("mistral", MISTRAL))
+         for case in cases]
 
 
 def calls_of(calls) -> list[tuple[str, dict]]:
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
-@pytest.mark.parametrize("text, content, calls", CASES)
-def test_whole_text(text, content, calls):
-    got_content, got_calls = parse_tool_calls(text)
+@pytest.mark.parametrize("parser, text, content, calls", CASES)
+def test_whole_text(parser, text, content, calls):
+    got_content, got_calls = parse_tool_calls(text, parser)
     assert (got_content, calls_of(got_calls)) == (content, calls)
 
 
-@pytest.mark.parametrize("text, content, calls", CASES)
-@pytest.mark.parametrize("piece", [1, 2, 3, 7])
-def test_streamed_in_pieces_of_any_size(text, content, calls, piece):
+@pytest.mark.parametrize("parser, text, content, calls", CASES)
+def test_streamed_in_pieces_of_every_size(parser, text, content, calls):
     """JSON and tags split across deltas: the content never shows a tag, each call comes once, whole."""
-    stream = ToolCallStream()
-    pieces = [text[i:i + piece] for i in range(0, len(text), piece)]
-    got_content, got_calls = "", []
-    for i, part in enumerate(pieces):
-        c, new = stream.feed(part, final=i == len(pieces) - 1)
-        got_content, got_calls = got_content + c, got_calls + new
-    assert (got_content, calls_of(got_calls)) == (content, calls)
+    for piece in range(1, len(text) + 1):
+        stream = tool_call_stream(parser)
+        pieces = [text[i:i + piece] for i in range(0, len(text), piece)]
+        got_content, got_calls = "", []
+        for i, part in enumerate(pieces):
+            c, new = stream.feed(part, final=i == len(pieces) - 1)
+            got_content, got_calls = got_content + c, got_calls + new
+        assert (got_content, calls_of(got_calls)) == (content, calls), piece
+
+
+def test_a_call_is_sent_as_soon_as_it_is_whole_and_text_that_may_be_one_is_held_back():
+    for parser, first, second in (
+            ("llama3_json", '{"name": "a", "parameters": {}}', '; {"name": "b", "parameters": {}}'),
+            ("mistral", 'Hi[TOOL_CALLS] [{"name": "a", "arguments": {}}', ', {"name": "b", "arguments": {}}]')):
+        stream = tool_call_stream(parser)
+        content, calls = stream.feed(first[:-1], final=False)
+        assert calls == [] and "[TOOL" not in content and "{" not in content
+        content, calls = stream.feed(first[-1], final=False)
+        assert [c.name for c in calls] == ["a"]
+        assert [c.name for c in stream.feed(second, final=True)[1]] == ["b"]
+
+
+@pytest.mark.parametrize("template, parser", [
+    ("{% for m in messages %}<tool_call>{{ m }}</tool_call>{% endfor %}", "hermes"),
+    ("{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its "
+     "value}.' }}", "llama3_json"),
+    ('{{- "[TOOL_CALLS] [" }}{{ tool_call.function|tojson }}', "mistral"),
+    ('{{- "[TOOL_CALLS][" }}', "mistral"),
+    ("{{- '[TOOL_CALLS]' + name + '[ARGS]' + arguments }}", None),  # newer Mistral format: not read
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", None),
+    ('<tool_call> and {{- "[TOOL_CALLS] [" }}', None),  # two formats: ambiguous
+])
+def test_the_chat_template_chooses_the_default_parser(template, parser):
+    assert default_parser(template) == parser
 
 
 def test_chat_response_and_chunks_are_openai_shaped():
@@ -93,12 +144,13 @@ def demo_endpoint():
     endpoint.replica.engine.shutdown()
 
 
-def forced_response(endpoint, tool_choice, stream: bool, parallel=None):
+def chat_response(endpoint, stream: bool, tool_choice="auto", parser=None, parallel=None, **extra):
+    """[(content, tool calls, finish_reason)] of each of 2 choices, from the whole response or its chunks."""
     body = ChatCompletionRequest(model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
                                  tools=FORCING_TOOLS, tool_choice=tool_choice, max_tokens=200, temperature=1.0,
-                                 seed=2, n=2, parallel_tool_calls=parallel, stream=stream)
+                                 seed=2, n=2, parallel_tool_calls=parallel, stream=stream, **extra)
     ids = endpoint.encode_chat([m.template_dict() for m in body.messages], True, None, {"tools": body.template_tools})
-    builder = ResponseBuilder("chat", "c", "demo", [Prompt(ids)], 2, tool_call_parser=body.forced_tool_calls)
+    builder = ResponseBuilder("chat", "c", "demo", [Prompt(ids)], 2, tool_call_parser=body.forced_tool_calls or parser)
     async def run():
         response = await RequestSession(endpoint, body, builder, body.to_sampling_params(LimitsConfig()),
                                         ServingMetrics()).respond(stream)
@@ -106,16 +158,42 @@ def forced_response(endpoint, tool_choice, stream: bool, parallel=None):
 
     response, chunks = asyncio.run(run())
     if not stream:
-        return [(c["message"]["tool_calls"], c["finish_reason"]) for c in json.loads(response.body)["choices"]]
+        return [(c["message"]["content"], c["message"]["tool_calls"], c["finish_reason"])
+                for c in json.loads(response.body)["choices"]]
     events = [json.loads(line[6:]) for chunk in chunks for line in
               (chunk if isinstance(chunk, str) else chunk.decode()).splitlines() if line.startswith("data: {")]
     choices = {}
     for event in events:
         for c in event["choices"]:
-            calls, _ = choices.setdefault(c["index"], ([], None))
-            calls += c["delta"].get("tool_calls") or []
-            choices[c["index"]] = (calls, c.get("finish_reason") or choices[c["index"]][1])
+            content, calls, _ = choices.setdefault(c["index"], ("", [], None))
+            choices[c["index"]] = (content + (c["delta"].get("content") or ""),
+                                   calls + (c["delta"].get("tool_calls") or []),
+                                   c.get("finish_reason") or choices[c["index"]][2])
     return [choices[i] for i in sorted(choices)]
+
+
+def forced_response(endpoint, tool_choice, stream: bool, parallel=None):
+    return [(calls, finish_reason) for _, calls, finish_reason in chat_response(endpoint, stream, tool_choice,
+                                                                                 parallel=parallel)]
+
+
+ADD = r'"add", "(arguments|parameters)": \{"a": [0-9], "b": [0-9]\}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("parser, regex, content", [
+    ("hermes", r'Sure\. <tool_call>\{"name": ' + ADD + r'\}</tool_call>', "Sure."),
+    ("llama3_json", r'\{"name": ' + ADD + r'\}', None),
+    ("mistral", r'Sure\.\[TOOL_CALLS\] \[\{"name": ' + ADD + r'\}\]', "Sure."),
+])
+def test_each_parser_reads_the_calls_an_engine_writes(demo_endpoint, parser, regex, content, stream):
+    """The random demo model writes each parser's format because a regex constrains it (tool_choice auto)."""
+    for got_content, calls, finish_reason in chat_response(demo_endpoint, stream, parser=parser,
+                                                           structured_outputs={"regex": regex}):
+        (call,) = calls
+        assert call["function"]["name"] == "add" and finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), FORCING_TOOLS[1]["function"]["parameters"])
+        assert (got_content.strip() or None if stream else got_content) == content
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -140,10 +218,19 @@ def test_required_calls_at_least_one_tool(demo_endpoint, stream):
 def test_forced_calls_are_checked():
     base = dict(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
     for extra, param in (({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")):
+                         ({"tool_choice": "required", "guided_regex": "[a-z]+"}, "tool_choice")):
         with pytest.raises(APIError) as e:
             ChatCompletionRequest(**base, **extra).to_sampling_params(LimitsConfig())
         assert e.value.status == 400 and e.value.param == param
+
+
+def test_a_forced_call_takes_precedence_over_response_format():
+    """As in vLLM: response_format shapes a text answer, and this answer is a call (agent SDKs send both)."""
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=FORCING_TOOLS,
+                                 tool_choice={"type": "function", "function": {"name": "add"}},
+                                 response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                                     "type": "object", "properties": {"x": {"type": "string"}}}}})
+    assert body.to_sampling_params(LimitsConfig()).structured_outputs.json == FORCING_TOOLS[1]["function"]["parameters"]
 
 
 def test_tools_and_tool_results_reach_the_template_of_a_real_engine():

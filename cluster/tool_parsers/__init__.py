@@ -1,0 +1,1 @@
+"""One tool-call parser per file; cluster/tool_calls.py picks one by name (`ToolCallParserName`)."""
