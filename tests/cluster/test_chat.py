@@ -1,0 +1,127 @@
+"""`strata chat` in a pseudo-terminal, as a person uses it: against a served demo model (--url), each answer is
+the one the API gives for the whole conversation so far; /system, /reset, /exit and Ctrl-D; errors are one
+line. Without --url it starts its own server and stops it when the chat ends (here on Ctrl-C)."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import openai
+import pexpect
+import psutil
+import pytest
+import yaml
+
+from cluster.chat import PROMPT
+from cluster.config import ClusterConfig, ModelConfig
+from tests.support.cli import strata
+from tests.support.paths import ROOT
+from tests.support.serve_app import deploy
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "chat-key"
+CONFIG = ClusterConfig(models=[ModelConfig(model="demo", num_kv_blocks=128, max_num_seqs=4)], api_keys=[API_KEY],
+                       app_name="strata-chat")
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url):
+    yield from deploy(serve_url, CONFIG)
+
+
+def spawn_chat(*args: str, timeout: float = 60) -> pexpect.spawn:
+    env = {**os.environ, "TERM": "dumb", "PYTHONPATH": str(ROOT)}  # dumb: readline writes no escape codes
+    return pexpect.spawn(sys.executable, ["-m", "cluster.cli", "chat", *args], cwd=str(ROOT), env=env,
+                         encoding="utf-8", codec_errors="replace", timeout=timeout, dimensions=(40, 200))
+
+
+def say(chat: pexpect.spawn, line: str) -> str:
+    """Type a line, wait for the next prompt, and return what the chat wrote in between (the typed line's echo
+    and the trailing newline left out)."""
+    chat.sendline(line)
+    chat.expect_exact(PROMPT)
+    shown = chat.before.replace("\r\n", "\n")
+    assert shown.startswith(line + "\n"), shown
+    return shown.removeprefix(line + "\n").removesuffix("\n")
+
+
+def test_a_conversation_with_system_prompt_and_reset(base_url):
+    api = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+
+    def answer(*messages: dict) -> str:
+        out = api.chat.completions.create(model="demo", messages=list(messages), **GREEDY)
+        return out.choices[0].message.content
+
+    def user(text: str) -> dict:
+        return {"role": "user", "content": text}
+
+    chat = spawn_chat("--url", base_url, "--api-key", API_KEY, "--temperature", "0", "--max-tokens", "12")
+    chat.expect_exact("Chatting with demo")
+    chat.expect_exact(PROMPT)
+    first = say(chat, "Hello there")
+    assert first and first == answer(user("Hello there"))
+    second = say(chat, "Tell me more")  # the whole conversation goes with each message
+    assert second == answer(user("Hello there"), {"role": "assistant", "content": first}, user("Tell me more"))
+    assert say(chat, "/system You are a pirate.") == "(system prompt set)"
+    system = {"role": "system", "content": "You are a pirate."}
+    third = say(chat, "Ahoy")
+    assert third == answer(system, user("Hello there"), {"role": "assistant", "content": first},
+                           user("Tell me more"), {"role": "assistant", "content": second}, user("Ahoy"))
+    assert say(chat, "/reset") == "(conversation cleared)"
+    assert say(chat, "Ahoy") == answer(system, user("Ahoy"))  # the system prompt outlives /reset
+    assert say(chat, "/system") == "(system prompt: You are a pirate.)"
+    assert "unknown command /frobnicate" in say(chat, "/frobnicate")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_d_at_the_prompt_leaves_cleanly(base_url):
+    chat = spawn_chat("--url", base_url, "--api-key", API_KEY)
+    chat.expect_exact(PROMPT)
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0 and "Traceback" not in chat.before, chat.before
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--api-key", "wrong-key"], "strata chat: the server refused the API key"),
+    (["no-such-model", "--api-key", API_KEY], "strata chat: the server has no model 'no-such-model'; it serves: demo"),
+])
+def test_errors_are_one_line(base_url, args, error):
+    out = strata("chat", "--url", base_url, *args)
+    assert out.returncode == 1 and out.stderr.startswith(error), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_an_unreachable_server_is_one_line(tmp_path):
+    out = strata("chat", "--url", "http://127.0.0.1:1")
+    assert out.returncode == 1, out
+    assert out.stderr.strip() == "strata chat: cannot reach the server at http://127.0.0.1:1/v1 ([Errno 111] " \
+                                 "Connection refused)"
+
+
+def test_without_url_it_serves_the_model_itself_and_stops_it_on_ctrl_c(tmp_path):
+    config = tmp_path / "chat.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"model": "demo", "num_kv_blocks": 64, "max_num_seqs": 4,
+                                                  "num_cpus_per_replica": 0.5}]}))
+    chat = spawn_chat("demo", "--config", str(config), "--max-tokens", "4", timeout=240)
+    try:
+        chat.expect(r"Chatting with demo at http://127\.0\.0\.1:(\d+)")
+        port = int(chat.match.group(1))
+        chat.expect_exact(PROMPT)
+        assert say(chat, "Hello")
+        servers = [p for p in psutil.process_iter(["cmdline"])
+                   if re.search(rf"cluster\.cli serve demo .*--port {port}\b", " ".join(p.info["cmdline"] or []))]
+        assert len(servers) == 1
+        chat.sendintr()  # Ctrl-C at the prompt: the chat ends, and waits for its server to stop
+        chat.expect(pexpect.EOF, timeout=90)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0 and "Traceback" not in chat.before, chat.before
+    assert not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE
