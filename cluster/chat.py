@@ -21,14 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from cluster.api_client import ServerError, error_message, openai_client, pick_model
+
 PROMPT = ">>> "
 SERVER_READY = "Strata is serving"
 HELP = ("/reset: forget the conversation   /system TEXT: set the system prompt (/system alone shows it)\n"
         "/exit: leave (also Ctrl-D)   Ctrl-C: stop the answer being written, or leave at the prompt")
-
-
-class ChatError(Exception):
-    """Something the user must fix (server unreachable, key refused, no such model): one line, exit status 1."""
 
 
 class Conversation:
@@ -63,46 +61,9 @@ class Conversation:
         except openai.APIError as e:
             if reply:
                 write("\n")
-            raise ChatError(api_error_message(e, self.client.base_url)) from None
+            raise ServerError(error_message(e, self.client.base_url)) from None
         self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
         write("\n")
-
-
-def api_error_message(error, base_url) -> str:
-    import openai
-
-    if isinstance(error, openai.APIConnectionError):
-        cause = error.__cause__ or error
-        return f"cannot reach the server at {str(base_url).rstrip('/')} ({str(cause) or type(cause).__name__})"
-    if isinstance(error, openai.APIStatusError):
-        body = error.body if isinstance(error.body, dict) else {}
-        message = body.get("message") or error.message
-        if error.status_code == 401:
-            return f"the server refused the API key ({message}); pass the right one with --api-key"
-        return f"the server answered {error.status_code}: {message}"
-    return str(error)
-
-
-def pick_model(client, wanted: str | None) -> str:
-    import openai
-
-    try:
-        served = [m.id for m in client.models.list()]
-    except openai.APIError as e:
-        raise ChatError(api_error_message(e, client.base_url)) from None
-    if not served:
-        raise ChatError(f"the server at {client.base_url} serves no model")
-    if wanted is None:
-        return served[0]
-    if wanted not in served:
-        raise ChatError(f"the server has no model {wanted!r}; it serves: {', '.join(served[:20])}")
-    return wanted
-
-
-def api_base(url: str) -> str:
-    """The OpenAI base URL of a server given as http://host:port or http://host:port/v1."""
-    url = url.rstrip("/")
-    return url if url.endswith("/v1") else url + "/v1"
 
 
 @contextmanager
@@ -124,7 +85,7 @@ def local_server(model: str, config: str | None) -> Iterator[str]:
     try:
         while SERVER_READY not in log.read_text(errors="replace"):
             if process.poll() is not None:
-                raise ChatError(f"the local server stopped: {last_line(log)} (its log: {log})")
+                raise ServerError(f"the local server stopped: {last_line(log)} (its log: {log})")
             time.sleep(0.25)
         failed = False
         yield f"http://127.0.0.1:{port}"
@@ -186,26 +147,23 @@ def run_chat(conversation: Conversation, server: str) -> None:
         else:
             try:
                 conversation.ask(line, write)
-            except ChatError as e:
+            except ServerError as e:
                 print(f"strata chat: {e}", file=sys.stderr, flush=True)
 
 
 def chat_command(args) -> int:
-    import openai
-
     from cluster.config import DEFAULT_MODEL
 
     # SIGTERM and SIGHUP (the terminal closed) end the chat like Ctrl-C: a local server is stopped on the way out.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or "none"
     try:
         with nullcontext(args.url) if args.url else local_server(args.model or DEFAULT_MODEL, args.config) as url:
-            client = openai.OpenAI(base_url=api_base(url), api_key=api_key, max_retries=0)
+            client = openai_client(url, args.api_key)
             conversation = Conversation(client, pick_model(client, args.model), args.system, sampling)
             run_chat(conversation, url.rstrip("/"))
-    except ChatError as e:
+    except ServerError as e:
         print(f"strata chat: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while the local server starts

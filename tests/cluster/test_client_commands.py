@@ -1,8 +1,10 @@
-"""`strata chat` in a pseudo-terminal, as a person uses it: against a served demo model (--url), each answer is
-the one the API gives for the whole conversation so far; /system, /reset, /exit and Ctrl-D; errors are one
-line. Without --url it starts its own server and stops it when the chat ends (here on Ctrl-C)."""
+"""The commands that talk to a server, against a served demo model. `strata chat` in a pseudo-terminal, as a
+person uses it: each answer is the one the API gives for the whole conversation so far; /system, /reset, /exit
+and Ctrl-D; without --url it starts its own server and stops it when the chat ends (here on Ctrl-C).
+`strata bench`: vllm bench serve's figures and JSON keys. Errors of both are one line."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -90,11 +92,13 @@ def test_ctrl_d_at_the_prompt_leaves_cleanly(base_url):
 
 
 @pytest.mark.parametrize("args, error", [
-    (["--api-key", "wrong-key"], "strata chat: the server refused the API key"),
-    (["no-such-model", "--api-key", API_KEY], "strata chat: the server has no model 'no-such-model'; it serves: demo"),
+    (["chat", "--api-key", "wrong-key"], "strata chat: the server refused the API key"),
+    (["chat", "no-such-model", "--api-key", API_KEY],
+     "strata chat: the server has no model 'no-such-model'; it serves: demo"),
+    (["bench", "--api-key", "wrong-key"], "strata bench: the server refused the API key"),
 ])
 def test_errors_are_one_line(base_url, args, error):
-    out = strata("chat", "--url", base_url, *args)
+    out = strata(*args, "--url" if args[0] == "chat" else "--base-url", base_url)
     assert out.returncode == 1 and out.stderr.startswith(error), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -125,3 +129,21 @@ def test_without_url_it_serves_the_model_itself_and_stops_it_on_ctrl_c(tmp_path)
         chat.close(force=True)
     assert chat.exitstatus == 0 and "Traceback" not in chat.before, chat.before
     assert not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_bench_reports_vllms_figures(base_url, tmp_path):
+    out = strata("bench", "--base-url", base_url, "--api-key", API_KEY, "--num-prompts", "6", "--random-input-len",
+                 "16", "--random-output-len", "5", "--max-concurrency", "3", "--goodput", "ttft:600000", "e2el:600000",
+                 "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result",
+                 "--result-dir", str(tmp_path), "--result-filename", "bench.json", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Serving Benchmark Result" in out.stdout and "P99 TTFT (ms):" in out.stdout, out.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["model_id"], result["completed"], result["failed"], result["max_concurrency"]) == ("demo", 6, 0, 3)
+    assert result["input_lens"] == [16] * 6 and result["output_lens"] == [5] * 6 and result["errors"] == [""] * 6
+    assert (result["total_input_tokens"], result["total_output_tokens"]) == (6 * 16, 6 * 5)
+    assert result["request_goodput"] == pytest.approx(result["request_throughput"])  # every request met the SLOs
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < result[f"p50_{metric}_ms"] <= result[f"p99_{metric}_ms"], metric
+        assert result[f"median_{metric}_ms"] == result[f"p50_{metric}_ms"] and f"std_{metric}_ms" in result
+    assert result["mean_ttft_ms"] <= result["mean_e2el_ms"]
