@@ -81,13 +81,13 @@ def local_server(model: str, config: str | None) -> Iterator[str]:
     with os.fdopen(fd, "w") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    failed = True
+    keep_log = False
     try:
         while SERVER_READY not in log.read_text(errors="replace"):
             if process.poll() is not None:
+                keep_log = True
                 raise ServerError(f"the local server stopped: {last_line(log)} (its log: {log})")
             time.sleep(0.25)
-        failed = False
         yield f"http://127.0.0.1:{port}"
     finally:
         if process.poll() is None:
@@ -97,7 +97,7 @@ def local_server(model: str, config: str | None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if not failed:
+        if not keep_log:
             log.unlink(missing_ok=True)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import openai
 import pexpect
@@ -108,6 +109,17 @@ def test_an_unreachable_server_is_one_line(tmp_path):
     assert out.returncode == 1, out
     assert out.stderr.strip() == "strata chat: cannot reach the server at http://127.0.0.1:1/v1 ([Errno 111] " \
                                  "Connection refused)"
+
+
+def test_a_local_server_that_fails_is_one_line_and_keeps_its_log():
+    out = strata("chat", "./no/such/model")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    found = re.fullmatch(r"strata chat: the local server stopped: strata: error: model directory './no/such/model' "
+                         r"does not exist \(its log: (\S+)\)", out.stderr.strip())
+    assert found, out.stderr
+    log = Path(found[1])
+    assert "does not exist" in log.read_text()
+    log.unlink()
 
 
 def test_without_url_it_serves_the_model_itself_and_stops_it_on_ctrl_c(tmp_path):
