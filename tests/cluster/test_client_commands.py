@@ -1,6 +1,7 @@
 """The commands that talk to a server, against a served demo model. `strata chat` in a pseudo-terminal, as a
-person uses it: each answer is the one the API gives for the whole conversation so far; /system, /reset, /exit
-and Ctrl-D; without --url it starts its own server and stops it when the chat ends (here on Ctrl-C).
+person uses it: each answer is the one the API gives for the whole conversation so far; /system, /reset, /exit,
+Ctrl-D, Ctrl-C during an answer; without --url it starts its own server and stops it when the chat ends (here on
+Ctrl-C).
 `strata bench`: vllm bench serve's figures and JSON keys. Errors of both are one line."""
 from __future__ import annotations
 
@@ -77,6 +78,28 @@ def test_a_conversation_with_system_prompt_and_reset(base_url):
     assert say(chat, "Ahoy") == answer(system, user("Ahoy"))  # the system prompt outlives /reset
     assert say(chat, "/system") == "(system prompt: You are a pirate.)"
     assert "unknown command /frobnicate" in say(chat, "/frobnicate")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_during_an_answer_stops_that_answer_only(base_url):
+    api = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+    long = api.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}], temperature=0,
+                                       max_tokens=1000)
+    assert long.choices[0].finish_reason == "length"  # so the answer below is still being written when stopped
+    chat = spawn_chat("--url", base_url, "--api-key", API_KEY, "--temperature", "0", "--max-tokens", "1000")
+    chat.expect_exact(PROMPT)
+    chat.sendline("Hello")
+    chat.expect_exact("Hello\r\n")
+    chat.expect(r"\S")  # the answer has begun
+    begun = chat.before + chat.after
+    chat.sendintr()
+    chat.expect_exact(" [stopped]\r\n" + PROMPT)
+    shown = (begun + chat.before).replace("^C", "").replace("\r\n", "\n")  # the terminal echoes Ctrl-C as ^C
+    assert long.choices[0].message.content.startswith(shown) and len(shown) < len(long.choices[0].message.content)
+    assert say(chat, "/system") == "(system prompt: none)"  # still chatting
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     chat.close()
