@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from cluster.api_client import ServerError, error_message, openai_client, pick_model
+from cluster.config import DEFAULT_MODEL
 
 PROMPT = ">>> "
 SERVER_READY = "Strata is serving"
@@ -67,7 +68,7 @@ class Conversation:
 
 
 @contextmanager
-def local_server(model: str, config: str | None) -> Iterator[str]:
+def local_server(model: str | None, config: str | None) -> Iterator[str]:
     """`strata serve MODEL` on a spare port, in its own session (Ctrl-C in the chat must not reach it); its console
     goes to a log file, kept (and named) only when it fails. Yields its base URL once the model is ready."""
     from cluster.serve_env import spare_port
@@ -75,9 +76,10 @@ def local_server(model: str, config: str | None) -> Iterator[str]:
     port = spare_port()
     fd, log_name = tempfile.mkstemp(prefix="strata-chat-", suffix=".log")
     log = Path(log_name)
-    command = [sys.executable, "-m", "cluster.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-               *(["--config", config] if config else [])]
-    print(f"Starting a local server for {model} (the first start of a model takes longer)...", flush=True)
+    command = [sys.executable, "-m", "cluster.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
+               "--port", str(port), *(["--config", config] if config else [])]
+    what = model or (f"the models of {config}" if config else DEFAULT_MODEL)
+    print(f"Starting a local server for {what} (the first start of a model takes longer)...", flush=True)
     with os.fdopen(fd, "w") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -152,14 +154,12 @@ def run_chat(conversation: Conversation, server: str) -> None:
 
 
 def chat_command(args) -> int:
-    from cluster.config import DEFAULT_MODEL
-
     # SIGTERM and SIGHUP (the terminal closed) end the chat like Ctrl-C: a local server is stopped on the way out.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
     try:
-        with nullcontext(args.url) if args.url else local_server(args.model or DEFAULT_MODEL, args.config) as url:
+        with nullcontext(args.url) if args.url else local_server(args.model, args.config) as url:
             client = openai_client(url, args.api_key)
             conversation = Conversation(client, pick_model(client, args.model), args.system, sampling)
             run_chat(conversation, url.rstrip("/"))

@@ -149,14 +149,14 @@ def test_without_url_it_serves_the_model_itself_and_stops_it_on_ctrl_c(tmp_path)
     config = tmp_path / "chat.yaml"
     config.write_text(yaml.safe_dump({"models": [{"model": "demo", "num_kv_blocks": 64, "max_num_seqs": 4,
                                                   "num_cpus_per_replica": 0.5}]}))
-    chat = spawn_chat("demo", "--config", str(config), "--max-tokens", "4", timeout=240)
+    chat = spawn_chat("--config", str(config), "--max-tokens", "4", timeout=240)  # the model: the config's
     try:
         chat.expect(r"Chatting with demo at http://127\.0\.0\.1:(\d+)")
         port = int(chat.match.group(1))
         chat.expect_exact(PROMPT)
         assert say(chat, "Hello")
         servers = [p for p in psutil.process_iter(["cmdline"])
-                   if re.search(rf"cluster\.cli serve demo .*--port {port}\b", " ".join(p.info["cmdline"] or []))]
+                   if re.search(rf"cluster\.cli serve .*--port {port}\b", " ".join(p.info["cmdline"] or []))]
         assert len(servers) == 1
         chat.sendintr()  # Ctrl-C at the prompt: the chat ends, and waits for its server to stop
         chat.expect(pexpect.EOF, timeout=90)
