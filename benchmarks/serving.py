@@ -14,17 +14,17 @@ several values of either sweep the load, one run per value. Per run: TTFT, TPOT,
 (mean/p50/p90/p99, ms), request and token throughput, and goodput (requests/s meeting every `--goodput` SLO).
 Writes benchmarks/results/serving-<label>-*.json and a PNG of latency against achieved throughput.
 `benchmarks/serving_overhead.py` and `benchmarks/serving_routing.py` use this module's `run_load` in-process.
+The load client itself (requests, the OpenAI backend, `run_load`, `summarize`) is cluster/bench.py, which
+`strata bench` runs from an installed Strata; this script adds the shared workloads, the in-process engine, sweeps
+and plots.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,33 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import write_result  # noqa: E402
 from benchmarks.workloads import WORKLOADS  # noqa: E402
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    output_len: int
-
-
-@dataclass
-class Result:
-    ok: bool = False
-    error: str = ""
-    start: float = 0.0
-    ttft: float = 0.0
-    e2e: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-
-    def arrived(self) -> None:
-        """Tokens arrived now: the first time sets TTFT, later ones add an inter-token latency."""
-        now = time.perf_counter()
-        if not self.ttft:
-            self.ttft = now - self.start
-        else:
-            self.itls.append(now - self.start - self.e2e)
-        self.e2e = now - self.start  # the latest arrival so far; the final value once the stream ends
+from cluster.bench import (OpenAIBackend, Request, Result, meets, parse_slos, run_load,  # noqa: E402, F401
+                           summarize)
 
 
 # -- datasets -----------------------------------------------------------------------------------------------------
@@ -91,56 +66,7 @@ def model_vocab(model: str) -> int:
     return load_hf_config(resolve_model(model)).vocab_size
 
 
-# -- backends -----------------------------------------------------------------------------------------------------
-class OpenAIBackend:
-    """Streams /v1/completions over HTTP; one SSE chunk is one arrival of tokens."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 3600):
-        self.url = base_url.rstrip("/") + "/v1/completions"
-        self.model = model
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
-        self.session = None
-
-    async def __aenter__(self):
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                             connector=aiohttp.TCPConnector(limit=0))
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.session.close()
-
-    async def send(self, req: Request, result: Result) -> None:
-        body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        async with self.session.post(self.url, json=body, headers=self.headers) as resp:
-            if resp.status != 200:
-                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", str(chunk["error"]))
-                    return
-                if chunk.get("choices"):
-                    result.arrived()
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-        result.e2e = time.perf_counter() - result.start
-        result.ok = result.output_tokens == req.output_len
-        if not result.ok:
-            result.error = f"{result.output_tokens} of {req.output_len} tokens (usage missing or short)"
-
-
+# -- the in-process backend ---------------------------------------------------------------------------------------
 class InProcessBackend:
     """The same requests straight into an AsyncEngine in this process: no HTTP, no Ray."""
 
@@ -171,76 +97,7 @@ class InProcessBackend:
         result.ok = result.output_tokens == req.output_len
 
 
-# -- load ---------------------------------------------------------------------------------------------------------
-async def run_load(backend, requests: list[Request], request_rate: float = math.inf,
-                   max_concurrency: int | None = None, seed: int = 0) -> tuple[list[Result], float]:
-    """Send every request (Poisson arrivals at request_rate, at most max_concurrency in flight); returns the
-    results in request order and the wall time from the first send to the last answer."""
-    rng = random.Random(seed)
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    results = [Result() for _ in requests]
-
-    async def one(req: Request, result: Result) -> None:
-        if gate:
-            await gate.acquire()
-        try:
-            result.start = time.perf_counter()
-            await backend.send(req, result)
-        except Exception as e:  # noqa: BLE001 - a failed request is a figure, not a crash of the benchmark
-            result.error = f"{type(e).__name__}: {e}"
-        finally:
-            if gate:
-                gate.release()
-
-    t0 = time.perf_counter()
-    tasks = []
-    for req, result in zip(requests, results):
-        tasks.append(asyncio.create_task(one(req, result)))
-        if request_rate != math.inf:
-            await asyncio.sleep(rng.expovariate(request_rate))
-    await asyncio.gather(*tasks)
-    return results, time.perf_counter() - t0
-
-
-def summarize(results: list[Result], seconds: float, slos: dict[str, float] | None = None) -> dict:
-    ok = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_tokens for r in ok)
-    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    series = {"ttft_ms": [r.ttft for r in ok], "tpot_ms": tpots, "itl_ms": [x for r in ok for x in r.itls],
-              "e2e_ms": [r.e2e for r in ok]}
-    figures = {"completed": len(ok), "failed": len(results) - len(ok),
-               "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": seconds,
-               "request_throughput": len(ok) / seconds, "output_throughput": out_tokens / seconds,
-               "total_token_throughput": (in_tokens + out_tokens) / seconds,
-               "input_tokens": in_tokens, "output_tokens": out_tokens}
-    for name, xs in series.items():
-        ms = np.asarray(xs, dtype=float) * 1e3
-        figures[name] = ({"mean": float(ms.mean()), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}}
-                         if len(ms) else {})
-    if slos:
-        good = [r for r in ok if meets(r, slos)]
-        figures["goodput"] = len(good) / seconds
-        figures["slos_ms"] = slos
-    return figures
-
-
-def meets(r: Result, slos: dict[str, float]) -> bool:
-    tpot = (r.e2e - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-    have = {"ttft": r.ttft, "tpot": tpot, "e2e": r.e2e}
-    return all(have[k] * 1e3 <= v for k, v in slos.items())
-
-
-def parse_slos(items: list[str] | None) -> dict[str, float]:
-    slos = {}
-    for item in items or []:
-        key, _, value = item.partition(":")
-        if key not in ("ttft", "tpot", "e2e") or not value:
-            raise SystemExit(f"error: --goodput takes ttft:MS, tpot:MS or e2e:MS, got {item!r}")
-        slos[key] = float(value)
-    return slos
-
-
+# -- sweeps and plots ---------------------------------------------------------------------------------------------
 async def sweep(backend_factory, requests: list[Request], rates: list[float], concurrencies: list[int | None],
                 slos: dict, warmup: int = 2, log=print, cpu_meter=None) -> list[dict]:
     """One run per (rate, concurrency) point, after `warmup` requests that are not counted. `cpu_meter`
@@ -310,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    slos = parse_slos(args.goodput)
+    try:
+        slos = parse_slos(args.goodput)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         requests = make_dataset(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab,
                                 prefix_len=args.prefix_len, num_groups=args.num_groups)

@@ -1,7 +1,9 @@
-"""The `strata` command: serve, deploy, status, config render.
+"""The `strata` command: serve, chat, bench, deploy, status, config render.
 
     strata serve [MODEL] [--tp N] [--pp N] [--min-replicas N] [--max-replicas N] [--host H] [--port P]
                  [--config FILE] [--address ADDR] [--log-level LEVEL] [any ModelConfig / ClusterConfig key as --flag]
+    strata chat [MODEL] [--url URL] [--api-key KEY] [--system TEXT]   (cluster/chat.py)
+    strata bench [--base-url URL] [--model NAME] [vllm bench serve's flags]   (cluster/bench.py)
     strata deploy CONFIG.yaml [--address ADDR]
     strata status [--address ADDR] [--app-name NAME]
     strata config render [MODEL] [--config FILE] [flags]
@@ -25,6 +27,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from cluster.bench import add_bench_parser
+from cluster.chat import add_chat_parser
 from cluster.config import ClusterConfig, HTTPConfig, LimitsConfig, ModelConfig, load_yaml
 from cluster.serve_env import LOG_LEVELS, configure_logging, logging_ray_init_kwargs, start_local
 
@@ -283,6 +287,9 @@ def build_parser() -> Parser:
                               "only with debug (default: info).")
     add_config_flags(serve_p)
     serve_p.set_defaults(run=serve_command)
+
+    add_chat_parser(commands)
+    add_bench_parser(commands)
 
     deploy_p = commands.add_parser("deploy", help="Deploy a config onto a running Ray cluster and return.")
     deploy_p.add_argument("file", help="ClusterConfig YAML, or a Serve config from `strata config render`.")

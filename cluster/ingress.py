@@ -2,10 +2,12 @@
 
 POST /v1/completions, POST /v1/chat/completions (whole or SSE, ending with `data: [DONE]`), GET /v1/models,
 POST /tokenize and /detokenize (vLLM's shapes),
-GET /health (200 only when every model can serve), GET /metrics (Prometheus). Errors are OpenAI-shaped:
+GET /health (200 only when every model can serve), GET /metrics (Prometheus), GET /playground (a chat page in the
+browser: cluster/static/playground.html; GET / redirects to it). Errors are OpenAI-shaped:
 `{"error": {"message", "type", "param", "code"}}` with 400 (bad request), 401 (API key), 404 (model or route),
 413 (body too large), 429 (queue full, Retry-After), 503 (no replica in time, Retry-After), 500.
-/health, /metrics and /openapi.json need no API key, so load balancers, Prometheus and API tools can reach them.
+/health, /metrics, /openapi.json and the playground need no API key, so load balancers, Prometheus, API tools and
+browsers can reach them (the playground sends the key the user types with each API request).
 
 The ingress reads, authorizes and validates a request (cluster/protocol.py), tokenizes its prompt
 (cluster/model_endpoint.py) and hands it to a RequestSession (cluster/session.py), which sends it to the model's
@@ -20,10 +22,11 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
@@ -41,6 +44,7 @@ from cluster.tool_calls import KEEPS_SPECIAL_TOKENS
 logger = logging.getLogger("strata")
 
 app = FastAPI(title="Strata", docs_url=None, redoc_url=None)
+PLAYGROUND_HTML = resources.files("cluster").joinpath("static/playground.html").read_text(encoding="utf-8")
 ROUTE_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                 "/tokenize": TokenizeCompletionRequest, "/detokenize": DetokenizeRequest}
 
@@ -167,6 +171,14 @@ class OpenAIIngress:
             self.metrics.engines.update(name, replica_stats or [])
         payload, content_type = self.metrics.render()
         return Response(payload, media_type=content_type)
+
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self):
+        return HTMLResponse(PLAYGROUND_HTML)
+
+    @app.get("/", include_in_schema=False)
+    async def root(self):
+        return RedirectResponse("playground")  # relative, so it holds under a route prefix too
 
     # -- request plumbing -----------------------------------------------------------------------------------
     async def _read(self, request: Request, model: type[SamplingRequest]):
