@@ -103,6 +103,9 @@ def test_the_grammar_follows_every_engine_path(tiny_model_dir, llm, options):
               constrained("regex", temperature=1.0, seed=12)]
     expected = llm.generate(PROMPTS, params, use_tqdm=False)
     other = LLM(str(tiny_model_dir("llama")), max_num_seqs=16, **options)
+    launched = []  # a spy: every step goes through unchanged
+    execute_async = other.engine.executor.execute_async
+    other.engine.executor.execute_async = lambda batch: launched.append(batch) or execute_async(batch)
     try:
         got = other.generate(PROMPTS, params, use_tqdm=False)
         assert other.stats().preemptions > 0 or "num_kv_blocks" not in options
@@ -110,6 +113,8 @@ def test_the_grammar_follows_every_engine_path(tiny_model_dir, llm, options):
         other.shutdown()
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in expected]
     check_all("json", [got[0]])
+    if options.get("async_scheduling"):  # constrained rows decoded ahead, their bitmask sent after the launch
+        assert sum(b.bitmask_later for b in launched) > len(launched) // 2
 
 
 @pytest.mark.parametrize("options", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
