@@ -319,7 +319,10 @@ class EngineCore:
     def _delta(self, req: Request, sample) -> StreamDelta:
         self.generation_tokens += 1
         detok = self.detokenizers[req.request_id]
-        text, stop = detok.add([sample.token_id])
+        if req.finish_reason == "stop" and not isinstance(req.stop_reason, str):
+            text, stop = "", None  # ended on EOS or a stop token id: its own text is not output (as vLLM)
+        else:
+            text, stop = detok.add([sample.token_id])
         if stop is not None:
             self.scheduler.finish(req.request_id, "stop", stop)
         elif req.is_finished:

@@ -8,6 +8,7 @@ import time
 from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -400,3 +401,47 @@ def test_a_bad_structured_output_is_a_400_naming_its_field(base_url, body, param
     r = httpx.post(f"{base_url}/v1/chat/completions", headers=auth(), timeout=60,
                    json={"model": "demo", "messages": MESSAGES, "max_tokens": 4, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+NESTED = {"type": "object", "additionalProperties": False, "required": ["id", "owner", "tags", "status"], "properties": {
+    "id": {"type": "integer", "minimum": 1, "maximum": 999},
+    "owner": {"type": "object", "additionalProperties": False, "required": ["name", "admin"], "properties": {
+        "name": {"type": "string", "maxLength": 6}, "admin": {"type": "boolean"}}},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+    "status": {"enum": ["open", "closed"]}}}
+
+
+def test_nested_json_schema_at_temperature_1_with_many_seeds(client):
+    outputs = []
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model="demo", messages=MESSAGES, max_tokens=150, temperature=1.0, seed=seed, n=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "ticket", "schema": NESTED}})
+        outputs += [(c.finish_reason, c.message.content) for c in out.choices]
+    for finish_reason, content in outputs:
+        assert finish_reason == "stop"
+        jsonschema.validate(json.loads(content), NESTED)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "set_ticket"}}])
+def test_forced_tool_choice_over_http(client, tool_choice, stream):
+    tools = [{"type": "function", "function": {"name": "set_ticket", "parameters": NESTED}}]
+    out = client.chat.completions.create(model="demo", messages=MESSAGES, tools=tools, tool_choice=tool_choice,
+                                         max_tokens=400, temperature=1.0, seed=3, stream=stream,
+                                         parallel_tool_calls=False)
+    if stream:
+        calls, finish = {}, None
+        for chunk in out:
+            for c in chunk.choices:
+                for call in c.delta.tool_calls or []:
+                    entry = calls.setdefault(call.index, {"name": None, "arguments": ""})
+                    entry["name"] = call.function.name or entry["name"]
+                    entry["arguments"] += call.function.arguments or ""
+                finish = c.finish_reason or finish
+        calls = list(calls.values())
+    else:
+        finish = out.choices[0].finish_reason
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in out.choices[0].message.tool_calls]
+    assert finish == "tool_calls" and [c["name"] for c in calls] == ["set_ticket"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), NESTED)

@@ -59,3 +59,19 @@ def test_engine_stop_string_ends_the_output(tiny_llm):
                             use_tqdm=False)[0].outputs[0]
     assert cut.text == text[: text.index(stop)]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
+
+
+def test_a_stop_token_id_ends_the_output_without_its_text(tiny_llm):
+    """As vLLM: the token that ended the output (EOS or a stop token id) is in token_ids, not in the text, even
+    when it is an ordinary token (a Mistral answer kept with its special tokens would end in `</s>` otherwise)."""
+    free = tiny_llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0]
+    stop_id = free.token_ids[5]
+    out = tiny_llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                                    stop_token_ids=[stop_id]),
+                            use_tqdm=False)[0].outputs[0]
+    end = free.token_ids.index(stop_id)
+    assert out.token_ids == free.token_ids[:end + 1] and out.stop_reason == stop_id
+    decode = tiny_llm.engine.tokenizer.decode
+    assert out.text == decode(free.token_ids[:end], skip_special_tokens=True)
+    assert out.text != decode(free.token_ids[:end + 1], skip_special_tokens=True)
