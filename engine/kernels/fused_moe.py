@@ -4,12 +4,15 @@ fused_experts runs gate/up for every (token, expert) pair, SiLU-and-mul, then do
 sums each token's top_k rows. Its buffers are sized by T and top_k only (no host sync), so it is captured in
 CUDA graphs. The torch reference loops over the experts; it is the CPU path.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ._triton import interpreting, tl, triton, use_triton
 from .activation import silu_and_mul
 from .moe_align import moe_align_block_size
+from .moe_tile_configs import moe_config
 
 
 @triton.jit
@@ -65,14 +68,6 @@ def fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def moe_config(num_tokens: int, num_experts: int, top_k: int) -> dict:
-    """Tile sizes: small M blocks when few tokens reach each expert (decode), larger ones for prefill (vLLM's
-    defaults when no tuned config file matches)."""
-    if num_tokens * top_k <= num_experts * 4:
-        return dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1)
-    return dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, GROUP_SIZE_M=8)
-
-
 def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weights: torch.Tensor | None,
                             sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                             num_tokens_post_padded: torch.Tensor, mul_routed_weight: bool, top_k: int,
@@ -87,6 +82,11 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, t
         FP32_DOT=_fp32_dot(b.dtype), **config)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
 def _fp32_dot(dtype: torch.dtype) -> bool:
     """float32 weights multiply in full precision (not TF32), as the torch path does. Triton's interpreter gets
     bfloat16 tl.dot wrong (3.9), so there bfloat16 tiles are widened first."""
@@ -94,14 +94,17 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H] (gate rows then up rows), w2 [E_local, H, I], topk_weights/ids [T, top_k]
-    (global expert ids; `expert_map`: global -> local, -1 elsewhere) -> [T, H], this rank's experts' sum."""
+    (global expert ids; `expert_map`: global -> local, -1 elsewhere) -> [T, H], this rank's experts' sum.
+    `config`: tile sizes (default: moe_config's)."""
     if not use_triton(x):
         return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
     num_tokens, top_k = topk_ids.shape
     num_experts = expert_map.shape[0] if expert_map is not None else w13.shape[0]
-    config = moe_config(num_tokens, num_experts, top_k)
+    config = config or moe_config(num_tokens, num_experts, top_k, (w2.shape[0], w2.shape[2]),
+                                  _device_name(x.device))
     sorted_ids, expert_ids, post_pad = moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], num_experts, expert_map)
     gate_up = torch.empty(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
     invoke_fused_moe_kernel(x, w13, gate_up, None, sorted_ids, expert_ids, post_pad, False, top_k, config)

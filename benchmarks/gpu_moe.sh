@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Mixture of experts on one GPU (~8 min): a random checkpoint shaped like Qwen3-30B-A3B with LAYERS of its 48
+# layers (default 24, ~30 GB; all 48 take 61 GB), the fused-MoE tile tuning for its expert shape, W1 and W3, and
+# benchmarks/moe.py (batch-1 decode roofline, the layer alone). vLLM on the same checkpoint:
+# ../shared/tools/vllm-anchor/run.sh --model-dir $MODEL --workloads W1,W3 (carried with MOE=1).
+# Device tool: carry a folder of the pydantic wheels (WHEELS, default .whl), then:
+#   STRATA_COMMIT=<commit> OUT=$OUT bash benchmarks/gpu_moe.sh
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
+OUT=${OUT:-benchmarks/results}
+LAYERS=${LAYERS:-24}
+MODEL=${MODEL:-/root/qwen3-30b-a3b-${LAYERS}l}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -f "$MODEL/config.json" ] || python3 benchmarks/make_random_model.py --shape qwen3-30b-a3b --layers "$LAYERS" \
+  --out "$MODEL" 2>&1 | tail -1
+python3 benchmarks/moe_tuning.py --seconds-per-count "${TUNE_SECONDS:-12}" --out-dir "$OUT"
+cp engine/kernels/configs/*.json "$OUT/" 2>/dev/null || true
+python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT"
+python3 benchmarks/moe.py --model "$MODEL" --out-dir "$OUT"
