@@ -9,9 +9,11 @@ from .fp8 import FP8, FP8_MAX, round_to_e4m3
 @triton.jit
 def to_cache(x, scale, FP8_CACHE: tl.constexpr):
     """A key/value as the cache stores it."""
-    if FP8_CACHE:
-        return round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0))
-    return x
+    if FP8_CACHE:  # one return: compiled Triton types every return of a function alike, constexpr branches too
+        stored = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0))
+    else:
+        stored = x
+    return stored
 
 
 @triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])  # a view at a batch-dependent offset
