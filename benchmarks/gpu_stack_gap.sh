@@ -10,7 +10,7 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
 OUT=${OUT:-benchmarks/results}
 MODEL=/root/llama3-8b-random
-STAGES=${STAGES:-offline,in_process,cluster,cluster+direct,cluster+process}
+STAGES=${STAGES:-offline,in_process,cluster,cluster+proxy,cluster+process}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_random_model.py --shape llama3-8b --out "$MODEL" 2>&1 | tail -1
 if [ -n "${BASE_COMMIT:-}" ] && [ -d "${BASE_DIR:-.base}" ]; then

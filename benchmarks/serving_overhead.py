@@ -51,7 +51,7 @@ def through_cluster_config(args):
 
     return ClusterConfig(app_name="overhead", ingress_replicas=args.ingress_replicas,
                          engine_in_ingress=args.engine_in_ingress,
-                         http={"direct_ingress": args.direct_ingress}, models=[ModelConfig(
+                         http={"direct_ingress": True if args.direct_ingress else False if args.serve_proxy else None}, models=[ModelConfig(
         name="bench", num_cpus_per_replica=args.threads, **engine_options(args),
         **({} if args.stream_chunk_rate is None else {"stream_chunk_rate": args.stream_chunk_rate}))])
 
@@ -147,7 +147,10 @@ def main() -> int:
     ap.add_argument("--max-concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (ClusterConfig key)")
-    ap.add_argument("--direct-ingress", action="store_true", help="the ingress serves HTTP itself (http key)")
+    ap.add_argument("--direct-ingress", action="store_true", help="the ingress serves HTTP itself (http key; the "
+                    "default with one ingress replica)")
+    ap.add_argument("--serve-proxy", action="store_true", help="through Serve's HTTP proxy (http.direct_ingress: "
+                    "false)")
     ap.add_argument("--engine-in-ingress", action="store_true", help="the engine runs in the ingress (ClusterConfig key)")
     ap.add_argument("--stream-chunk-rate", type=float, help="ModelConfig key (0: a chunk per token)")
     ap.add_argument("--threads", type=int, default=2,

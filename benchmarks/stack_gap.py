@@ -8,9 +8,11 @@ Stages, from the engine outwards:
 - offline:    `LLM.generate` on every prompt at once (W1 too, batch-1 decode);
 - in_process: an `AsyncEngine` in this process, fed by asyncio tasks as a server would;
 - ingress:    the whole HTTP stack with the engine inside the ingress (`engine_in_ingress`): HTTP, FastAPI, SSE;
-- cluster:    the default layout: HTTP -> ingress -> router -> engine replica (a Serve handle stream per request).
+- cluster:    the default layout: HTTP -> ingress -> router -> engine replica (a Serve handle stream per request),
+              the one ingress replica serving HTTP itself.
 A stage name may add `+process` (the engine loop in its own process, `engine_core_process`) and, for the HTTP
-stages, `+direct` (the ingress serves HTTP itself, `http.direct_ingress`): `--stages cluster,cluster+process`.
+stages, `+proxy` (through Serve's HTTP proxy, `http.direct_ingress: false`) or `+direct` (`http.direct_ingress:
+true`): `--stages cluster,cluster+proxy,cluster+process`.
 Each online stage runs three points: concurrency 1 on `--ttft-prompts` prompts (TTFT and TPOT), concurrency 256,
 and every prompt at once. Prefix caching is off everywhere: the points reuse the same prompts.
 Writes benchmarks/results/stack-gap-*.json with every stage's figures and the ratios the targets are set on.
@@ -101,7 +103,7 @@ def through_http(args, requests: list[Request], stage: str) -> dict:
     from cluster.config import ClusterConfig, ModelConfig
 
     config = ClusterConfig(app_name="stackgap", engine_in_ingress=stage.startswith("ingress"),
-                           http={"direct_ingress": "+direct" in stage}, models=[ModelConfig(
+                           http={"direct_ingress": True if "+direct" in stage else False if "+proxy" in stage else None}, models=[ModelConfig(
         name="bench", max_ongoing_requests=len(requests) + 8, max_queue_size=len(requests) + 8,
         **engine_options(args, stage))])
     base_url = local_serve.start(config, num_cpus=args.num_cpus)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,7 +31,8 @@ from pydantic import ValidationError
 from cluster.bench import add_bench_parser
 from cluster.chat import add_chat_parser
 from cluster.config import ClusterConfig, HTTPConfig, LimitsConfig, ModelConfig, load_yaml
-from cluster.serve_env import LOG_LEVELS, configure_logging, logging_ray_init_kwargs, start_local
+from cluster.serve_env import (LOG_LEVELS, configure_logging, delete_and_wait_for_port, logging_ray_init_kwargs,
+                               serves_http_directly, start_local)
 
 logger = logging.getLogger("strata")
 
@@ -76,7 +78,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             default = field.get_default(call_default_factory=False)
             help_text = f"{field.description or ''} (default: {default})".strip()
             options = _flag_options(field.annotation)
-            metavar = None if "choices" in options or field.annotation is bool else key.upper()
+            metavar = None if "choices" in options or options.get("action") is argparse.BooleanOptionalAction \
+                else key.upper()
             group.add_argument(*names, dest=f"{section}.{key}", default=argparse.SUPPRESS, help=help_text,
                                metavar=metavar, **options)
 
@@ -188,6 +191,10 @@ def deploy_command(args) -> int:
     ray.init(address=args.address or "auto")
     try:
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        if serves_http_directly(config.app_name):
+            logger.warning("this cluster's ingress serves HTTP itself: redeploying restarts %s (requests in flight "
+                           "finish first; new ones are refused until it is back)", config.app_name)
+            delete_and_wait_for_port(config.app_name, config.http.host, config.http.port)
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
     except Exception as e:  # noqa: BLE001
         print(f"strata deploy: deployment failed: {_one_line(e)}", file=sys.stderr)
@@ -322,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"strata: error: {e}", file=sys.stderr)
         return 2
     except ConnectionError as e:  # --address / auto found no Ray cluster
-        print(f"strata: error: cannot reach the Ray cluster ({_one_line(e)}); start one with `ray start --head` "
-              "or use `strata serve`", file=sys.stderr)
+        # Ray turns token authentication on by itself only for a cluster it finds (auto), never for an address.
+        hint = " (a cluster with token authentication, such as one `strata serve` starts, needs RAY_AUTH_MODE=token " \
+               "with an explicit address)" if os.environ.get("RAY_AUTH_MODE") is None else ""
+        print(f"strata: error: cannot reach the Ray cluster ({_one_line(e)}){hint}; start one with `ray start "
+              "--head` or use `strata serve`", file=sys.stderr)
         return 1
 
 

@@ -89,11 +89,12 @@ class HTTPConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the HTTP server binds (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    direct_ingress: bool = Field(
-        False, description="Where Strata starts Ray itself (strata serve without --address): the ingress serves "
-                           "HTTP on the port itself, skipping Serve's proxy hop (extra ingress replicas take the "
-                           "next ports). Off by default: an ingress replica that replaces one still holding the "
-                           "port cannot bind it, so redeploys in place fail.")
+    direct_ingress: bool | None = Field(
+        None, description="Where Strata starts Ray itself (strata serve without --address): the ingress serves HTTP "
+                          "on the port itself, skipping Serve's proxy hop (3.6 ms of TTFT on one H100). Unset: on "
+                          "with one ingress replica, off with several (each would listen on a port of its own: "
+                          "port, port + 1, ...; Serve's proxy spreads requests over them). Clusters started by "
+                          "`ray up` or KubeRay keep Serve's proxy.")
 
 
 class LimitsConfig(BaseModel):
@@ -164,6 +165,13 @@ class ClusterConfig(BaseModel):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.served_name == name), None)
+
+    @property
+    def serves_http_directly(self) -> bool:
+        """Whether the ingress serves HTTP itself on a cluster Strata starts (http.direct_ingress, resolved)."""
+        if self.http.direct_ingress is not None:
+            return self.http.direct_ingress
+        return self.ingress_replicas == 1
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -38,6 +38,7 @@ from cluster.protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
                               ModelCard, ModelList, SamplingRequest, TokenizeChatRequest, TokenizeCompletionRequest,
                               TokenizeResponse, invalid_text_field, new_id, request_body_schemas)
 from cluster.responses import Prompt, ResponseBuilder
+from cluster.serve_env import rebind_over_time_wait
 from cluster.session import RequestSession
 from cluster.tool_calls import KEEPS_SPECIAL_TOKENS
 
@@ -74,6 +75,7 @@ class OpenAIIngress:
         """`engines`: each model's engine deployment handle; a model without one runs its engine in this process
         (engine_in_ingress)."""
         self.config = ClusterConfig.model_validate(config)
+        rebind_over_time_wait()
         self.metrics = ServingMetrics()
         limits = self.config.limits
         self.models = {m.served_name: ModelEndpoint(m, engines[m.served_name], limits) if m.served_name in engines

@@ -1,7 +1,7 @@
 """`strata serve` end to end, as `make serve` runs it: a Ray instance of its own, Serve's low-latency settings
-(cluster/serve_env.py), here with the ingress serving HTTP on --port itself (--direct-ingress); the openai client
-streams from it, and Ctrl-C stops it cleanly. Its console shows the URL, the model and Strata's lines from the
-replicas, and Ray's and Serve's own INFO lines only with --log-level debug."""
+(cluster/serve_env.py), the one ingress replica serving HTTP on --port itself; the openai client streams from it,
+`strata deploy` redeploys it in place, and Ctrl-C stops it cleanly. Its console shows the URL, the model and
+Strata's lines from the replicas, and Ray's and Serve's own INFO lines only with --log-level debug."""
 from __future__ import annotations
 
 import re
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from tests.support.cli import strata
 from tests.support.polling import wait_for
 from tests.support.ports import free_port
 
@@ -51,21 +53,47 @@ def _models(port: int) -> list[str] | None:
     return [m["id"] for m in response.json()["data"]] if response.status_code == 200 else None
 
 
-def test_strata_serve_with_direct_ingress_streams_and_stops_on_ctrl_c(tmp_path):
+def _listener(port: int) -> str:
+    """The command line of the process listening on `port`."""
+    pid = next(c.pid for c in psutil.net_connections(kind="tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+    return " ".join(psutil.Process(pid).cmdline())
+
+
+def test_strata_serve_streams_redeploys_in_place_and_stops_on_ctrl_c(tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
-    process = start(port, log, "--direct-ingress")
+    process = start(port, log)
     try:
         ready = f"Strata is serving demo at http://127.0.0.1:{port}"
         wait_for(lambda: ready in log.read_text() or process.poll() is not None, timeout=240,
                  what="strata serve to be ready")
         assert process.poll() is None, log.read_text()[-3000:]
         assert _models(port) == ["demo"]
+        assert "OpenAIIngress" in _listener(port)  # not Serve's proxy: no hop between
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         chunks = list(client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0,
                                                 stream=True))
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-        whole = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0)
+        whole = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0, n=3)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+
+        # In place, with a limit the ingress enforces: the new ingress replica takes the port back, though a
+        # client's kept-alive connection leaves the old one's side of it waiting to close (FIN-WAIT, TIME-WAIT).
+        kept_alive = httpx.Client()
+        assert kept_alive.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        address = re.search(r"Ray started at (\S+) ", log.read_text()).group(1)
+        config = tmp_path / "strata.yaml"
+        rendered = strata("config", "render", "demo", "--port", str(port), "--num-kv-blocks", "64",
+                          "--max-num-seqs", "4", "--num-cpus-per-replica", "0.5", "--max-n", "2")
+        config.write_text(rendered.stdout)
+        deployed = strata("deploy", str(config), "--address", address, timeout=240, env={"RAY_AUTH_MODE": "token"})
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        with pytest.raises(openai.BadRequestError, match="n"):
+            client.completions.create(model="demo", prompt="Hello", max_tokens=5, n=3)
+        assert client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0).choices[0].text \
+            == whole.choices[0].text
+        assert "OpenAIIngress" in _listener(port)
+        kept_alive.close()
     finally:
         stop_with_ctrl_c(process)
     console = log.read_text()

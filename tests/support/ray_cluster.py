@@ -45,8 +45,9 @@ def local_serve(num_cpus: int = 12) -> str:
     from cluster.serve_env import start_local
 
     port = free_port()
-    serve.start(http_options=start_local(ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=port)),
-                                         num_cpus=num_cpus, include_dashboard=False))
+    # Serve's proxy: modules deploy apps of their own, one after another, on this one Ray
+    config = ClusterConfig(http=HTTPConfig(host="127.0.0.1", port=port, direct_ingress=False))
+    serve.start(http_options=start_local(config, num_cpus=num_cpus, include_dashboard=False))
     _serve["url"] = f"http://127.0.0.1:{port}"
     return _serve["url"]
 

@@ -156,6 +156,20 @@ def test_decode_and_prefill_tiles():
     assert moe_config(1, 128, 8)["BLOCK_SIZE_M"] == 16 and moe_config(4096, 128, 8)["BLOCK_SIZE_M"] == 64
 
 
+def test_tuned_tiles_come_from_the_file_for_the_shape_and_gpu():
+    """The H100 file for Qwen3-30B-A3B's experts, entry nearest the token count; another GPU gets the defaults."""
+    import json
+
+    from engine.kernels.moe_tile_configs import CONFIG_DIR, config_file_name
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    tuned = json.loads((CONFIG_DIR / config_file_name(128, 768, h100)).read_text())
+    assert moe_config(4000, 128, 8, (128, 768), h100) == tuned["4096"]
+    assert moe_config(3, 128, 8, (128, 768), h100) in (tuned["2"], tuned["4"])
+    assert moe_config(4000, 128, 8, (128, 768), "NVIDIA B200") == moe_config(4000, 128, 8)
+    assert moe_config(4000, 128, 8, (64, 768), h100) == moe_config(4000, 128, 8)
+
+
 def test_routed_experts_match_reference(device):
     """The MoE layer's Triton path end to end (router kernel into the fused experts) against its torch path."""
     num_experts, hidden, inter = 7, 64, 32
