@@ -10,9 +10,9 @@
 #   ~/.cache/strata/images/debian-SUITE.tar   the debootstrap rootfs, made once per suite
 #   buildah's layer cache and RUN cache mounts (pip's downloads), kept between builds; STRATA_NO_CACHE=1 builds
 #   every layer anew (pip's downloads stay cached)
-# STRATA_WHEELS (default /opt/wheels when it exists): a folder of wheels pip may take during the build, e.g. the
-# CPU torch wheel where download.pytorch.org is out of reach. Writes the image's size and build time to
-# benchmarks/results/image-KIND.json.
+# STRATA_WHEELS (CPU image: default /opt/wheels when it exists): a folder of wheels pip may take during the
+# build, e.g. the CPU torch wheel where download.pytorch.org is out of reach.
+# Writes the image's size and build time to benchmarks/results/image-KIND.json.
 set -euo pipefail
 
 KIND=${1:-cpu}
@@ -23,7 +23,8 @@ MIRROR=${STRATA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${STRATA_IMAGE_CACHE:-$HOME/.cache/strata/images}
 BASE=localhost/debian:$SUITE
 TAG=${STRATA_IMAGE_TAG:-localhost/strata:$KIND}
-WHEELS=${STRATA_WHEELS:-$([ -d /opt/wheels ] && echo /opt/wheels || true)}
+# The CPU build only: the GPU image's torch comes from PyPI, and a local CPU wheel of the same version would win.
+WHEELS=${STRATA_WHEELS:-$([ "$KIND" = cpu ] && [ -d /opt/wheels ] && echo /opt/wheels || true)}
 RESULTS=${STRATA_RESULTS:-$ROOT/benchmarks/results}
 
 log() { echo "build_local: $*" >&2; }
@@ -63,7 +64,7 @@ fi
 # torch wheel when download.pytorch.org is out of reach, torch's own dependencies then from PyPI), and trusts the
 # CA bundle pip trusts here (a proxy's CA, if any).
 CA_BUNDLE=${STRATA_CA_BUNDLE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}
-pipconf=$CACHE/pip-build.conf
+pipconf=$CACHE/pip-build-$KIND.conf
 {
     echo "[global]"
     echo "retries = 2"
@@ -82,6 +83,13 @@ buildah build --isolation chroot --layers ${STRATA_NO_CACHE:+--no-cache} \
     --build-arg "BASE_IMAGE=$BASE" "${volumes[@]}" -t "$TAG" "$ROOT"
 millis=$((($(date +%s%N) - start) / 1000000))
 
+# What can be checked without a GPU: the image imports Strata (and, in the GPU image, Triton).
+imports="import engine, cluster.app, torch" report="'torch', torch.__version__, 'cuda', torch.version.cuda"
+if [ "$KIND" = gpu ]; then imports="$imports, triton" report="$report, 'triton', triton.__version__"; fi
+versions=$(podman --runtime runc --cgroup-manager=cgroupfs run --rm --network none \
+    --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "$TAG" python -c "$imports; print($report)")
+log "$TAG imports Strata: $versions"
+
 size=$(podman image inspect --format '{{.Size}}' "$TAG")
 base_size=$(podman image inspect --format '{{.Size}}' "$BASE")
 mkdir -p "$RESULTS"
@@ -97,6 +105,7 @@ cat >"$RESULTS/image-$KIND.json" <<EOF
   "size_bytes": $size,
   "size_mb": $((size / 1000000)),
   "base_size_mb": $((base_size / 1000000)),
+  "imports": "$imports: $versions",
   "build_seconds": $((millis / 1000)).$((millis % 1000 / 100)),
   "layer_cache": $([ -n "${STRATA_NO_CACHE:-}" ] && echo false || echo true),
   "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -8,6 +8,7 @@ at the next start (sweep_leftovers), everything else by close().
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -78,6 +79,7 @@ class Network:
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
+        atexit.register(self.close)  # if a fixture's finalizer never ran
 
     def add_host(self, role: str) -> Host:
         host = Host(f"{PREFIX}-{os.getpid()}-{role}", f"{self.subnet}.{len(self.hosts) + 2}")
@@ -107,11 +109,13 @@ class Network:
         return name
 
     def close(self) -> None:
+        """Idempotent: removes what is left."""
         for name in self.containers:
             podman("rm", "-f", "-t", "0", name, check=False)
         for host in self.hosts:
             run(["ip", "netns", "delete", host.name], check=False)
         run(["ip", "link", "delete", self.bridge], check=False)
+        self.containers, self.hosts = [], []
 
 
 def logs(container: str, tail: int = 60) -> str:
