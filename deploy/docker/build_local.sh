@@ -35,11 +35,12 @@ for tool in debootstrap buildah podman runc; do command -v "$tool" >/dev/null ||
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # The base: a minimal Debian rootfs, cached as a tarball keyed by the suite, imported once into podman's store.
 mkdir -p "$CACHE"
+base_start=$(date +%s)
 if ! podman image exists "$BASE"; then
     tarball=$CACHE/debian-$SUITE.tar
     if [ ! -s "$tarball" ]; then
@@ -59,6 +60,7 @@ if ! podman image exists "$BASE"; then
     fi
     podman import --quiet "$tarball" "$BASE" >/dev/null
 fi
+base_seconds=$(($(date +%s) - base_start))
 
 # Build-time only, nothing of it lands in the image: a pip config that lets pip take wheels from $WHEELS (the CPU
 # torch wheel when download.pytorch.org is out of reach, torch's own dependencies then from PyPI), and trusts the
@@ -80,7 +82,7 @@ start=$(date +%s%N)
 buildah build --isolation chroot --layers ${STRATA_NO_CACHE:+--no-cache} \
     --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
     -f "$ROOT/deploy/docker/Dockerfile.$KIND" --ignorefile "$ROOT/deploy/docker/Dockerfile.$KIND.dockerignore" \
-    --build-arg "BASE_IMAGE=$BASE" "${volumes[@]}" -t "$TAG" "$ROOT"
+    --build-arg "BASE_IMAGE=$BASE" "${volumes[@]}" -t "$TAG" "$ROOT" 2>&1 | tee "$CACHE/build-$KIND.log"
 millis=$((($(date +%s%N) - start) / 1000000))
 
 # What can be checked without a GPU: the image imports Strata (and, in the GPU image, Triton).
@@ -107,7 +109,9 @@ cat >"$RESULTS/image-$KIND.json" <<EOF
   "base_size_mb": $((base_size / 1000000)),
   "imports": "$imports: $versions",
   "build_seconds": $((millis / 1000)).$((millis % 1000 / 100)),
-  "layer_cache": $([ -n "${STRATA_NO_CACHE:-}" ] && echo false || echo true),
+  "base_seconds": $base_seconds,
+  "steps": $(grep -c '^STEP' "$CACHE/build-$KIND.log" || true),
+  "steps_from_layer_cache": $(grep -c '^--> Using cache' "$CACHE/build-$KIND.log" || true),
   "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 }
 EOF
