@@ -75,9 +75,9 @@ def test_the_image_runs_as_ray_with_python_311_and_no_build_leftovers(image):
     assert out.stdout.split("\n")[:3] == ["ray", "3 11", "imports ok"], out.stdout
     assert out.stdout.split("\n")[3:5] == ["/opt/strata-venv/bin/strata", "/opt/strata-venv/bin/ray"]
     leftovers = containers.podman(*run, "--user", "root", image, "sh", "-c",
-                                  "ls -d /root/.cache/pip /var/lib/apt/lists/*deb* 2>/dev/null",
-                                  check=False)
-    assert leftovers.stdout == "", f"build leftovers in the image: {leftovers.stdout}"
+                                  "ls -d /root/.cache/pip /var/lib/apt/lists/*deb* /var/cache/apt/archives/*.deb "
+                                  "/opt/strata-venv/lib/python3*/site-packages/pytest 2>/dev/null", check=False)
+    assert leftovers.stdout == "", f"build leftovers or test extras in the image: {leftovers.stdout}"
 
 
 # -- the Helm chart's head, as KubeRay starts it ---------------------------------------------------------------
