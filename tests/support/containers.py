@@ -39,18 +39,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner_is_gone(name: str) -> bool:
+    """Whether `name` is one of ours (it holds its test process's pid) and that process has ended."""
+    m = re.search(rf"{PREFIX}-(\d+)-|^stb(\d+)$", name)
+    return bool(m) and not _alive(int(m[1] or m[2]))
+
+
 def sweep_leftovers() -> None:
     """Remove the containers, namespaces and bridges of earlier test processes that are gone."""
-    dead = lambda name: (m := re.search(rf"{PREFIX}-(\d+)-|^stb(\d+)$", name)) and not _alive(int(m[1] or m[2]))  # noqa: E731
     for name in podman("ps", "-a", "--format", "{{.Names}}").stdout.split():
-        if dead(name):
+        if _owner_is_gone(name):
             podman("rm", "-f", "-t", "0", name, check=False)
     for line in run(["ip", "netns", "list"]).stdout.splitlines():
-        if line and dead(line.split()[0]):
+        if line and _owner_is_gone(line.split()[0]):
             run(["ip", "netns", "delete", line.split()[0]], check=False)
     for line in run(["ip", "-o", "link", "show", "type", "bridge"]).stdout.splitlines():
         name = line.split(": ")[1].split("@")[0]
-        if dead(name):
+        if _owner_is_gone(name):
             run(["ip", "link", "delete", name], check=False)
 
 
