@@ -118,7 +118,9 @@ def kuberay_head(rayservice: dict, secrets: dict) -> tuple[str, list[str], dict[
         ref = var.get("valueFrom", {}).get("secretKeyRef")
         env[var["name"]] = secrets[ref["name"]][ref["key"]] if ref else var["value"]
     port = params.get("port", "6379")
-    env |= {"RAY_CLUSTER_NAME": rayservice["metadata"]["name"], "KUBERAY_GEN_RAY_START_CMD": ray_start,
+    name = rayservice["metadata"]["name"]
+    env |= {"RAY_CLUSTER_NAME": name, "RAY_CLOUD_INSTANCE_ID": f"{name}-head", "RAY_NODE_TYPE_NAME": "headgroup",
+            "KUBERAY_GEN_RAY_START_CMD": ray_start,
             "RAY_PORT": port, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_TIMEOUT_MS_TASK_WAIT_FOR_DEATH_INFO": "0",
             "RAY_GCS_SERVER_REQUEST_TIMEOUT_SECONDS": "5", "RAY_SERVE_KV_TIMEOUT_S": "5",
             "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE": "1"}
