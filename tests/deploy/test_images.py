@@ -156,10 +156,10 @@ def deploy_serve_config(dashboard: str, serve_config_yaml: str, timeout: float =
     return wait_for(running, timeout=timeout, interval=2, what="the Serve applications to run")
 
 
-def dashboard_up(url: str) -> bool:
+def answers_200(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/api/version", timeout=5).status_code == 200
-    except httpx.HTTPError:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.HTTPError:  # not listening yet
         return False
 
 
@@ -172,11 +172,9 @@ def test_the_image_serves_as_the_helm_charts_rayservice_head(image, rayservice, 
                          options=["--shm-size", str(shm_bytes)])
     dashboard, serve = f"http://{host.ip}:8265", f"http://{host.ip}:8000"
     try:
-        wait_for(lambda: dashboard_up(dashboard), timeout=120, interval=1, what="the head's dashboard")
+        wait_for(lambda: answers_200(f"{dashboard}/api/version"), timeout=120, interval=1, what="the dashboard")
         deploy_serve_config(dashboard, rayservice["spec"]["serveConfigV2"])
-        health = wait_for(lambda: httpx.get(f"{serve}/health", timeout=10).status_code == 200, timeout=120,
-                          interval=1, what="/health")
-        assert health
+        wait_for(lambda: answers_200(f"{serve}/health"), timeout=120, interval=1, what="/health")
         assert httpx.get(f"{serve}/v1/models", timeout=10).status_code == 401, "the chart's API key secret"
 
         client = openai.OpenAI(base_url=f"{serve}/v1", api_key=API_KEY, max_retries=0, timeout=120)
