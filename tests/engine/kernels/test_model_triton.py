@@ -49,7 +49,8 @@ def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]],
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"] + ["qwen2_moe"] * ON_GPU)  # MoE interpreted: test_fused_moe
+# Interpreted, Llama alone: the kernels Qwen3 and MoE add (q/k norm, fused experts) have interpreted tests of their own
+@pytest.mark.parametrize("kind", ["llama"] + ["qwen3", "qwen2_moe"] * ON_GPU)
 def test_triton_path_matches_torch_path(kind, tiny_model_dir):
     prompts = [[5, 9, 200, 17, 3], list(range(40, 77)), [300 + i for i in range(19)]]
     assert_triton_equals_torch(SCRIPT, tiny_model_dir(kind), prompts)
@@ -87,9 +88,12 @@ def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_
     """Tensor-parallel ranks fold the residual add into rank 0's partial product of the o/down projections before
     the all-reduce (LlamaDecoderLayer.decode_one); on CPU over gloo with the kernels interpreted in the workers,
     on GPUs over NCCL and symmetric memory."""
-    assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
+    assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[300 + i for i in range(19)]])
 
 
+@pytest.mark.skipif(not ON_GPU, reason="interpreted, the FP8 kernels are covered by test_fp8.py and "
+                                       "test_fp8_kv_cache.py, and their compiled form by test_kernels_compile_for_"
+                                       "hopper.py; the whole model runs on CUDA, where it is cheap")
 def test_triton_path_matches_torch_path_on_an_fp8_checkpoint_and_kv_cache(tiny_model_dir, tmp_path):
     """FP8 W8A8 (compressed-tensors, per-channel weight scales, per-token activations) over an FP8 KV cache: the
     Triton activation quantization, scaled matmul and cache writes and reads against the torch path through the
