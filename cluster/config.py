@@ -53,10 +53,6 @@ class ModelConfig(EngineConfig):
         500.0, ge=0, description="Stream chunks per second one replica sends, shared by its streams: with k streams "
                                   "open, each sends a chunk at most every k / rate seconds, holding the tokens in "
                                   "between (its first token always goes at once); 0: every token at once.")
-    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
-        None, description="Split the model's <think>...</think> reasoning from its answer into reasoning_content "
-                          "(chat), as vLLM's --reasoning-parser: deepseek_r1 (the template opens the reasoning) "
-                          "or qwen3 (reasoning only when the output opens with <think>).")
     tool_call_parser: ToolCallParserName | None = Field(
         None, description="How the model writes tool calls, parsed into OpenAI's tool_calls, as vLLM's "
                           "--tool-call-parser: hermes (<tool_call>{json}</tool_call>: Hermes, Qwen), llama3_json "

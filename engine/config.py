@@ -64,6 +64,11 @@ class EngineConfig(BaseModel):
                            "process of its own, so it never waits for the GIL of the server streaming its tokens "
                            "(one-device engines; tensor/pipeline parallel ones keep it on a thread).")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None, description="Split the model's <think>...</think> reasoning from its answer into reasoning_content "
+                          "(chat), as vLLM's --reasoning-parser: deepseek_r1 (the template opens the reasoning) "
+                          "or qwen3 (reasoning only when the output opens with <think>). Structured outputs then "
+                          "constrain the answer only, from the </think> on.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     revision: str | None = Field(None, description="HF hub revision when `model` is a repo id.")
 

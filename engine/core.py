@@ -19,7 +19,7 @@ from engine.request_validation import RequestLimits
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.step import PENDING_TOKEN, BatchInput, NewSequence, StepOutput
-from engine.structured_output import GrammarCompiler, SequenceGrammar
+from engine.structured_output import GrammarCompiler, SequenceGrammar, reasoning_ended, reasoning_tag_ids
 
 logger = logging.getLogger("strata")
 
@@ -49,6 +49,7 @@ class EngineCore:
                                    bitmask_later=self.executor.samples_later)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.grammars = GrammarCompiler(self.tokenizer, setup.hf_config.vocab_size, setup.eos_token_ids)
+        self.reasoning_tags = reasoning_tag_ids(self.tokenizer) if config.reasoning_parser else None
         self._compiling: list[tuple[Future, str, list[Request]]] = []  # (grammar, request id, its sequences)
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._unsent: list[NewSequence] = []
@@ -181,9 +182,15 @@ class EngineCore:
                     failed.append(self.fail(request_id, f"cannot compile the structured output's grammar: {e}"))
                     continue
                 for req in seqs:
-                    req.grammar, req.waits_for_grammar = SequenceGrammar(compiled), False
+                    req.grammar, req.waits_for_grammar = SequenceGrammar(compiled, self._grammar_start(req)), False
         self._compiling = compiling
         return failed
+
+    def _grammar_start(self, req: Request) -> int | None:
+        """The token after which a reasoning model's structured output begins (None: from the first token)."""
+        if self.reasoning_tags is None or reasoning_ended(req.prompt_token_ids, self.reasoning_tags):
+            return None
+        return self.reasoning_tags[1]
 
     def _step_sync(self, sched: SchedulerOutput) -> list[StreamDelta]:
         batch = self._batch(sched)

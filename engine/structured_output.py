@@ -123,25 +123,54 @@ class GrammarCompiler:
 
 
 class SequenceGrammar:
-    """One sequence's matcher: the grammar state after the tokens it has output."""
+    """One sequence's matcher: the grammar state after the tokens it has output. `starts_after`: a token (a
+    reasoning model's `</think>`) before which the output is free and the grammar does not move."""
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, starts_after: int | None = None):
         import xgrammar as xgr
 
         self._matcher = xgr.GrammarMatcher(compiled)
+        self.starts_after = starts_after
 
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
-        """The tokens allowed next, as bits in `bitmask[row]` (all allowed once the grammar has ended)."""
-        if self._matcher.is_terminated():
+        """The tokens allowed next, as bits in `bitmask[row]` (all of them before the grammar starts and after it
+        has ended)."""
+        if self.starts_after is not None or self._matcher.is_terminated():
             bitmask[row] = -1
         else:
             self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> bool:
         """Advance past a sampled token; False if the grammar does not allow it (it then stays where it was)."""
+        if self.starts_after is not None:
+            if token_id == self.starts_after:
+                self.starts_after = None
+            return True
         return self._matcher.is_terminated() or self._matcher.accept_token(token_id)
 
     @property
     def is_terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted: the sequence is done."""
-        return self._matcher.is_terminated()
+        return self.starts_after is None and self._matcher.is_terminated()
+
+
+REASONING_TAGS = ("<think>", "</think>")
+
+
+def reasoning_tag_ids(tokenizer) -> tuple[int, int] | None:
+    """The token ids of `<think>` and `</think>`, or None (with a warning) where either is not one token: then
+    structured outputs constrain the whole output, reasoning included."""
+    ids = tuple(tokenizer.convert_tokens_to_ids(tag) for tag in REASONING_TAGS)
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        logger.warning("reasoning_parser is set, but this tokenizer has no single token for %s: structured outputs "
+                       "will constrain the reasoning too", " or ".join(REASONING_TAGS))
+        return None
+    return ids
+
+
+def reasoning_ended(prompt_ids: list[int], tags: tuple[int, int]) -> bool:
+    """Whether a prompt already closes the reasoning, as a template does when thinking is off (Qwen3's
+    `enable_thinking: false` writes an empty <think></think>): its last `</think>` comes after its last `<think>`."""
+    start, end = tags
+    last = {t: i for i, t in enumerate(prompt_ids) if t in tags}
+    return last.get(end, -1) > last.get(start, -1)

@@ -158,3 +158,33 @@ def test_exactly_one_constraint():
     for spec in ({}, {"json": {}, "regex": "a"}, {"choice": []}):
         with pytest.raises(InvalidRequestError):
             StructuredOutputsParams(**spec)
+
+
+def test_a_reasoning_models_grammar_starts_after_its_reasoning(tiny_model_dir, tmp_path):
+    """With a reasoning parser, the output is free until `</think>` and constrained after it; a prompt whose
+    template already closed the reasoning (thinking off) is constrained from its first token. A logit bias makes
+    the random model write `</think>` whenever it may."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "reasoning"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    regex = CONSTRAINTS["regex"]
+    params = SamplingParams(max_tokens=40, temperature=0, logit_bias={end: 100}, structured_outputs=regex[0])
+    thinking, thinking_off = PROMPTS[0], PROMPTS[1] + [start, 30, end, 40]
+
+    llm = LLM(str(path), reasoning_parser="deepseek_r1", max_num_seqs=4)
+    try:
+        free_first, constrained_first = llm.generate([thinking, thinking_off], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert free_first.outputs[0].token_ids[0] == end  # the bias won: the grammar had not started
+    assert constrained_first.outputs[0].token_ids[0] != end
+    for out in (free_first, constrained_first):
+        assert out.outputs[0].finish_reason == "stop"
+        regex[1](out.outputs[0].text)  # the special token is not in the text; what follows it is
