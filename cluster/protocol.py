@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from cluster.config import LimitsConfig
 from cluster.errors import APIError
@@ -320,11 +320,32 @@ class ToolCallInfo(BaseModel):
     function: FunctionCall
 
 
+class DeltaFunctionCall(BaseModel):
+    """A streamed call's piece: the name comes once, with the call's first piece; later pieces carry arguments only
+    (no `"name": null` that a client appending strings would trip on)."""
+
+    name: str | None = None
+    arguments: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_missing_name(self, handler):
+        data = handler(self)
+        if data.get("name") is None:
+            data.pop("name", None)
+        return data
+
+
 class DeltaToolCall(BaseModel):
+    """One call's piece in a stream chunk: index always; id and type with the call's first piece only."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: FunctionCall
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _without_missing_id(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k not in ("id", "type")}
 
 
 class ChatResponseMessage(BaseModel):

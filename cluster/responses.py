@@ -11,7 +11,8 @@ from typing import Literal
 
 from cluster.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
                               ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionLogprobs,
-                              CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, PromptTokensDetails,
+                              CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
+                              PromptTokensDetails,
                               TokenLogprob, ToolCallInfo, TopLogprob, UsageInfo)
 from cluster.reasoning import ReasoningParserName, ReasoningStream, split_reasoning
 from cluster.tool_calls import (ForcedToolCalls, ToolCallParserName, ToolCallStream, parse_tool_calls,
@@ -98,11 +99,9 @@ class ResponseBuilder:
         calls = []
         if self.tool_call_parser:
             c.tools = c.tools or tool_call_stream(self.tool_call_parser)
-            first = len(c.tools.calls)
-            answer, calls = c.tools.feed(answer, final)
-            calls = [DeltaToolCall(index=first + k, id=t.id, type="function",
-                                   function=FunctionCall(name=t.name, arguments=t.arguments))
-                     for k, t in enumerate(calls)]
+            answer, deltas = c.tools.stream(answer, final)
+            calls = [DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                   function=DeltaFunctionCall(name=d.name, arguments=d.arguments)) for d in deltas]
         return DeltaMessage(content=answer or None, reasoning_content=reasoning or None, tool_calls=calls or None)
 
     def usage(self) -> UsageInfo:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cluster.tool_parsers.base import ToolCall, ToolCallStream
-from cluster.tool_parsers.forced import ForcedToolCalls, ForcedToolCallStream
+from cluster.tool_parsers.base import ToolCall, ToolCallDelta, ToolCallStream
+from cluster.tool_parsers.forced import ForcedToolCalls, forced_tool_call_stream
 from cluster.tool_parsers.hermes import HermesToolCallStream, writes_hermes_calls
 from cluster.tool_parsers.llama3_json import Llama3JsonToolCallStream, writes_llama3_json_calls
 from cluster.tool_parsers.mistral import MistralToolCallStream, writes_mistral_calls
 
-__all__ = ["ToolCall", "ToolCallStream", "ForcedToolCalls", "ForcedToolCallStream", "ToolCallParserName",
+__all__ = ["ToolCall", "ToolCallDelta", "ToolCallStream", "ForcedToolCalls", "ToolCallParserName",
            "PARSERS", "KEEPS_SPECIAL_TOKENS", "default_parser", "parse_tool_calls", "tool_call_stream"]
 
 ToolCallParserName = Literal["hermes", "llama3_json", "mistral"]
@@ -39,4 +39,4 @@ def parse_tool_calls(text: str, parser: ToolCallParserName | ForcedToolCalls = "
 
 
 def tool_call_stream(parser: ToolCallParserName | ForcedToolCalls) -> ToolCallStream:
-    return ForcedToolCallStream(parser) if isinstance(parser, ForcedToolCalls) else PARSERS[parser]()
+    return forced_tool_call_stream(parser) if isinstance(parser, ForcedToolCalls) else PARSERS[parser]()

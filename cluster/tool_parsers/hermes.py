@@ -14,7 +14,7 @@ def writes_hermes_calls(chat_template: str) -> bool:
 
 def parse_block(block: str) -> ToolCall | None:
     decoded = json_prefix(block)
-    return call_from_object(decoded[0]) if decoded and not block[decoded[1]:].strip() else None
+    return call_from_object(decoded[0], text=block) if decoded and not block[decoded[1]:].strip() else None
 
 
 class HermesToolCallStream(ToolCallStream):
@@ -50,3 +50,6 @@ class HermesToolCallStream(ToolCallStream):
             content += START + self.pending
             self.pending, self.in_block = "", False
         return content, calls
+
+    def partial_call(self) -> str | None:
+        return self.pending.lstrip() if self.in_block else None

@@ -15,6 +15,8 @@ def writes_llama3_json_calls(chat_template: str) -> bool:
 
 
 class Llama3JsonToolCallStream(ToolCallStream):
+    arguments_required = True
+
     def __init__(self):
         super().__init__()
         self.mode = "start"  # start: undecided; calls: the answer is calls; content: the rest is content
@@ -40,7 +42,7 @@ class Llama3JsonToolCallStream(ToolCallStream):
             decoded = json_prefix(rest) if rest.startswith("{") else None
             if decoded is None and not final and rest.startswith("{"):
                 break  # an object still being written
-            call = call_from_object(decoded[0], arguments_required=True) if decoded else None
+            call = call_from_object(decoded[0], True, rest[:decoded[1]]) if decoded else None
             if call is None:
                 self.mode = "content"
             else:
@@ -51,3 +53,10 @@ class Llama3JsonToolCallStream(ToolCallStream):
             content = self.pending if self.mode == "content" else ""
             self.pending = ""
         return content, calls
+
+    def partial_call(self) -> str | None:
+        if self.mode != "calls":
+            return None
+        rest = self.pending.lstrip()
+        rest = rest.removeprefix(";").lstrip() if self.calls else rest
+        return rest if rest.startswith("{") else None

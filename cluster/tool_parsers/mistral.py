@@ -20,6 +20,8 @@ def writes_mistral_calls(chat_template: str) -> bool:
 
 
 class MistralToolCallStream(ToolCallStream):
+    arguments_required = True
+
     def __init__(self):
         super().__init__()
         self.in_list = False  # pending follows a tag: the list, or the rest of it
@@ -67,8 +69,15 @@ class MistralToolCallStream(ToolCallStream):
         decoded = json_prefix(item)
         if decoded is None:
             return True if final else None
-        call = call_from_object(decoded[0], arguments_required=True)
+        call = call_from_object(decoded[0], True, item[:decoded[1]])
         if call is None:
             return True
         self.pending, self.expect = item[decoded[1]:], ","
         return call
+
+    def partial_call(self) -> str | None:
+        if not self.in_list:
+            return None
+        rest = self.pending.lstrip()
+        item = rest[1:].lstrip() if rest[:1] == self.expect else ""
+        return item if item.startswith("{") else None

@@ -430,16 +430,18 @@ def test_forced_tool_choice_over_http(client, tool_choice, stream):
     out = client.chat.completions.create(model="demo", messages=MESSAGES, tools=tools, tool_choice=tool_choice,
                                          max_tokens=400, temperature=1.0, seed=3, stream=stream,
                                          parallel_tool_calls=False)
-    if stream:
-        calls, finish = {}, None
+    if stream:  # the call's name first, then its arguments in pieces as the model writes them
+        calls, finish, pieces = {}, None, 0
         for chunk in out:
             for c in chunk.choices:
                 for call in c.delta.tool_calls or []:
+                    pieces += 1
                     entry = calls.setdefault(call.index, {"name": None, "arguments": ""})
                     entry["name"] = call.function.name or entry["name"]
                     entry["arguments"] += call.function.arguments or ""
                 finish = c.finish_reason or finish
         calls = list(calls.values())
+        assert pieces > 2
     else:
         finish = out.choices[0].finish_reason
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in out.choices[0].message.tool_calls]

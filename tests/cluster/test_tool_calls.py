@@ -15,7 +15,7 @@ from cluster.model_endpoint import LocalModelEndpoint
 from cluster.protocol import ChatCompletionRequest
 from cluster.responses import Prompt, ResponseBuilder
 from cluster.session import RequestSession
-from cluster.tool_calls import default_parser, parse_tool_calls, tool_call_stream
+from cluster.tool_calls import ForcedToolCalls, default_parser, parse_tool_calls, tool_call_stream
 from engine import StreamDelta
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
@@ -78,6 +78,53 @@ def test_streamed_in_pieces_of_every_size(parser, text, content, calls):
         assert (got_content, calls_of(got_calls)) == (content, calls), piece
 
 
+def merged(deltas) -> dict[int, list]:
+    """Each call's pieces, by index, as a client puts them together: [id, name, arguments]."""
+    calls: dict[int, list] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id and d.name, d  # a call opens with its id and name
+            calls[d.index] = [d.id, d.name, ""]
+        else:
+            assert d.id is None and d.name is None, d
+        calls[d.index][2] += d.arguments
+    return calls
+
+
+@pytest.mark.parametrize("parser, text, content, calls", [c for c in CASES if c[3]])
+@pytest.mark.parametrize("piece", [1, 2, 7])
+def test_streamed_calls_open_with_their_name_and_then_stream_their_arguments(parser, text, content, calls, piece):
+    stream = tool_call_stream(parser)
+    pieces = [text[i:i + piece] for i in range(0, len(text), piece)]
+    got_content, deltas, named_before_whole = "", [], False
+    for i, part in enumerate(pieces):
+        c, new = stream.stream(part, final=i == len(pieces) - 1)
+        got_content, deltas = got_content + c, deltas + new
+        named_before_whole |= bool(merged(deltas)) and not stream.calls
+    assert got_content == content
+    got = merged(deltas)
+    assert [(name, json.loads(arguments)) for _, name, arguments in got.values()] == calls
+    assert [(call_id, c.arguments) for (call_id, _, _), c in zip(got.values(), stream.calls)] == \
+        [(c.id, c.arguments) for c in stream.calls]
+    if piece == 1:
+        assert named_before_whole  # the first call's name went out before the call was whole
+        if '"arguments": {"' in text or '"parameters": {"' in text:  # the first call's arguments: a non-empty object
+            assert len([d for d in deltas if d.index == 0]) > 3  # in many fragments
+
+
+@pytest.mark.parametrize("forced, text", [
+    (ForcedToolCalls("get_weather"), '{"city": "Paris", "unit": "c"} '),
+    (ForcedToolCalls(), '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "now", '
+                        '"parameters": {}}]')])
+def test_forced_calls_stream_their_arguments(forced, text):
+    stream = tool_call_stream(forced)
+    deltas = [d for ch in text for d in stream.stream(ch, final=False)[1]] + stream.stream("", final=True)[1]
+    got = merged(deltas)
+    assert [(name, arguments) for _, name, arguments in got.values()] == [(c.name, c.arguments) for c in stream.calls]
+    assert stream.calls and all(json.loads(c.arguments) is not None for c in stream.calls)
+    assert len([d for d in deltas if d.index == 0]) > 3
+
+
 def test_a_call_is_sent_as_soon_as_it_is_whole_and_text_that_may_be_one_is_held_back():
     for parser, first, second in (
             ("llama3_json", '{"name": "a", "parameters": {}}', '; {"name": "b", "parameters": {}}'),
@@ -119,9 +166,12 @@ def test_chat_response_and_chunks_are_openai_shaped():
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "c"}
-    deltas = [c.delta.tool_calls for c in chunks if c.delta.tool_calls]
-    assert len(deltas) == 1 and deltas[0][0].index == 0 and deltas[0][0].function.name == "get_weather"
-    assert json.loads(deltas[0][0].function.arguments) == {"city": "Paris", "unit": "c"}
+    pieces = [p for c in chunks for p in c.delta.tool_calls or []]  # the id and name, then argument fragments
+    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+    assert pieces[0].id.startswith("call_") and pieces[0].type == "function" and pieces[0].function.name == "get_weather"
+    assert all(p.id is p.type is p.function.name is None for p in pieces[1:])
+    assert "name" not in pieces[1].model_dump() and "id" not in pieces[1].model_dump()  # not sent as null
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris", "unit": "c"}
     assert "".join(c.delta.content or "" for c in chunks) == "Checking. "
     assert chunks[-1].finish_reason == "tool_calls"
 
@@ -165,11 +215,16 @@ def chat_response(endpoint, stream: bool, tool_choice="auto", parser=None, paral
     choices = {}
     for event in events:
         for c in event["choices"]:
-            content, calls, _ = choices.setdefault(c["index"], ("", [], None))
-            choices[c["index"]] = (content + (c["delta"].get("content") or ""),
-                                   calls + (c["delta"].get("tool_calls") or []),
+            content, calls, _ = choices.setdefault(c["index"], ("", {}, None))
+            for piece in c["delta"].get("tool_calls") or []:  # a call's id and name, then its arguments' pieces
+                if piece["index"] not in calls:
+                    calls[piece["index"]] = {"id": piece["id"], "type": piece["type"],
+                                             "function": {"name": piece["function"]["name"], "arguments": ""}}
+                calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+            choices[c["index"]] = (content + (c["delta"].get("content") or ""), calls,
                                    c.get("finish_reason") or choices[c["index"]][2])
-    return [choices[i] for i in sorted(choices)]
+    return [(content, [calls[i] for i in sorted(calls)], finish) for content, calls, finish in
+            (choices[i] for i in sorted(choices))]
 
 
 def forced_response(endpoint, tool_choice, stream: bool, parallel=None):
