@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/strata serve $(MODEL)
 
+# The slowest tests are listed at the end, to keep the suite short on CI's 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --model demo --device cpu
