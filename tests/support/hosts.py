@@ -28,7 +28,8 @@ from tests.support.paths import ROOT
 
 PREFIX = "smn"  # strata multinode: netns smn<pid>h<i>, bridge smn<pid>b, veths smn<pid>v<i>
 STATE = Path("/var/tmp/strata-hosts")  # outside /tmp, which each host has its own of
-PACKAGES = {"sshd": "openssh-server", "nft": "nftables", "rsync": "rsync", "ss": "iproute2", "nsenter": "util-linux"}
+PACKAGES = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "nft": "nftables",
+            "rsync": "rsync", "ss": "iproute2", "nsenter": "util-linux", "ps": "procps"}
 SSHD = "/usr/sbin/sshd"
 
 
@@ -43,8 +44,8 @@ def missing_requirements() -> str | None:
 
 def ensure_packages() -> None:
     """apt-get install the Debian packages whose commands are missing (CI is a clean Debian run as root)."""
-    missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not (shutil.which(cmd) or Path(SSHD).exists()
-                                                                   and cmd == "sshd")})
+    missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not shutil.which(cmd, path=f"/usr/sbin:/sbin:"
+                                                                                        f"{os.environ['PATH']}")})
     if not missing:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

@@ -41,9 +41,16 @@ def replace_paths(command: str, venv: Path, serve_config: Path) -> str:
     return command.replace(SERVE_CONFIG_PATH, str(serve_config))
 
 
+# The demo model on hosts of 2 CPUs: a replica reserves a whole host (as a GPU replica takes a host's GPUs), and
+# two requests at a time queue the rest, so a burst scales it to 2 within seconds.
+SERVE_FLAGS = ["--host", "0.0.0.0", "--min-replicas", "1", "--max-replicas", "2", "--num-cpus-per-replica", "2",
+               "--num-kv-blocks", "256", "--max-num-seqs", "2", "--target-queue-depth", "2",
+               "--upscale-delay-s", "0.5", "--downscale-delay-s", "3", "--look-back-period-s", "2",
+               "--metrics-interval-s", "0.5"]
+
+
 def serve_config() -> str:
-    """`strata config render demo --host 0.0.0.0`, one replica, small enough for hosts of 2 CPUs."""
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "config", "render", "demo", "--host", "0.0.0.0",
-                          "--min-replicas", "1", "--max-replicas", "1", "--num-kv-blocks", "64",
-                          "--max-num-seqs", "8"], capture_output=True, text=True, check=True)
+    """`strata config render demo ...`: the Serve config the variant deploys."""
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "config", "render", "demo", *SERVE_FLAGS],
+                         capture_output=True, text=True, check=True)
     return out.stdout

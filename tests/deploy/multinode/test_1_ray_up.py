@@ -1,6 +1,6 @@
 """`ray up` of deploy/ray-up/onprem.yaml (its test variant) over SSH onto three hosts with their own addresses:
 every node joins on its own address, and the YAML's own `strata deploy` leaves a model answering through the
-head's Serve proxy. (`ray down` is test_3_ray_down.py, after the tests that use this cluster.)"""
+head's Serve proxy. (`ray down` is test_9_ray_down.py, after the tests that use this cluster.)"""
 from __future__ import annotations
 
 import pytest
