@@ -79,17 +79,6 @@ class Host:
                                f"{result.stdout}\n{result.stderr}")
         return result
 
-    def sockets(self, pid: int) -> list[tuple[str, str, str]]:
-        """(state, local address, peer address) of each TCP socket that process `pid` (as this host numbers
-        processes) holds, from `ss` inside the host."""
-        out = self.run(["ss", "-Htanp"]).stdout
-        found = []
-        for line in out.splitlines():
-            if f"pid={pid}," in line:
-                state, _, _, local, peer = line.split()[:5]
-                found.append((state, local, peer))
-        return found
-
     def block(self, peer_ip: str) -> None:
         """A firewall rule: this host can open no TCP connection to `peer_ip` (SYNs dropped, so connecting hangs
         as it does behind a real firewall) except SSH. Connections the peer opens still work."""

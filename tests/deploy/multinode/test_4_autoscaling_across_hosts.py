@@ -3,8 +3,6 @@ on different hosts (each replica reserves a whole host's 2 CPUs, as a GPU replic
 returns to 1 once the burst is over."""
 from __future__ import annotations
 
-import json
-import sys
 import threading
 
 import httpx
@@ -16,15 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def replica_hosts(cluster) -> list[str]:
-    """The host address of each live engine replica of the demo model."""
-    code = ("import json, ray; from ray.util.state import list_actors;"
-            "ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
-            "ips = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()};"
-            "actors = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000);"
-            "print('REPLICAS', json.dumps(sorted(ips[a.node_id] for a in actors"
-            " if a.class_name.endswith('EngineReplica-demo'))))")
-    out = cluster.head.run([sys.executable, "-c", code], timeout=60).stdout
-    return json.loads(out.split("REPLICAS ", 1)[1].splitlines()[0])
+    return sorted(cluster.replicas().values())
 
 
 def test_a_burst_adds_a_replica_on_another_host_and_idle_returns_to_one(cluster, hosts):
