@@ -101,13 +101,13 @@ def cluster(hosts) -> RayUpCluster:
     # onprem.yaml installs only when the venv's copy of pyproject.toml differs: the shared venv is installed.
     stamp = VENV / "strata-pyproject.toml"
     had_stamp = stamp.exists()
-    stamp.write_bytes((ROOT / "pyproject.toml").read_bytes())
     made = RayUpCluster(hosts, config, folder / "ray.log")
     assert made.ray("get-auth-token", "--generate", timeout=60).returncode == 0  # the docs' first step
     # The YAML's first setup command creates the venv where it finds none: never over the shared one.
     for h in hosts:
         h.run([str(VENV / "bin" / "python"), "-c", "import ray, torch, cluster"])
     try:
+        stamp.write_bytes((ROOT / "pyproject.toml").read_bytes())
         result = made.ray("up", "-y", "--no-config-cache", str(config))
         assert result.returncode == 0, f"ray up failed:\n{made.log_tail()}"
         wait_for(lambda: sorted(made.alive_nodes()) == sorted(h.ip for h in hosts), timeout=180, interval=2,
