@@ -248,7 +248,8 @@ def init_distributed(rank: int, world: int, tp: int, addr: str, port: int, timeo
         try:
             store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
         except dist.DistError as e:
-            raise DistributedInitError(f"rank {rank} could not reach rank 0's store at {addr}:{port}: {e}", [0])
+            # This rank is the one that did not join (rank 0's store is up: the driver opened it first).
+            raise DistributedInitError(f"rank {rank} could not reach rank 0's store at {addr}:{port}: {e}", [rank])
     keys = [f"strata/joined/{r}" for r in range(world)]
     store.set(keys[rank], node_ip)
     try:

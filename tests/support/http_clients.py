@@ -45,7 +45,10 @@ def completion(base_url: str, body: dict, headers: dict | None = None, timeout: 
             out.status, out.replica = r.status_code, r.headers.get("x-strata-replica")
             if r.status_code != 200 or not out.stream:
                 r.read()
-                data = r.json()
+                try:
+                    data = r.json()
+                except ValueError:  # not the API's JSON: a load balancer's own error page
+                    data = {"error": r.text[:200]}
                 out.error = data.get("error") if r.status_code != 200 else None
                 out.text = data["choices"][0]["text"] if r.status_code == 200 else ""
             else:
@@ -78,9 +81,11 @@ class LongStream(threading.Thread):
     """A long stream in the background; `replica` is set once its first token arrived, `outcome` once it ended
     (by itself, or by `close()`)."""
 
-    def __init__(self, base_url: str, model: str, max_tokens: int = 1500, timeout: float = 60.0):
+    def __init__(self, base_url: str, model: str, max_tokens: int = 1500, timeout: float = 60.0,
+                 prompt: str = "Once upon a time"):
         super().__init__(daemon=True)
         self.base_url, self.model, self.max_tokens, self.timeout = base_url, model, max_tokens, timeout
+        self.prompt = prompt
         self.started = threading.Event()
         self.replica: str | None = None
         self.outcome: Outcome | None = None
@@ -91,7 +96,7 @@ class LongStream(threading.Thread):
             self.replica = out.replica
             self.started.set()
 
-        body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": self.max_tokens,
+        body = {"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "ignore_eos": True, "stream": True}
         self.outcome = completion(self.base_url, body, timeout=self.timeout, on_chunk=on_chunk,
                                   should_stop=self._close.is_set)
