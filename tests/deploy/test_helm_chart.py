@@ -190,11 +190,11 @@ def test_worker_group_is_sized_from_tp_pp_and_replica_bounds(variant):
         assert group["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": gpu_type}
 
 
-def test_workers_are_ready_only_while_health_answers(variant):
+def test_workers_are_ready_only_while_their_serve_proxy_can_route(variant):
     _, values, manifests, _ = variant
     (group,) = the_rayservice(manifests)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     worker = group["template"]["spec"]["containers"][0]
-    assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": "serve"}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": "serve"}
     assert {"name": "serve", "containerPort": 8000} in worker["ports"]
 
 

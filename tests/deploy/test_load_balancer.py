@@ -1,5 +1,5 @@
 """The load-balancer path: one Serve proxy per Ray node, HAProxy (deploy/loadbalancer/haproxy.cfg, unchanged)
-in front, probing GET /health.
+in front, probing each proxy's GET /-/healthz.
 
 A two-node Ray cluster on one machine (ray.cluster_utils.Cluster). Serve 2.60 binds every proxy to the same
 http_options host:port, so two nodes on one host would collide; Serve's own knob for colocated proxies,
@@ -142,7 +142,7 @@ def test_the_balancer_spreads_requests_over_both_proxies(balancer):
 
 def test_a_proxy_that_goes_away_is_taken_out_and_requests_keep_succeeding(cluster, balancer):
     """Runs last. The worker's Serve proxy dies: requests through the balancer keep succeeding (a refused
-    connection is retried on the other node), HAProxy's /health probe marks the node DOWN, and UP again once
+    connection is retried on the other node), HAProxy's health probe marks the node DOWN, and UP again once
     Serve has restarted the proxy."""
     import ray
 
