@@ -107,11 +107,12 @@ def start_local(config: ClusterConfig, **ray_init_kwargs) -> dict:
 
 def rebind_over_time_wait() -> None:
     """In an ingress replica serving HTTP itself: bind its port with SO_REUSEADDR, as uvicorn and Serve's proxy do.
-    Ray 2.60 binds a replica's port without it, so a replica replacing one that closed connections on that port
-    (a redeploy, a crash under traffic) fails to bind for the 60 s those connections sit in TIME_WAIT, and Serve
-    then blocks the port for good. Serve's own switch for this (`enable_so_reuseport`, which sets both SO_REUSEADDR
-    and SO_REUSEPORT) is fixed to False where the replica starts its server; this turns it on. The replica looks
-    the function up when it starts the server, after the deployment's constructor has run this."""
+    Ray 2.60 binds a replica's port without it. After an ingress replica stops, a client's kept-alive connection
+    leaves the old side of it waiting to close (FIN-WAIT-2, then TIME-WAIT, up to a minute), and a bind without
+    SO_REUSEADDR fails meanwhile (seen here); Serve then blocks that port for good and hands the replacement
+    replica (a redeploy, a crash under traffic) the next one. Serve's own switch (`enable_so_reuseport`, which sets
+    SO_REUSEADDR and SO_REUSEPORT) is fixed to False where the replica starts its server; this turns it on. The
+    replica looks the function up when it starts the server, after the deployment's constructor has run this."""
     if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
         return
     from ray.serve._private import replica
