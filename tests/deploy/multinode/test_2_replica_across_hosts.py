@@ -5,6 +5,7 @@ the rank, its host and the address it could not reach."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -25,17 +26,23 @@ def run_replica(cluster, pp: int, tp: int = 1, before_start=None, timeout_s: flo
     """(the hosts of bundle 0, 1, ..., the driver's result); `before_start(hosts)` runs once the placement group
     is placed and before the replica starts."""
     args = {"pp": pp, "tp": tp, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "timeout_s": timeout_s}
-    log = (cluster.hosts.dir / "replica_driver.log").open("a")
+    log_path = cluster.hosts.dir / "replica_driver.log"
+    log = log_path.open("a")
     driver = subprocess.Popen(cluster.head.command([sys.executable, "-m", "tests.deploy.multinode.replica_driver",
                                                     json.dumps(args)]),
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # nsenter leaves the cwd
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        hosts = _message(driver, "hosts", timeout=90)
-        if before_start:
-            before_start(hosts)
-        driver.stdin.write("start\n")
-        driver.stdin.flush()
-        return hosts, _message(driver, "result", timeout=timeout_s + 120)
+        try:
+            hosts = _message(driver, "hosts", timeout=90)
+            if before_start:
+                before_start(hosts)
+            driver.stdin.write("start\n")
+            driver.stdin.flush()
+            return hosts, _message(driver, "result", timeout=timeout_s + 120)
+        except AssertionError as e:
+            log.flush()
+            raise AssertionError(f"{e}; its log ends:\n{log_path.read_text()[-3000:]}") from None
     finally:
         driver.stdin.close()  # the driver exits when its stdin closes
         try:
