@@ -94,6 +94,15 @@ class Host:
         self.run(["ip", "link", "set", "eth0", "up" if up else "down"])
 
 
+def keep_visible_under_tmp(tmp: Path) -> str:
+    """Shell that mounts the checkout into a host's own /tmp at its own path, where the checkout (and with it the
+    venv) lives under /tmp, as a CI clone may: bound into the host's tmp folder before that replaces /tmp."""
+    if not ROOT.is_relative_to("/tmp"):
+        return ""
+    inside = tmp / ROOT.relative_to("/tmp")
+    return f"mkdir -p {inside} && mount --bind {ROOT} {inside} && "
+
+
 class Hosts:
     """N hosts on a bridge, each with sshd on port 22 accepting `key` for root. Use as a context manager."""
 
@@ -168,7 +177,7 @@ class Hosts:
         # reaps the daemons that `ray start` leaves behind.
         boot = (f"mount -t tmpfs tmpfs {home} && mkdir {home}/upper {home}/work && mount -t overlay overlay "
                 f"-o lowerdir=/root,upperdir={home}/upper,workdir={home}/work /root && "
-                f"mount --bind {tmp} /tmp && mount -t tmpfs tmpfs /dev/shm && "
+                f"{keep_visible_under_tmp(tmp)}mount --rbind {tmp} /tmp && mount -t tmpfs tmpfs /dev/shm && "
                 f"hostname {self.tag}-{name} && {SSHD} -D -e -f {root / 'sshd_config'} "
                 f"> {root / 'sshd.log'} 2>&1 & while true; do wait; sleep 1; done")
         init = subprocess.Popen(["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc",
