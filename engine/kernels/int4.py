@@ -49,7 +49,7 @@ def int4_mm_ref(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...]
 def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
                     zeros_stride, scales_stride, out_stride, GROUP: tl.constexpr, AWQ: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT: tl.constexpr):
+                    DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,7 +75,7 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
             s = tl.load(scales_ptr + cols[None, :] * scales_stride + groups, mask=tile_mask, other=0.0)
         w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         if DOT:
-            acc += tl.dot(x, w)
+            acc += tl.dot(x, w, input_precision=PRECISION)  # float32: IEEE, as torch multiplies, not TF32
         else:
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
     if HAS_BIAS:
@@ -108,5 +108,5 @@ def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], gr
     _int4_mm_kernel[grid](x, w, zeros, scales, bias if bias is not None else out, out, m, n, k, x.stride(0),
                           w.stride(0), zeros.stride(0), scales.stride(0), out.stride(0), GROUP=group,
                           AWQ=packing == "awq", HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_K=block_k, DOT=dot)
+                          BLOCK_K=block_k, DOT=dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return out

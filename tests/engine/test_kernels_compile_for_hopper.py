@@ -52,7 +52,8 @@ COMPILE = textwrap.dedent(r"""
         cases[f"INT4 matmul, awq={awq} dot={dot}"] = (_int4_mm_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*i32", "scales_ptr": "*bf16", "bias_ptr": "*bf16",
             "out_ptr": "*bf16"}, dict(GROUP=128, AWQ=awq, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
-                                      BLOCK_N=64 if dot else 16, BLOCK_K=64 if dot else 128, DOT=dot))
+                                      BLOCK_N=64 if dot else 16, BLOCK_K=64 if dot else 128, DOT=dot,
+                                      PRECISION="tf32"))
     failed = []
     for name, (kernel, pointers, constexprs) in cases.items():
         try:
