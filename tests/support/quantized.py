@@ -1,6 +1,7 @@
 """Quantized checkpoints built from the tiny random models, in the formats real tools write, each with its
 reference: the same weights dequantized in a plain checkpoint, run by transformers with each linear layer's input
-quantized and dequantized the way the scheme quantizes activations (written here, apart from the engine's code)."""
+quantized and dequantized the way the scheme quantizes activations (written here, apart from the engine's code).
+The weights are quantized by benchmarks/quantize_checkpoint.py, which writes the GPU benchmark's checkpoints."""
 from __future__ import annotations
 
 import json
