@@ -190,6 +190,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="fp8: quantize a 16-bit checkpoint while loading (a quantized checkpoint needs no flag)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     ap.add_argument("--pipeline-layer-split", type=int, nargs="+", default=None,
@@ -218,6 +221,7 @@ def main(argv=None) -> dict:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           pipeline_parallel_size=args.pipeline_parallel_size,
                           pipeline_layer_split=args.pipeline_layer_split,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])

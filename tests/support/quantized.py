@@ -1,6 +1,7 @@
 """Quantized checkpoints built from the tiny random models, in the formats real tools write, each with its
 reference: the same weights dequantized in a plain checkpoint, run by transformers with each linear layer's input
-quantized and dequantized the way the scheme quantizes activations (written here, apart from the engine's code)."""
+quantized and dequantized the way the scheme quantizes activations (written here, apart from the engine's code).
+The weights are quantized by benchmarks/quantize_checkpoint.py, which writes the GPU benchmark's checkpoints."""
 from __future__ import annotations
 
 import json
@@ -11,15 +12,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from benchmarks.quantize_checkpoint import FP8_MAX, LINEARS, fp8, fp8_config, fp8_weight, is_linear_weight, \
+    quantize_checkpoint
 from tests.support.prompts import random_prompts
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-           "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused checkpoint tensors
-FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
-
-
-def is_linear_weight(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
+__all__ = ["FP8_MAX", "fp8", "is_linear_weight"]  # the tests use them from here
 
 
 def write_checkpoint(src: Path, dst: Path, tensors: dict, quantization_config: dict | None) -> Path:
@@ -31,10 +28,6 @@ def write_checkpoint(src: Path, dst: Path, tensors: dict, quantization_config: d
         config["quantization_config"] = quantization_config
     (dst / "config.json").write_text(json.dumps(config))
     return dst
-
-
-def fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def calibrated_input_scales(src: Path) -> dict[str, float]:
@@ -65,19 +58,11 @@ def fp8_compressed_tensors(src: Path, dst: Path, weights: str, activations: str 
         if not is_linear_weight(name):
             out[name] = dequantized[name] = w
             continue
-        amax = w.abs().amax(1, keepdim=True) if weights == "channel" else w.abs().max().view(1)
-        scale = (amax / FP8_MAX).clamp(min=1e-12)
-        out[name] = fp8(w, scale)
-        out[name + "_scale"] = scale  # weight_scale: [N, 1] per channel, [1] per tensor
-        dequantized[name] = out[name].float() * scale
+        out[name], out[name + "_scale"] = fp8_weight(w, weights == "channel")  # scale [N, 1] or [1]
+        dequantized[name] = out[name].float() * out[name + "_scale"]
         if activations == "tensor":
             out[name.removesuffix("weight") + "input_scale"] = torch.tensor([scales[name.removesuffix(".weight")]])
-    fmt = {"num_bits": 8, "type": "float", "symmetric": True}
-    act = None if activations is None else dict(fmt, strategy=activations, dynamic=activations == "token")
-    qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-          "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(fmt, strategy=weights, dynamic=False),
-                                        "input_activations": act}}}
-    return write_checkpoint(src, dst, out, qc), dequantized
+    return write_checkpoint(src, dst, out, fp8_config(weights, activations)), dequantized
 
 
 def fp8_block_wise(src: Path, dst: Path, block: tuple[int, int]) -> tuple[Path, dict]:
@@ -128,55 +113,17 @@ def reference_model(src: Path, dst: Path, dequantized: dict, activations: str | 
     return model
 
 
-def _pack_columns(values: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """AutoAWQ's and compressed-tensors' packing loops: int32 column c holds values[:, 8c + order[i]] in nibble i."""
-    packed = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
-    for c in range(packed.shape[1]):
-        for i, j in enumerate(order):
-            packed[:, c] |= values[:, 8 * c + j].to(torch.int64) << (4 * i)
-    return packed.to(torch.uint32).view(torch.int32)
-
-
 def awq(src: Path, dst: Path, group: int) -> tuple[Path, dict]:
     """An AutoAWQ GEMM checkpoint: asymmetric 4-bit with zero points, `group` input features to a scale."""
-    tensors, out, dequantized = load_file(str(src / "model.safetensors")), {}, {}
-    for name, w in tensors.items():
-        if not is_linear_weight(name):
-            out[name] = dequantized[name] = w
-            continue
-        n, k = w.shape
-        groups = w.view(n, k // group, group)
-        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scales = ((hi - lo).clamp(min=1e-5) / 15).half().float()
-        zeros = (-torch.round(lo / scales)).clamp(0, 15)
-        q = (torch.round(groups / scales) + zeros).clamp(0, 15)
-        dequantized[name] = ((q - zeros) * scales).view(n, k)
-        prefix = name.removesuffix("weight")
-        awq_order = [0, 2, 4, 6, 1, 3, 5, 7]
-        out[prefix + "qweight"] = _pack_columns(q.view(n, k).t().contiguous(), awq_order)  # [K, N / 8]
-        out[prefix + "qzeros"] = _pack_columns(zeros[..., 0].t().contiguous(), awq_order)  # [K / G, N / 8]
-        out[prefix + "scales"] = scales[..., 0].t().contiguous().half()  # [K / G, N]
-    qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-    return write_checkpoint(src, dst, out, qc), dequantized
+    dequantized = {}
+    return quantize_checkpoint(src, dst, "awq", group, "cpu", dequantized, log=_quiet), dequantized
 
 
 def w4a16_compressed_tensors(src: Path, dst: Path, group: int) -> tuple[Path, dict]:
     """An llm-compressor W4A16 checkpoint (pack-quantized): symmetric 4-bit, stored as q + 8, grouped scales."""
-    tensors, out, dequantized = load_file(str(src / "model.safetensors")), {}, {}
-    for name, w in tensors.items():
-        if not is_linear_weight(name):
-            out[name] = dequantized[name] = w
-            continue
-        n, k = w.shape
-        groups = w.view(n, k // group, group)
-        scale = groups.abs().amax(-1, keepdim=True) / 7.5
-        q = torch.round(groups / scale).clamp(-8, 7)
-        dequantized[name] = (q * scale).view(n, k)
-        out[name.removesuffix("weight") + "weight_packed"] = _pack_columns((q + 8).view(n, k), list(range(8)))
-        out[name + "_scale"] = scale[..., 0].contiguous()
-        out[name + "_shape"] = torch.tensor([n, k])
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
-               "dynamic": False, "actorder": None}
-    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-          "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
-    return write_checkpoint(src, dst, out, qc), dequantized
+    dequantized = {}
+    return quantize_checkpoint(src, dst, "w4a16", group, "cpu", dequantized, log=_quiet), dequantized
+
+
+def _quiet(*_args, **_kwargs):
+    pass
