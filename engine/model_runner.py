@@ -12,6 +12,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs
 from engine.kernels._triton import HAS_TRITON, interpreting
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear import pack_linear_weights
 from engine.layers.moe import FusedMoE
 from engine.models.loader import load_model
 from engine.parallel_state import DeviceTokens, TPGroup
@@ -55,6 +56,7 @@ class ModelRunner:
                                 quantization=quantization)
         self.one_shot_all_reduce = bool(tp and custom_all_reduce and tp.enable_one_shot_all_reduce(dtype, device))
         self.use_triton = select_kernels(self.model, attention_backend, device)
+        self.packed_linears = pack_linear_weights(self.model) if device.type == "cpu" and not self.use_triton else 0
         # Batch-1 decode steps of a single-stage model all-reduce inside their gemvs: two sites a layer, but the
         # last layer's down projection, whose sum the final norm reads from the one-shot buffer.
         single_stage = self.model.is_first and self.model.is_last
@@ -77,6 +79,7 @@ class ModelRunner:
                 "one_shot_all_reduce": self.one_shot_all_reduce, "fused_all_reduce": self.fused_all_reduce,
                 "device": str(self.device), "dtype": str(self.dtype),
                 "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "onednn_packed_linears": self.packed_linears,
                 "local_experts": next((m.num_local for m in self.model.modules() if isinstance(m, FusedMoE)), None)}
 
     # -- profiling ------------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ class PPStage:
         # most one buffer per stage is in flight.
         for work in self._sends:
             work.wait()
-        self._sends = [dist.isend(torch.stack([hidden, residual]), self.rank + self.tp_size)]
+        # the torch path's residual stream is float32: it crosses in the model's dtype
+        self._sends = [dist.isend(torch.stack([hidden, residual.to(hidden.dtype)]), self.rank + self.tp_size)]
 
     def recv(self, num_tokens: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
         buf = torch.empty(2, num_tokens, hidden_size, dtype=dtype, device=device)

@@ -150,7 +150,10 @@ def torch_paged_attention(q, k, v, key_cache, value_cache, meta: AttentionMetada
             mask = _windowed(plan, "decode", sliding_window, lambda: plan.decode_mask & (
                 torch.arange(ctx, device=q.device) >= meta.seq_lens[plan.decode_rows_seq][:, None] - sliding_window
             )[:, None, None, :])
-        out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap).squeeze(1)
+        if softcap:
+            out[rows] = _sdpa(q[rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap).squeeze(1)
+        else:
+            out[rows] = _decode_sdpa(q[rows], keys, values, mask, scale)
     for i, (s, q_len, ctx, table, mask) in enumerate(plan.chunks):
         if table is None:
             keys, values = k[s:s + q_len][None], v[s:s + q_len][None]
@@ -193,6 +196,17 @@ def _sdpa(q, k, v, mask, scale, causal=False, softcap=0.0):
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                        enable_gqa=k.shape[1] != q.shape[1])
     return o.transpose(1, 2)
+
+
+def _decode_sdpa(q, k, v, mask, scale):
+    """One new token per sequence: q [B, Hq, D], k/v [B, ctx, Hk, D], mask [B, 1, 1, ctx] -> [B, Hq, D]. The query
+    heads sharing a KV head go in as that head's rows, so SDPA reads each key once for all of them; with one row per
+    head, SDPA's CPU kernel took 5x longer in bfloat16 (SmolLM2-135M: 1.5 ms against 0.28 ms a layer)."""
+    b, hq, d = q.shape
+    hk = k.shape[2]
+    o = F.scaled_dot_product_attention(q.view(b, hk, hq // hk, d), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scale)
+    return o.reshape(b, hq, d)
 
 
 def layer_sliding_window(hf_config, layer_idx: int) -> int | None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import gemv
+from engine.layers.onednn import onednn_linear, pack_weight, packs_weights
 from engine.layers.quantization import linear_method_for_new_layer
 from engine.layers.quantization.parts import InPart, OutPart
 from engine.parallel_state import TPGroup
@@ -26,6 +27,9 @@ def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     """x @ weight^T + bias."""
     if quant_method(layer) is not None:
         return layer.quant_method.apply(layer, x, bias)
+    packed = getattr(layer, "onednn_weight", None)  # CPU: engine/layers/onednn.py
+    if packed is not None:
+        return onednn_linear(x, packed, bias)
     return gemv(x, layer.weight, bias) if takes_gemv(layer, x) else F.linear(x, layer.weight, bias)
 
 
@@ -159,3 +163,29 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits)
         return logits[:, : self.vocab_size]
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """On CPU (engine/layers/onednn.py): give every plain linear layer of `model` (one with a `weight` [out, in])
+    a packed copy of its weight, and drop the weight unless another module shares it (an embedding tied to the LM
+    head keeps it). A 16-bit model's LM head is packed in float32, so its logits are computed and kept in float32:
+    bfloat16 logits, 8 bits of mantissa, tie and swap close candidates (with the float32 residual stream of
+    RMSNorm's torch path, SmolLM2's greedy bfloat16 answers equal float32's on 96% of the first 16 tokens of 50
+    chat prompts, against 76% without either). Returns the number of layers packed."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            continue
+        weight = getattr(module, "weight", None)
+        if quant_method(module) is not None or weight is None or not packs_weights(weight.dtype):
+            continue
+        if isinstance(module, ParallelLMHead):
+            weight = weight.float()
+        module.onednn_weight = pack_weight(weight)
+        if uses[id(module.weight)] == 1:
+            module.weight = None
+        packed += 1
+    return packed

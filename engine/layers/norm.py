@@ -20,12 +20,13 @@ class RMSNorm(nn.Module):
                 return rms_norm(x2, self.weight, self.eps).view(shape)
             out, residual = fused_add_rms_norm(x2, residual, self.weight, self.eps)
             return out.view(shape), residual
-        if residual is not None:
-            x = x + residual
+        dtype = x.dtype
+        if residual is not None:  # the torch path keeps the residual stream in float32 (see ParallelLMHead's)
+            x = x.float() + residual
             residual = x
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(x.dtype)
+        out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)
 
 
@@ -42,8 +43,9 @@ class GemmaRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self.use_triton:
             return super().forward(x, residual)
+        dtype = x.dtype
         if residual is not None:
-            x = x + residual
+            x = x.float() + residual
             residual = x
-        out = rms_norm_ref(x, self.weight, self.eps)  # in fp32 with the fp32 weight, as Gemma's own norm
+        out = rms_norm_ref(x, self.weight, self.eps).to(dtype)  # in fp32 with the fp32 weight, as Gemma's own norm
         return out if residual is None else (out, residual)
