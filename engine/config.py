@@ -26,7 +26,9 @@ class EngineConfig(BaseModel):
     distributed_init_timeout_s: float = Field(
         120.0, gt=0, description="Seconds for all ranks to join; also bounds every collective and a stuck step.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weight/activation dtype; auto = checkpoint's torch_dtype on CUDA, float32 on CPU.")
+        "auto", description="Weight/activation dtype; auto = the checkpoint's on CUDA (bfloat16 for float32 "
+        "checkpoints); on CPU bfloat16 for a 16-bit checkpoint where the CPU has bfloat16 arithmetic (AVX512-BF16, "
+        "AMX), else float32.")
     quantization: Literal["fp8"] | None = Field(
         None, description="Quantize a 16-bit checkpoint while loading: fp8 = FP8 weights with per-channel scales, "
                           "activations per token. A quantized checkpoint's own scheme is read from its config.")

@@ -118,14 +118,20 @@ def _ray_cluster_has_gpus() -> bool:
 
 
 def shard_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    """auto: the checkpoint's dtype on GPUs (bfloat16 for float32 checkpoints), float32 on CPU."""
+    """auto: on GPUs the checkpoint's dtype (bfloat16 for float32 checkpoints); on CPU bfloat16 for a 16-bit
+    checkpoint where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), else float32 (a float32 checkpoint
+    stays float32)."""
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     ckpt = DTYPES.get(str(ckpt).removeprefix("torch."), torch.bfloat16)
+    if device.type == "cpu":
+        return torch.bfloat16 if ckpt != torch.float32 and cpu_has_native_bfloat16() else torch.float32
     return ckpt if ckpt != torch.float32 else torch.bfloat16
+
+
+def cpu_has_native_bfloat16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _max_model_len(config: EngineConfig, hf_config) -> int:

@@ -158,6 +158,22 @@ def test_smollm2_conversion(tmp_path, monkeypatch):
     # Our engine on the converted checkpoint gives the same answer, stopping at <|im_end|>.
     from engine import LLM, SamplingParams
 
-    llm = LLM(str(path), max_model_len=512)
-    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
-    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+    for dtype in ("float32", "bfloat16"):  # bfloat16: the CPU path's float32 residual stream and logits
+        with LLM(str(path), max_model_len=512, dtype=dtype) as llm:
+            out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+            assert out.text == "The capital of France is Paris." and out.finish_reason == "stop", dtype
+            packed = llm.engine.executor.describe()["onednn_packed_linears"]
+            assert packed == 30 * 4 + 1  # qkv, o, gate_up and down of every layer, and the LM head
+
+
+def test_cpu_dtype_auto_is_bfloat16_for_16_bit_checkpoints_where_the_cpu_has_bfloat16_arithmetic():
+    from types import SimpleNamespace
+
+    from engine.model_setup import cpu_has_native_bfloat16, shard_dtype
+
+    cpu = torch.device("cpu")
+    native = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    assert shard_dtype("auto", SimpleNamespace(dtype="bfloat16"), cpu) == native
+    assert shard_dtype("auto", SimpleNamespace(torch_dtype="float16"), cpu) == native
+    assert shard_dtype("auto", SimpleNamespace(dtype="float32"), cpu) == torch.float32
+    assert shard_dtype("float32", SimpleNamespace(dtype="bfloat16"), cpu) == torch.float32
