@@ -10,7 +10,7 @@ Stages, from the engine outwards:
 - ingress:    the whole HTTP stack with the engine inside the ingress (`engine_in_ingress`): HTTP, FastAPI, SSE;
 - cluster:    the default layout: HTTP -> ingress -> router -> engine replica (a Serve handle stream per request),
               the one ingress replica serving HTTP itself.
-A stage name may add `+process` (the engine loop in its own process, `engine_core_process`) and, for the HTTP
+A stage name may add `+process` or `+thread` (where the engine loop runs, `engine_core_process`) and, for the HTTP
 stages, `+proxy` (through Serve's HTTP proxy, `http.direct_ingress: false`) or `+direct` (`http.direct_ingress:
 true`): `--stages cluster,cluster+proxy,cluster+process`.
 Each online stage runs three points: concurrency 1 on `--ttft-prompts` prompts (TTFT and TPOT), concurrency 256,
@@ -44,8 +44,8 @@ def engine_options(args, stage: str = "") -> dict:
         opts["device"] = args.device
     if args.max_num_seqs:
         opts["max_num_seqs"] = args.max_num_seqs
-    if "+process" in stage:
-        opts["engine_core_process"] = True
+    if "+process" in stage or "+thread" in stage:  # else the engine's default (its own process with CUDA)
+        opts["engine_core_process"] = "+process" in stage
     return opts
 
 
