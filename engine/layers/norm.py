@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
             out, residual = fused_add_rms_norm(x2, residual, self.weight, self.eps)
             return out.view(shape), residual
         dtype = x.dtype
-        if residual is not None:  # the torch path keeps the residual stream in float32 (see ParallelLMHead's)
+        if residual is not None:  # the torch path keeps the residual stream in float32 (why: pack_linear_weights)
             x = x.float() + residual
             residual = x
         h = x.float()
