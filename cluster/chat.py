@@ -155,7 +155,9 @@ def run_chat(conversation: Conversation, server: str) -> None:
 
 def chat_command(args) -> int:
     # SIGTERM and SIGHUP (the terminal closed) end the chat like Ctrl-C: a local server is stopped on the way out.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, where it came in ignored (started in the background of a non-interactive shell), so that Ctrl-C
+    # in the chat's own terminal still stops an answer.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
     try:
