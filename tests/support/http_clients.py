@@ -88,12 +88,13 @@ class LongStream(threading.Thread):
         self.prompt = prompt
         self.started = threading.Event()
         self.replica: str | None = None
+        self.chunks, self.last_chunk = 0, None  # while it runs
         self.outcome: Outcome | None = None
         self._close = threading.Event()
 
     def run(self) -> None:
         def on_chunk(out):
-            self.replica = out.replica
+            self.replica, self.chunks, self.last_chunk = out.replica, out.chunks, time.monotonic()
             self.started.set()
 
         body = {"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens,
@@ -106,6 +107,12 @@ class LongStream(threading.Thread):
         self.start()
         assert self.started.wait(30), "the long stream never started"
         return self
+
+    def describe(self) -> str:
+        """Where it runs and how far it got, for a failure's message."""
+        since = f"{time.monotonic() - self.last_chunk:.0f} s ago" if self.last_chunk else "never"
+        state = f"ended: {self.outcome}" if self.outcome else "running"
+        return f"stream on replica {self.replica}, {self.chunks} chunks, the last {since}, {state}"
 
     def close(self) -> Outcome:
         """Leave the stream (the client goes away) and return how it ended."""

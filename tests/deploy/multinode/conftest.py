@@ -58,14 +58,15 @@ class RayUpCluster:
         out = self.head.run([sys.executable, "-c", code], timeout=60).stdout
         return json.loads(out.split("NODES ", 1)[1].splitlines()[0])
 
-    def replicas(self) -> dict[str, str]:
-        """{replica id (the X-Strata-Replica header): host address} of the demo model's live engine replicas."""
+    def replicas(self, deployment: str = "EngineReplica-demo") -> dict[str, str]:
+        """{replica id (the X-Strata-Replica header): host address} of a deployment's live replicas (by default
+        the demo model's engine replicas)."""
         code = ("import json, ray; from ray.util.state import list_actors;"
                 "ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
                 "ips = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()};"
                 "actors = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000);"
                 "print('REPLICAS', json.dumps({a.name.rsplit('#', 1)[-1]: ips[a.node_id] for a in actors"
-                " if a.class_name.endswith('EngineReplica-demo')}))")
+                f" if a.class_name.endswith({deployment!r})}}))")
         out = self.head.run([sys.executable, "-c", code], timeout=60).stdout
         return json.loads(out.split("REPLICAS ", 1)[1].splitlines()[0])
 
