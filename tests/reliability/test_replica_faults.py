@@ -35,22 +35,22 @@ def base_url(serve_url):
 
 
 def test_killed_replica_under_load(base_url):
-    load = Load(base_url, "demo", threads=4).start()
-    known = wait_for(lambda: len(r := {o.replica for o in load.outcomes if o.replica}) == 2 and r, 30,
-                     what="both replicas to serve")
-    streamer = LongStream(base_url, "demo").begin()
-    time.sleep(0.5)
-    t_kill = time.monotonic()
-    ray.kill(replica_actor(streamer.replica), no_restart=True)
-    streamer.join(timeout=60)
-    assert not streamer.is_alive(), "the stream on the killed replica hung"
-    killed_stream = streamer.outcome
-    # Recovered: a new replica answers requests (Serve replaced the dead one).
-    first_new = wait_for(lambda: next((o for o in list(load.outcomes) if o.ok and o.replica not in known), None),
-                         120, what="a replacement replica to serve")
-    wait_for(lambda: replica_states("faults", DEMO) == {"RUNNING": 2}, 30, what="two running replicas")
-    time.sleep(2)  # the load goes on against the recovered deployment
-    outcomes = load.stop()
+    with Load(base_url, "demo", threads=4) as load:
+        known = wait_for(lambda: len(r := {o.replica for o in load.outcomes if o.replica}) == 2 and r, 30,
+                         what="both replicas to serve")
+        streamer = LongStream(base_url, "demo").begin()
+        time.sleep(0.5)
+        t_kill = time.monotonic()
+        ray.kill(replica_actor(streamer.replica), no_restart=True)
+        streamer.join(timeout=60)
+        assert not streamer.is_alive(), "the stream on the killed replica hung"
+        killed_stream = streamer.outcome
+        # Recovered: a new replica answers requests (Serve replaced the dead one).
+        first_new = wait_for(lambda: next((o for o in list(load.outcomes) if o.ok and o.replica not in known), None),
+                             120, what="a replacement replica to serve")
+        wait_for(lambda: replica_states("faults", DEMO) == {"RUNNING": 2}, 30, what="two running replicas")
+        time.sleep(2)  # the load goes on against the recovered deployment
+        outcomes = load.stop()
 
     recovery = first_new.end - t_kill
     summary = summarize(outcomes)

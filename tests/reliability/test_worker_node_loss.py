@@ -53,29 +53,29 @@ def test_removed_worker_node_under_load(cluster, base_url):
     cluster, _ = cluster
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
-    load = Load(base_url, "demo", threads=4).start()
-    stats = wait_for(lambda: len(s := engine_stats("node-loss", DEPLOYMENT)) == 2 and s, 120, interval=1.0,
-                     what="the autoscaler's second replica")
-    by_node = {s["node_id"]: s["replica"] for s in stats}
-    victim = next(n for n in workers if n.node_id in by_node)
-    spare = next(n for n in workers if n is not victim)
-    assert not processes("OpenAIIngress", raylet_pids(victim)), "the ingress must not run on the node we remove"
-    known = {s["replica"] for s in stats}
-    # A stream in progress on the victim's replica.
-    streams = [LongStream(base_url, "demo").begin() for _ in range(4)]
-    on_victim = [s for s in streams if s.replica == by_node[victim.node_id]]
-    assert on_victim, "no long stream landed on the victim's replica"
+    with Load(base_url, "demo", threads=4) as load:
+        stats = wait_for(lambda: len(s := engine_stats("node-loss", DEPLOYMENT)) == 2 and s, 120, interval=1.0,
+                         what="the autoscaler's second replica")
+        by_node = {s["node_id"]: s["replica"] for s in stats}
+        victim = next(n for n in workers if n.node_id in by_node)
+        spare = next(n for n in workers if n is not victim)
+        assert not processes("OpenAIIngress", raylet_pids(victim)), "the ingress must not run on the node we remove"
+        known = {s["replica"] for s in stats}
+        # A stream in progress on the victim's replica.
+        streams = [LongStream(base_url, "demo").begin() for _ in range(4)]
+        on_victim = [s for s in streams if s.replica == by_node[victim.node_id]]
+        assert on_victim, "no long stream landed on the victim's replica"
 
-    t_remove = time.monotonic()
-    cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: the node fails, it does not drain
-    for s in streams:
-        s.join(timeout=90)
-        assert not s.is_alive(), "a stream hung after its node died"
-    first_new = wait_for(lambda: next((o for o in list(load.outcomes) if o.ok and o.replica not in known), None),
-                         180, interval=0.5, what="a replacement replica to serve")
-    wait_for(lambda: replica_states("node-loss", DEPLOYMENT) == {"RUNNING": 2}, 60, what="two running replicas")
-    time.sleep(2)
-    outcomes = load.stop()
+        t_remove = time.monotonic()
+        cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: the node fails, it does not drain
+        for s in streams:
+            s.join(timeout=90)
+            assert not s.is_alive(), "a stream hung after its node died"
+        first_new = wait_for(lambda: next((o for o in list(load.outcomes) if o.ok and o.replica not in known), None),
+                             180, interval=0.5, what="a replacement replica to serve")
+        wait_for(lambda: replica_states("node-loss", DEPLOYMENT) == {"RUNNING": 2}, 60, what="two running replicas")
+        time.sleep(2)
+        outcomes = load.stop()
 
     new_stats = engine_stats("node-loss", DEPLOYMENT)
     assert {s["node_id"] for s in new_stats} == {cluster.head_node.node_id, spare.node_id}

@@ -145,6 +145,19 @@ class Load:
             w.start()
         return self
 
+    def __enter__(self) -> Load:
+        """`with Load(...) as load:` stops the clients when the block ends, also when a test fails in it (left
+        running, they would load the machine for the rest of the suite)."""
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.stop()
+        else:
+            self._stop.set()
+            for w in self._workers:
+                w.join(timeout=self.timeout + 10)
+
     def stop(self) -> list[Outcome]:
         self._stop.set()
         for w in self._workers:
@@ -160,6 +173,8 @@ class Load:
             out = completion(self.base_url, body, self.headers, self.timeout)
             with self._lock:
                 self.outcomes.append(out)
+            if out.status is None:  # no server there (yet, or any more): no busy loop of refused connections
+                self._stop.wait(0.2)
 
 
 def summarize(outcomes: list[Outcome]) -> dict:

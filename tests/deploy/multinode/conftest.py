@@ -19,6 +19,7 @@ from tests.deploy.multinode.onprem_variant import onprem_variant, serve_config
 from tests.support.hosts import Hosts, ensure_packages, missing_requirements
 from tests.support.paths import ROOT
 from tests.support.polling import wait_for
+from tests.support.ray_cluster import shutdown_ray
 
 VENV = Path(sys.executable).parent.parent  # the venv running the tests: on the shared filesystem, every host's
 RAY = str(VENV / "bin" / "ray")
@@ -87,6 +88,9 @@ def hosts():
     if why:
         pytest.skip(why)
     ensure_packages()
+    # The shared local Ray + Serve that earlier modules left running would take CPU from the hosts' Rays on a
+    # 2-core machine, and their timings with it: stopped here, the next module that wants it starts it again.
+    shutdown_ray()
     with Hosts(3) as made:
         yield made
 

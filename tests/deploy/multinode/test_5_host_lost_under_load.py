@@ -70,18 +70,20 @@ def test_a_host_lost_under_load_through_haproxy(cluster, hosts, balancer):
     ingress = cluster.replicas("OpenAIIngress")  # reported if a stream hangs
     url, admin = balancer(victim)
     load = Load(url, "demo", threads=4, max_tokens=(100, 200)).start()
-    # Long streams through the head's proxy, each its own prompt so that routing spreads them, until one runs on
-    # the victim's replica. (One through the victim's own proxy would just hang with it, as behind any balancer.)
-    streams = []
-    while len(streams) < 6 and not any(s.replica in victim_replicas for s in streams):
-        streams.append(LongStream(cluster.url, "demo", max_tokens=1500, timeout=STREAM_READ_TIMEOUT_S,
-                                  prompt=f"Stream {len(streams)}: {TEXTS[len(streams) % len(TEXTS)]}").begin())
-    on_victim = [s for s in streams if s.replica in victim_replicas]
-    assert on_victim, "no long stream landed on the victim's replica"
+    lost = None
+    try:  # the load stops whatever fails: left running, it would load the machine for the rest of the suite
+        # Long streams through the head's proxy, each its own prompt so that routing spreads them, until one runs
+        # on the victim's replica. (One through the victim's own proxy would just hang with it, as behind any
+        # balancer.)
+        streams = []
+        while len(streams) < 6 and not any(s.replica in victim_replicas for s in streams):
+            streams.append(LongStream(cluster.url, "demo", max_tokens=1500, timeout=STREAM_READ_TIMEOUT_S,
+                                      prompt=f"Stream {len(streams)}: {TEXTS[len(streams) % len(TEXTS)]}").begin())
+        on_victim = [s for s in streams if s.replica in victim_replicas]
+        assert on_victim, f"no long stream landed on the victim's replica: {[s.replica for s in streams]}"
 
-    lost = time.monotonic()
-    victim.link(up=False)
-    try:
+        lost = time.monotonic()
+        victim.link(up=False)
         for s in streams:
             s.join(timeout=max(0.0, lost + STREAMS_END_WITHIN_S - time.monotonic()))
         hung = [s for s in streams if s.is_alive()]
@@ -96,7 +98,8 @@ def test_a_host_lost_under_load_through_haproxy(cluster, hosts, balancer):
                             what="two replicas again")
     finally:
         outcomes = load.stop()
-        victim.link(up=True)  # back on the network: the head, which declared its node dead, makes its Ray exit
+        if lost is not None:
+            victim.link(up=True)  # back on the network: the head, which declared its node dead, makes its Ray exit
     assert victim.ip not in replaced.values() and len(set(replaced.values())) == 2, replaced
     after = [o for o in outcomes if o.start > lost]
     in_flight = [o for o in outcomes if o.start <= lost < o.end and not o.ok]
