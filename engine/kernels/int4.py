@@ -5,14 +5,15 @@ Two packings, eight 4-bit values to an int32:
   columns of an int32 sit in its nibbles in the order 0 2 4 6 1 3 5 7; w = (q - zero) * scale.
 - compressed-tensors pack-quantized, symmetric: weight_packed [N, K / 8] with input column 8j + i in nibble i,
   stored as q + 8; weight_scale [N, K / G]; w = (stored - 8) * scale.
-`int4_mm` dequantizes a [BLOCK_K, BLOCK_N] tile of either in registers and multiplies it with tl.dot, or for up
-to MAX_GEMV_ROWS rows of x (batch-1 decode) sums the products along K (the matrix-vector form)."""
+`int4_mm` loads a tile of either packing along its packed dimension, unpacks and dequantizes it in registers and
+multiplies it with tl.dot, or for up to MAX_GEMV_ROWS rows of x (batch-1 decode) sums the products along K (the
+matrix-vector form)."""
 from __future__ import annotations
 
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
-from .scaled_mm import MAX_GEMV_ROWS
+from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 AWQ_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # output column j of an int32 is its nibble AWQ_NIBBLE[j]
 
@@ -46,34 +47,51 @@ def int4_mm_ref(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...]
 
 
 @triton.jit
+def _unpack_nibbles(packed, SHIFTS_AWQ: tl.constexpr):
+    """int32 [R, C] -> int32 [R, 8 C]: value 8c + i of row r from nibble i (compressed-tensors) or nibble
+    AWQ_NIBBLE[i] (AWQ) of packed[r, c]."""
+    nibble = tl.arange(0, 8)
+    if SHIFTS_AWQ:
+        nibble = nibble // 2 + 4 * (nibble % 2)
+    values = (packed[:, :, None] >> (nibble * 4)[None, None, :]) & 0xF
+    return tl.reshape(values, (packed.shape[0], packed.shape[1] * 8))
+
+
+@triton.jit
 def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
                     zeros_stride, scales_stride, out_stride, GROUP: tl.constexpr, AWQ: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Each int32 is loaded once, along its packed dimension, and unpacked in registers; a K tile lies inside one
+    group (BLOCK_K divides GROUP), so its zero points and scales are one row of BLOCK_N values."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     m_mask, n_mask = rows < M, cols < N
     ks = tl.arange(0, BLOCK_K)
+    packed_ks = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
-        k_mask = k < K
-        x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        tile_mask = k_mask[:, None] & n_mask[None, :]
-        groups = (k // GROUP)[:, None]
-        if AWQ:  # qweight [K, N / 8]; column n in nibble (n % 8) // 2 + 4 * (n % 2)
-            shift = (((cols % 8) // 2 + 4 * (cols % 2)) * 4)[None, :]
-            q = (tl.load(w_ptr + k[:, None] * w_stride + (cols // 8)[None, :], mask=tile_mask, other=0) >> shift) & 0xF
-            z = (tl.load(zeros_ptr + groups * zeros_stride + (cols // 8)[None, :], mask=tile_mask, other=0)
-                 >> shift) & 0xF
-            s = tl.load(scales_ptr + groups * scales_stride + cols[None, :], mask=tile_mask, other=0.0)
-        else:  # weight_packed [N, K / 8]; input column k in nibble k % 8, stored + 8
-            shift = ((k % 8) * 4)[:, None]
-            q = (tl.load(w_ptr + cols[None, :] * w_stride + (k // 8)[:, None], mask=tile_mask, other=0) >> shift) & 0xF
-            z = 8
-            s = tl.load(scales_ptr + cols[None, :] * scales_stride + groups, mask=tile_mask, other=0.0)
-        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
+                    other=0.0)
+        group = k0 // GROUP
+        if AWQ:  # qweight [K, N / 8], qzeros [K / G, N / 8], scales [K / G, N]
+            packed_mask = (k < K)[:, None] & (packed_cols < tl.cdiv(N, 8))[None, :]
+            q = _unpack_nibbles(tl.load(w_ptr + k[:, None] * w_stride + packed_cols[None, :], mask=packed_mask,
+                                        other=0), True)  # [BLOCK_K, BLOCK_N]
+            z = _unpack_nibbles(tl.load(zeros_ptr + group * zeros_stride + packed_cols[None, :],
+                                        mask=packed_cols[None, :] < tl.cdiv(N, 8), other=0), True)
+            s = tl.load(scales_ptr + group * scales_stride + cols, mask=n_mask, other=0.0)
+            w = (q - z).to(x.dtype) * s.to(x.dtype)[None, :]
+        else:  # weight_packed [N, K / 8] stored + 8, weight_scale [N, K / G]
+            packed_k = k0 // 8 + packed_ks
+            packed_mask = n_mask[:, None] & (packed_k < tl.cdiv(K, 8))[None, :]
+            q = _unpack_nibbles(tl.load(w_ptr + cols[:, None] * w_stride + packed_k[None, :], mask=packed_mask,
+                                        other=0), False)  # [BLOCK_N, BLOCK_K]
+            s = tl.load(scales_ptr + cols * scales_stride + group, mask=n_mask, other=0.0)
+            w = tl.trans((q - 8).to(x.dtype) * s.to(x.dtype)[:, None])
         if DOT:
             acc += tl.dot(x, w, input_precision=PRECISION)  # float32: IEEE, as torch multiplies, not TF32
         else:
@@ -85,9 +103,9 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
 
 
 def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], group: int,
-            bias: torch.Tensor | None = None, tiles: tuple[int, int, int] = (64, 64, 64)) -> torch.Tensor:
-    """The dequantize-and-multiply kernel; int4_mm_ref is its reference. tiles: (BLOCK_M, BLOCK_N, BLOCK_K) of
-    the tensor-core form."""
+            bias: torch.Tensor | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """The dequantize-and-multiply kernel; int4_mm_ref is its reference. config: the tiles (default:
+    quant_tile_configs' choice); BLOCK_N and BLOCK_K are multiples of 8, and BLOCK_K is cut to divide the group."""
     if not use_triton(x):
         return int4_mm_ref(x, packing, tensors, group, bias)
     m, k = x.shape
@@ -102,11 +120,15 @@ def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], gr
     if m == 0:
         return out
     dot = m > MAX_GEMV_ROWS
-    block_m, block_n, block_k = tiles if dot else (next_pow2(m), 16, 128)
-    block_m = 16 if dot and m <= 16 else block_m
+    block_m, block_n, block_k, num_warps, num_stages = config or tile_config(m, n, k, "int4_w4a16", x.device)
+    block_m = max(block_m, 16) if dot else next_pow2(m)
+    while group % block_k and group != k:  # a K tile inside one group (group == K: a single group)
+        block_k //= 2
+    assert block_k >= 8 and block_n % 8 == 0, f"INT4 tiles {block_n}x{block_k} for group {group}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _int4_mm_kernel[grid](x, w, zeros, scales, bias if bias is not None else out, out, m, n, k, x.stride(0),
                           w.stride(0), zeros.stride(0), scales.stride(0), out.stride(0), GROUP=group,
                           AWQ=packing == "awq", HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                          BLOCK_K=block_k, DOT=dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                          BLOCK_K=block_k, DOT=dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                          num_warps=num_warps, num_stages=num_stages)
     return out

@@ -10,8 +10,7 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import scaled_mm_ref
-
-MAX_GEMV_ROWS = 8
+from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 
 @triton.jit
@@ -60,10 +59,11 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
 
 def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-              tiles: tuple[int, int] = (64, 64)) -> torch.Tensor:
+              config: TileConfig | None = None) -> torch.Tensor:
     """x_q [M, K] and w_q [N, K] FP8, rows contiguous; x_scale [M, 1] or [1, 1], w_scale [N]; with
-    block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. tiles: (BLOCK_M, BLOCK_N)
-    of the tensor-core form."""
+    block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. config: the tiles
+    (default: quant_tile_configs' choice for this shape and GPU); in the matrix-vector form BLOCK_M is M, and with
+    block-wise scales BLOCK_K is bk."""
     if not use_triton(x_q):
         return scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, bias, block)
     m, k = x_q.shape
@@ -73,12 +73,11 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     if m == 0:
         return out
     dot = m > MAX_GEMV_ROWS
-    block_m, block_n = tiles if dot else (next_pow2(m), 8)
-    block_m = 16 if dot and m <= 16 else block_m  # the smallest tl.dot tile
+    block_m, block_n, block_k, num_warps, num_stages = config or tile_config(m, n, k, "fp8_w8a8", x_q.device, block)
+    block_m = max(block_m, 16) if dot else next_pow2(m)  # 16: the smallest tl.dot tile
     x_scale, w_scale = x_scale.float(), w_scale.float()
     if block is None:
         a_scale_stride, b_scale_stride, group_n = (x_scale.stride(0) if x_scale.shape[0] > 1 else 0), 0, 1
-        block_k = 64 if dot else 256
     else:
         group_n, block_k = block
         assert block_k >= 16 and block_k & (block_k - 1) == 0, f"block-wise K width {block_k}: a power of two >= 16"
@@ -87,5 +86,6 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     _scaled_mm_kernel[grid](x_q, w_q, out, x_scale, w_scale, bias if bias is not None else out, m, n, k,
                             x_q.stride(0), w_q.stride(0), out.stride(0), a_scale_stride, b_scale_stride,
                             GROUP_N=group_n, BLOCK_WISE=block is not None, HAS_BIAS=bias is not None,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, num_warps=num_warps,
+                            num_stages=num_stages)
     return out

@@ -5,6 +5,7 @@ import torch
 
 from engine.kernels.fp8 import (FP8, dequantize_weight_fp8, per_token_group_quant_fp8, per_token_group_quant_fp8_ref,
                                 per_token_quant_fp8, per_token_quant_fp8_ref, quantize_fp8, static_quant_fp8)
+from engine.kernels.quant_tile_configs import TileConfig
 from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
 
 
@@ -53,7 +54,7 @@ def test_scaled_mm_per_token_and_per_channel(device, m, n, k, per_token, out_dty
     w_scale = torch.rand(n, device=device) / 100
     bias = torch.randn(n, device=device).to(out_dtype)
     for b in (None, bias):
-        out = scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype, b, tiles=(32, 32))
+        out = scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype, b, config=TileConfig(32, 32, 64))
         ref = scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, b)
         tol = dict(atol=1e-4, rtol=1e-4) if out_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(out, ref, **tol)
@@ -69,8 +70,8 @@ def test_scaled_mm_block_wise(device, m, n, k, block):
     x_q, x_scale = per_token_group_quant_fp8_ref(x, bk)
     w_q = random_fp8(n, k, device=device)
     w_scale = torch.rand(-(-n // bn), -(-k // bk), device=device) / 100 + 1e-3
-    for tiles in ((16, 32), (32, 64)):
-        out = scaled_mm(x_q, x_scale, w_q, w_scale, torch.float32, None, block, tiles=tiles)
+    for tiles in (TileConfig(16, 32, 64), TileConfig(32, 64, 64)):  # BLOCK_K: the block's width
+        out = scaled_mm(x_q, x_scale, w_q, w_scale, torch.float32, None, block, config=tiles)
         torch.testing.assert_close(out, scaled_mm_ref(x_q, x_scale, w_q, w_scale, torch.float32, None, block),
                                    atol=1e-4, rtol=1e-4)
     # and the reference is the dequantized product

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.kernels.int4 import AWQ_NIBBLE, int4_mm, int4_mm_ref, unpack_int4
+from engine.kernels.quant_tile_configs import TileConfig
 
 
 def pack_columns(values, order):
@@ -34,14 +35,16 @@ def int4_tensors(packing, n, k, group, device):
 
 
 @pytest.mark.parametrize("packing", ["awq", "pack"])
-@pytest.mark.parametrize("m, n, k, group, tiles", [(1, 40, 64, 32, None),  # matrix-vector: a K tile, two groups
+@pytest.mark.parametrize("m, n, k, group, tiles", [(1, 40, 64, 32, None),  # matrix-vector: two groups
                                                    (5, 64, 384, 128, None),  # and three K tiles
-                                                   (19, 72, 96, 32, (32, 64, 16)),  # ragged M and N
-                                                   (24, 64, 256, 128, (16, 32, 64))])  # K tiles inside a group
+                                                   (19, 72, 96, 32, TileConfig(32, 64, 16)),  # ragged M and N
+                                                   (24, 64, 256, 128, TileConfig(16, 32, 64)),  # tiles in a group
+                                                   (17, 48, 256, 64, TileConfig(16, 32, 128)),  # K tile cut to 64
+                                                   (9, 40, 72, 72, TileConfig(16, 16, 64))])  # one group, ragged K
 def test_int4_mm_matches_reference(device, packing, m, n, k, group, tiles):
     x = torch.randn(m, k, device=device)
     tensors = int4_tensors(packing, n, k, group, device)
     bias = torch.randn(n, device=device)
     for b in (None, bias):
-        torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, *([tiles] if tiles else [])),
+        torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, tiles),
                                    int4_mm_ref(x, packing, tensors, group, b), atol=1e-3, rtol=1e-4)

@@ -1,0 +1,141 @@
+"""Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
+writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
+
+For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
+cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
+choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
+shape is timed as the yardstick, and the weights' bytes over the time give TB/s. Stops trying candidates for a
+case after --seconds-per-case (the current choice and the fastest so far are kept).
+
+    python benchmarks/quant_tuning.py                        # FP8 and INT4, Llama-3-8B shapes, TP=1
+    python benchmarks/quant_tuning.py --dtypes fp8_w8a8 --shapes gate_up down --rows 1 16 256
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.kernel_tuning import GEMV_SHAPES, L2_DEFEAT_BYTES, graph_ms  # noqa: E402
+from benchmarks.report import write_result  # noqa: E402
+
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+SHAPES = ["qkv", "o", "gate_up", "down"]
+GROUP = 128
+
+
+def candidates(m: int, dtype: str):
+    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
+
+    if m <= MAX_GEMV_ROWS:  # BLOCK_M is M: rows of weights per program, K tile, warps, stages
+        grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
+    else:
+        block_m = [16] if m <= 16 else [16, 32, 64] if m <= 64 else [64, 128]
+        grid = itertools.product(block_m, [64, 128, 256], [64, 128, 256] if dtype == "fp8_w8a8" else [64, 128],
+                                 [4, 8], [3, 4])
+    return [TileConfig(*c) for c in grid]
+
+
+def make_case(dtype: str, n: int, k: int, copies: int):
+    """Weight copies of one shape, made once; returns calls_for(m) -> (per-copy calls taking a config, the
+    reference output of the first copy)."""
+    from engine.kernels.fp8 import FP8, per_token_quant_fp8
+    from engine.kernels.int4 import int4_mm, int4_mm_ref
+    from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
+
+    if dtype == "fp8_w8a8":
+        ws = [(torch.randn(n, k, device="cuda") * 4).to(FP8) for _ in range(copies)]
+        w_scale = torch.rand(n, device="cuda") / 100
+    else:
+        ws = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+              for _ in range(copies)]
+        scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 100
+
+    def calls_for(m: int):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        if dtype == "fp8_w8a8":
+            x_q, x_scale = per_token_quant_fp8(x)
+            ref = scaled_mm_ref(x_q, x_scale, ws[0], w_scale, torch.bfloat16)
+            return [lambda cfg, w=w: scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, config=cfg) for w in ws], ref
+        ref = int4_mm_ref(x, "pack", (ws[0], scales), GROUP)
+        return [lambda cfg, w=w: int4_mm(x, "pack", (w, scales), GROUP, config=cfg) for w in ws], ref
+
+    return calls_for
+
+
+def tune(dtype: str, name: str, rows: list[int], seconds: float) -> tuple[dict, dict]:
+    from engine.kernels.quant_tile_configs import tile_config
+
+    n, k = GEMV_SHAPES[name]
+    weight_bytes = n * k * (1 if dtype == "fp8_w8a8" else 0.5)
+    copies = max(2, -(-L2_DEFEAT_BYTES // int(weight_bytes)))
+    calls_for = make_case(dtype, n, k, copies)
+    bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(max(2, copies // 2))]
+    best, timings = {}, {}
+    for m in rows:
+        calls, ref = calls_for(m)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        cublas = graph_ms([lambda w=w: F.linear(x, w) for w in bf16])
+        current = tile_config(m, n, k, dtype, torch.device("cuda"))
+        tried, started = [], time.perf_counter()
+        for cfg in [current] + [c for c in candidates(m, dtype) if c != current]:
+            if tried and time.perf_counter() - started > seconds:
+                break
+            try:
+                err = (calls[0](cfg).float() - ref.float()).abs().max().item()
+                if err > 0.05 * ref.float().abs().max().item() + 1e-3:
+                    print(f"  {name} m={m} {tuple(cfg)}: wrong ({err:.3g})", flush=True)
+                    continue
+                tried.append((graph_ms([lambda c=c: c(cfg) for c in calls]), cfg))
+            except Exception as e:  # noqa: BLE001 - a tile the compiler rejects on this GPU is skipped
+                print(f"  {name} m={m} {tuple(cfg)}: {type(e).__name__}", flush=True)
+        fastest_ms, fastest = min(tried, key=lambda t: t[0])
+        current_ms = next(ms for ms, c in tried if c == current)
+        best[str(m)] = fastest.as_vllm()
+        timings[str(m)] = {"best_ms": fastest_ms, "best": list(fastest), "current_ms": current_ms,
+                           "current": list(current), "tried": len(tried), "cublas_bf16_ms": cublas,
+                           "best_tb_per_s": weight_bytes / fastest_ms / 1e9, "vs_cublas_bf16": cublas / fastest_ms}
+        print(f"{dtype} {name} (N={n}, K={k}) m={m}: {fastest_ms * 1e3:.1f} us {tuple(fastest)} "
+              f"({weight_bytes / fastest_ms / 1e9:.2f} TB/s; current {current_ms * 1e3:.1f} us; cuBLAS bf16 "
+              f"{cublas * 1e3:.1f} us) of {len(tried)}", flush=True)
+    return best, timings
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", nargs="+", choices=["fp8_w8a8", "int4_w4a16"], default=["fp8_w8a8", "int4_w4a16"])
+    ap.add_argument("--shapes", nargs="+", choices=list(GEMV_SHAPES), default=SHAPES)
+    ap.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    ap.add_argument("--seconds-per-case", type=float, default=6.0)
+    ap.add_argument("--config-dir", type=Path, default=None)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/quant_tuning.py needs a CUDA GPU")
+    from engine.kernels.quant_tile_configs import CONFIG_DIR, config_file_name
+
+    torch.manual_seed(0)
+    figures = {}
+    for dtype, name in itertools.product(args.dtypes, args.shapes):
+        best, timings = tune(dtype, name, args.rows, args.seconds_per_case)
+        n, k = GEMV_SHAPES[name]
+        out = Path(args.config_dir or CONFIG_DIR) / config_file_name(n, k, dtype, torch.cuda.get_device_name())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(best, indent=4) + "\n")
+        print(f"wrote {out}", flush=True)
+        figures[f"{dtype}_{name}"] = {"n": n, "k": k, "per_row_count": timings}
+    settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()}
+    print("wrote", write_result("quant-tuning", settings, figures, args.out_dir))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

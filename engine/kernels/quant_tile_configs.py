@@ -1,0 +1,82 @@
+"""Tile sizes of the quantized matmuls (FP8 `scaled_mm`, INT4 `int4_mm`) per weight shape and GPU, in vLLM's format.
+
+A tuned file `configs/N={N},K={K},device_name={GPU},dtype={fp8_w8a8|int4_w4a16}[,block_shape=[bn,bk]].json` (the
+names of vLLM's block-FP8 files) maps a row count M to BLOCK_SIZE_M/N/K, num_warps and num_stages; the entry
+nearest M is used. `benchmarks/quant_tuning.py` writes them on the GPU they are for. Without one, the defaults
+below apply.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .moe_tile_configs import CONFIG_DIR
+from ._triton import next_pow2
+
+MAX_GEMV_ROWS = 8  # up to this many rows of x (batch-1 decode) take the matrix-vector form: no tensor-core tile
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_vllm(self) -> dict:
+        return dict(BLOCK_SIZE_M=self.block_m, BLOCK_SIZE_N=self.block_n, BLOCK_SIZE_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @classmethod
+    def from_vllm(cls, entry: dict) -> TileConfig:
+        return cls(entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"], entry["BLOCK_SIZE_K"], entry.get("num_warps", 4),
+                   entry.get("num_stages", 3))
+
+
+def config_file_name(n: int, k: int, dtype: str, device_name: str, block: tuple[int, int] | None = None) -> str:
+    shape = f",block_shape=[{block[0]},{block[1]}]" if block else ""
+    return f"N={n},K={k},device_name={device_name.replace(' ', '_')},dtype={dtype}{shape}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_configs(n: int, k: int, dtype: str, device_name: str,
+                  block: tuple[int, int] | None = None) -> dict[int, TileConfig] | None:
+    path = CONFIG_DIR / config_file_name(n, k, dtype, device_name, block)
+    if not path.exists():
+        return None
+    return {int(m): TileConfig.from_vllm(entry) for m, entry in json.loads(path.read_text()).items()}
+
+
+def default_config(m: int, k: int, dtype: str) -> TileConfig:
+    """FP8, tensor-core form: the fastest tiles of an H100 sweep on Llama-3-8B shapes (16 rows: 16x64x128, 8
+    warps, or 16x64x256 for K = 14336; 256 rows: 128x64x128, 8 warps, 4 stages; each 1.2-1.7x the 64x64x64
+    tiles). The matrix-vector forms and INT4 keep the tiles their tests and first GPU runs used."""
+    if m <= MAX_GEMV_ROWS:
+        return TileConfig(next_pow2(m), 8, 256) if dtype == "fp8_w8a8" else TileConfig(next_pow2(m), 16, 128)
+    if dtype != "fp8_w8a8":
+        return TileConfig(16 if m <= 16 else 64, 64, 64)
+    if m <= 16:
+        return TileConfig(16, 64, 256, 8, 4) if k >= 8192 else TileConfig(16, 64, 128, 8, 3)
+    return TileConfig(64 if m <= 64 else 128, 64, 128, 8, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def tile_config(m: int, n: int, k: int, dtype: str, device: torch.device,
+                block: tuple[int, int] | None = None) -> TileConfig:
+    """The tuned entry nearest `m` (of the same form: matrix-vector up to MAX_GEMV_ROWS rows, tensor-core tiles
+    above) for this weight shape on this GPU, else the default."""
+    tuned = tuned_configs(n, k, dtype, _device_name(device.index or 0), block) if device.type == "cuda" else None
+    return nearest_entry(tuned, m) or default_config(m, k, dtype)
+
+
+def nearest_entry(tuned: dict[int, TileConfig] | None, m: int) -> TileConfig | None:
+    same_form = [rows for rows in tuned or () if (rows <= MAX_GEMV_ROWS) == (m <= MAX_GEMV_ROWS)]
+    return tuned[min(same_form, key=lambda rows: abs(rows - m))] if same_form else None

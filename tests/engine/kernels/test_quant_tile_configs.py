@@ -1,0 +1,37 @@
+"""Tuned tile files of the quantized matmuls: vLLM's names and keys, read back, and the entry chosen for a row
+count comes from the same form (matrix-vector up to MAX_GEMV_ROWS rows, tensor-core tiles above)."""
+import json
+
+from engine.kernels import quant_tile_configs
+from engine.kernels.quant_tile_configs import TileConfig, config_file_name, default_config, nearest_entry
+
+
+def test_file_names_follow_vllm():
+    assert config_file_name(28672, 4096, "fp8_w8a8", "NVIDIA H100 80GB HBM3") == \
+        "N=28672,K=4096,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json"
+    assert config_file_name(4096, 7168, "fp8_w8a8", "NVIDIA H200", (128, 128)) == \
+        "N=4096,K=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+def test_a_tuned_file_is_read_back(tmp_path, monkeypatch):
+    entries = {"1": TileConfig(1, 4, 1024, 4, 2).as_vllm(), "64": TileConfig(64, 128, 128, 8, 4).as_vllm()}
+    assert set(entries["64"]) == {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages"}
+    (tmp_path / config_file_name(6144, 4096, "int4_w4a16", "GPU X")).write_text(json.dumps(entries))
+    monkeypatch.setattr(quant_tile_configs, "CONFIG_DIR", tmp_path)
+    quant_tile_configs.tuned_configs.cache_clear()
+    try:
+        assert quant_tile_configs.tuned_configs(6144, 4096, "int4_w4a16", "GPU X") == \
+            {1: TileConfig(1, 4, 1024, 4, 2), 64: TileConfig(64, 128, 128, 8, 4)}
+        assert quant_tile_configs.tuned_configs(6144, 4096, "fp8_w8a8", "GPU X") is None
+    finally:
+        quant_tile_configs.tuned_configs.cache_clear()
+
+
+def test_the_nearest_entry_of_the_same_form():
+    tuned = {1: TileConfig(1, 4, 1024), 8: TileConfig(8, 8, 512), 16: TileConfig(16, 64, 128),
+             256: TileConfig(128, 64, 128)}
+    assert nearest_entry(tuned, 3) == tuned[1]
+    assert nearest_entry(tuned, 9) == tuned[16]  # 8 is nearer, but its tiles are the matrix-vector form's
+    assert nearest_entry(tuned, 100) == tuned[16] and nearest_entry(tuned, 200) == tuned[256]
+    assert nearest_entry({1: tuned[1]}, 32) is None and nearest_entry(None, 1) is None
+    assert default_config(32, 4096, "fp8_w8a8").block_m == 64 and default_config(4, 4096, "fp8_w8a8").block_m == 4
