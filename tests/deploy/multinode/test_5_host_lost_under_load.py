@@ -59,17 +59,19 @@ def balancer(cluster):
 
 
 def test_a_host_lost_under_load_through_haproxy(cluster, hosts, balancer):
+    # The warm-up load scales the model to two replicas and runs until the load through HAProxy has begun: a pause
+    # longer than the downscale delay would take one of them away again (then every stream goes to the other).
     warmup = Load(cluster.url, "demo", threads=6, max_tokens=(200, 300)).start()
     try:
         placed = wait_for(lambda: r if len(r := cluster.replicas()) == 2 else None, timeout=150, interval=1,
                           what="the load's second replica")
+        victim = next(h for h in hosts.hosts[1:] if h.ip in placed.values())
+        victim_replicas = {r for r, ip in placed.items() if ip == victim.ip}
+        ingress = cluster.replicas("OpenAIIngress")  # reported if a stream hangs
+        url, admin = balancer(victim)
+        load = Load(url, "demo", threads=4, max_tokens=(100, 200)).start()
     finally:
         warmup.stop()
-    victim = next(h for h in hosts.hosts[1:] if h.ip in placed.values())
-    victim_replicas = {r for r, ip in placed.items() if ip == victim.ip}
-    ingress = cluster.replicas("OpenAIIngress")  # reported if a stream hangs
-    url, admin = balancer(victim)
-    load = Load(url, "demo", threads=4, max_tokens=(100, 200)).start()
     lost = None
     try:  # the load stops whatever fails: left running, it would load the machine for the rest of the suite
         # Long streams through the head's proxy, each its own prompt so that routing spreads them, until one runs
@@ -80,7 +82,8 @@ def test_a_host_lost_under_load_through_haproxy(cluster, hosts, balancer):
             streams.append(LongStream(cluster.url, "demo", max_tokens=1500, timeout=STREAM_READ_TIMEOUT_S,
                                       prompt=f"Stream {len(streams)}: {TEXTS[len(streams) % len(TEXTS)]}").begin())
         on_victim = [s for s in streams if s.replica in victim_replicas]
-        assert on_victim, f"no long stream landed on the victim's replica: {[s.replica for s in streams]}"
+        assert on_victim, (f"no long stream landed on the victim's replica {sorted(victim_replicas)}: "
+                           f"{[s.replica for s in streams]}; replicas then: {cluster.replicas()}")
 
         lost = time.monotonic()
         victim.link(up=False)
