@@ -1,7 +1,9 @@
 """Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
 writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
 
-For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
+FP8 at one row (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py: x quantized
+inside it, with the shape's RMSNorm, SiLU-and-mul or residual add folded in); other row counts time scaled_mm and
+int4_mm. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
 shape is timed as the yardstick, and the weights' bytes over the time give TB/s. Stops trying candidates for a
@@ -30,12 +32,16 @@ from benchmarks.report import write_result  # noqa: E402
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 SHAPES = ["qkv", "o", "gate_up", "down"]
 GROUP = 128
+DECODE_FUSIONS = {"qkv": {"norm": True}, "gate_up": {"norm": True, "gated": True}, "o": {"residual": True},
+                  "down": {"residual": True}}  # what models/llama.py decode_one folds into each projection
 
 
 def candidates(m: int, dtype: str):
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
 
-    if m <= MAX_GEMV_ROWS:  # BLOCK_M is M: rows of weights per program, K tile, warps, stages
+    if m == 1 and dtype == "fp8_w8a8":  # the folded gemv: rows of weights per program, K tile, warps, stages
+        grid = itertools.product([1], [4, 8, 2, 16], [2048, 1024, 4096, 512], [4, 8], [2, 3])
+    elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
         grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
     else:
         block_m = [16] if m <= 16 else [16, 32, 64] if m <= 64 else [64, 128]
@@ -44,10 +50,11 @@ def candidates(m: int, dtype: str):
     return [TileConfig(*c) for c in grid]
 
 
-def make_case(dtype: str, n: int, k: int, copies: int):
+def make_case(dtype: str, name: str, n: int, k: int, copies: int):
     """Weight copies of one shape, made once; returns calls_for(m) -> (per-copy calls taking a config, the
     reference output of the first copy)."""
     from engine.kernels.fp8 import FP8, per_token_quant_fp8
+    from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
     from engine.kernels.int4 import int4_mm, int4_mm_ref
     from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
 
@@ -59,8 +66,23 @@ def make_case(dtype: str, n: int, k: int, copies: int):
               for _ in range(copies)]
         scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 100
 
+    def decode_gemv(x: torch.Tensor):
+        fusion = DECODE_FUSIONS[name]
+        norm = (torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5) if fusion.get("norm") else None
+        gated = fusion.get("gated", False)
+        residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
+        out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
+
+        def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
+            return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out,
+                        weight_scale=w_scale, quant_x=True)
+        return ([lambda cfg, w=w: call(cfg, w) for w in ws],
+                gemv_ref(x, ws[0], None, gated, norm, residual, w_scale, True))
+
     def calls_for(m: int):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        if dtype == "fp8_w8a8" and m == 1:
+            return decode_gemv(x)
         if dtype == "fp8_w8a8":
             x_q, x_scale = per_token_quant_fp8(x)
             ref = scaled_mm_ref(x_q, x_scale, ws[0], w_scale, torch.bfloat16)
@@ -71,13 +93,13 @@ def make_case(dtype: str, n: int, k: int, copies: int):
     return calls_for
 
 
-def tune(dtype: str, name: str, rows: list[int], seconds: float) -> tuple[dict, dict]:
+def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
     from engine.kernels.quant_tile_configs import tile_config
 
     n, k = GEMV_SHAPES[name]
     weight_bytes = n * k * (1 if dtype == "fp8_w8a8" else 0.5)
     copies = max(2, -(-L2_DEFEAT_BYTES // int(weight_bytes)))
-    calls_for = make_case(dtype, n, k, copies)
+    calls_for = make_case(dtype, name, n, k, copies)
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(max(2, copies // 2))]
     best, timings = {}, {}
     for m in rows:
@@ -87,7 +109,7 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float) -> tuple[dict, 
         current = tile_config(m, n, k, dtype, torch.device("cuda"))
         tried, started = [], time.perf_counter()
         for cfg in [current] + [c for c in candidates(m, dtype) if c != current]:
-            if tried and time.perf_counter() - started > seconds:
+            if tried and time.perf_counter() - started > (gemv_seconds if m == 1 else seconds):
                 break
             try:
                 err = (calls[0](cfg).float() - ref.float()).abs().max().item()
@@ -115,6 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", nargs="+", choices=list(GEMV_SHAPES), default=SHAPES)
     ap.add_argument("--rows", type=int, nargs="+", default=ROWS)
     ap.add_argument("--seconds-per-case", type=float, default=6.0)
+    ap.add_argument("--gemv-seconds", type=float, default=30.0, help="for one row (batch-1 decode), which W1 is")
     ap.add_argument("--config-dir", type=Path, default=None)
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -125,7 +148,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     figures = {}
     for dtype, name in itertools.product(args.dtypes, args.shapes):
-        best, timings = tune(dtype, name, args.rows, args.seconds_per_case)
+        best, timings = tune(dtype, name, args.rows, args.seconds_per_case, args.gemv_seconds)
         n, k = GEMV_SHAPES[name]
         out = Path(args.config_dir or CONFIG_DIR) / config_file_name(n, k, dtype, torch.cuda.get_device_name())
         out.parent.mkdir(parents=True, exist_ok=True)

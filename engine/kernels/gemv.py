@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
+from .fp8 import FP8, per_token_quant_fp8_ref, round_to_e4m3
+from .quant_tile_configs import tile_config
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
 MAX_ROWS = 8  # x stays in registers
@@ -40,24 +42,37 @@ def _load_vector(ptr, k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+            X_PARTS: tl.constexpr):
+    """Columns k of x's rows: its rows at x_row, or the sum of a ReduceSite's parts; float32 where it is normalized."""
+    if X_PARTS > 0:
+        x = load_part_sum(x_ptr, x_stride, k[None, :], (k < K)[None, :], X_PARTS)
+    else:
+        x = _load_rows(x_row, k, K, m_mask, EVEN_K)
+    return x.to(tl.float32) if NORM else x
+
+
+@triton.jit
 def _dot_rows(x, w):
     return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
 
 
 @triton.jit(do_not_specialize=["M", "rank"])
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride, out_stride,
-                 residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr, ticket_ptr,
-                 rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride,
+                 out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
+                 ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr):
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, QUANT_X: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
     comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
     itself: each element is read and written by the one program that owns its row).
     X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
-    every rank instead of stored at out_ptr (which is the site's parts here)."""
+    every rank instead of stored at out_ptr (which is the site's parts here).
+    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. QUANT_X: x (normalized, with NORM) is
+    quantized to FP8 per row first, its scale from a first pass over it."""
     pid = tl.program_id(0)
     if X_PARTS > 0:
         wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
@@ -72,22 +87,40 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
+    if QUANT_X:  # the first pass: the sum of squares and the absolute maximum of x (times the norm weight)
+        abs_max = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
+            if NORM:
+                sum_sq += x * x
+                x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
+            abs_max = tl.maximum(abs_max, tl.abs(x))
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps) if NORM else tl.full([BLOCK_M], 1.0, tl.float32)
+        # IEEE-rounded divisions, as fp8._quant_fp8_kernel: the scales and bytes torch computes
+        x_scale = tl.maximum(tl.math.div_rn(tl.max(abs_max, 1) * inv_rms, 448.0), 1.0 / (448.0 * 512.0))
     for k0 in range(0, K, BLOCK_K):
-        if X_PARTS > 0:
-            x = load_part_sum(x_ptr, x_stride, (k0 + cols)[None, :], (k0 + cols < K)[None, :], X_PARTS)
-        else:
-            x = _load_rows(x_row, k0 + cols, K, m_mask, EVEN_K)
+        x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
         if NORM:
-            x = x.to(tl.float32)
-            sum_sq += x * x
+            if not QUANT_X:
+                sum_sq += x * x
             x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
+        if QUANT_X:
+            x = tl.math.div_rn(x * inv_rms[:, None], x_scale[:, None])
+            x = round_to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
         acc += _dot_rows(x, _load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
         if GATED:
             acc_up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
-    if NORM:
+    if QUANT_X:
+        acc = acc * x_scale[:, None]
+        acc_up = acc_up * x_scale[:, None]
+    elif NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
+    if W_SCALE:
+        acc = acc * tl.load(w_scale_ptr + rows_n, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(w_scale_ptr + N + rows_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -124,8 +157,11 @@ def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
 def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
-         out: torch.Tensor | None = None, push: ReduceSite | None = None) -> torch.Tensor | ReduceSite:
+         out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
+         quant_x: bool = False) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
+    weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row); quant_x: x is quantized to
+    FP8 per token first (W8A8, as fp8.per_token_quant_fp8), else the FP8 weight meets x as it is (W8A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two).
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
@@ -138,12 +174,13 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if not use_triton(weight):
         assert push is None, "ReduceSites are pushed by the Triton kernel only"
         result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
-                          residual_site.sum() if residual_site else residual)
+                          residual_site.sum() if residual_site else residual, weight_scale, quant_x)
         out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and weight.stride(-1) == 1
+    assert (weight.dtype == FP8) == (weight_scale is not None) and (weight_scale is not None or not quant_x)
     x_rows = x_site.parts if x_site else x
     assert x_rows.stride(-1) == 1
     residual_rows = residual_site.parts if residual_site else residual
@@ -154,31 +191,39 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         assert m == 1 and out is None and push.parts.shape[1] == n
         out = push.parts
     if out is None:
-        out = residual if residual is not None and residual_site is None else torch.empty(m, n, dtype=weight.dtype,
+        out = residual if residual is not None and residual_site is None else torch.empty(m, n, dtype=x_rows.dtype,
                                                                                            device=weight.device)
     assert (push is not None or out.shape == (m, n)) and out.stride(-1) == 1
     added = residual_rows if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
+    if config is None and weight_scale is not None:  # FP8: quant_tile_configs' matrix-vector entry for M rows
+        config = GemvConfig(*tile_config(m, weight.shape[0], k, "fp8_w8a8", weight.device)[1:])
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x_rows, weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
+        x_rows, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
         x_rows.stride(0), weight.stride(0), out.stride(0), added.stride(0), norm[1] if norm else 0.0, *waits, *pushes,
         HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
-        PUSH=push.world if push else 0, num_warps=num_warps, num_stages=num_stages)
+        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None, QUANT_X=quant_x, num_warps=num_warps,
+        num_stages=num_stages)
     return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-             norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+             norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+             weight_scale: torch.Tensor | None = None, quant_x: bool = False) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
-    out = h @ weight.float().t()
+    if quant_x:
+        h_q, h_scale = per_token_quant_fp8_ref(h)
+        h = h_q.float() * h_scale
+    w = weight.float() if weight_scale is None else weight.float() * weight_scale.float()[:, None]
+    out = h @ w.t()
     if bias is not None:
         out += bias.float()
     if gated:

@@ -84,14 +84,14 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
             z = _unpack_nibbles(tl.load(zeros_ptr + group * zeros_stride + packed_cols[None, :],
                                         mask=packed_cols[None, :] < tl.cdiv(N, 8), other=0), True)
             s = tl.load(scales_ptr + group * scales_stride + cols, mask=n_mask, other=0.0)
-            w = (q - z).to(x.dtype) * s.to(x.dtype)[None, :]
+            w = ((q - z).to(tl.float32) * s.to(tl.float32)[None, :]).to(x.dtype)
         else:  # weight_packed [N, K / 8] stored + 8, weight_scale [N, K / G]
             packed_k = k0 // 8 + packed_ks
             packed_mask = n_mask[:, None] & (packed_k < tl.cdiv(K, 8))[None, :]
             q = _unpack_nibbles(tl.load(w_ptr + cols[:, None] * w_stride + packed_k[None, :], mask=packed_mask,
                                         other=0), False)  # [BLOCK_N, BLOCK_K]
             s = tl.load(scales_ptr + cols * scales_stride + group, mask=n_mask, other=0.0)
-            w = tl.trans((q - 8).to(x.dtype) * s.to(x.dtype)[:, None])
+            w = tl.trans(((q - 8).to(tl.float32) * s.to(tl.float32)[:, None]).to(x.dtype))
         if DOT:
             acc += tl.dot(x, w, input_precision=PRECISION)  # float32: IEEE, as torch multiplies, not TF32
         else:

@@ -56,7 +56,9 @@ def default_config(m: int, k: int, dtype: str) -> TileConfig:
     warps, or 16x64x256 for K = 14336; 256 rows: 128x64x128, 8 warps, 4 stages; each 1.2-1.7x the 64x64x64
     tiles). The matrix-vector forms and INT4 keep the tiles their tests and first GPU runs used."""
     if m <= MAX_GEMV_ROWS:
-        return TileConfig(next_pow2(m), 8, 256) if dtype == "fp8_w8a8" else TileConfig(next_pow2(m), 16, 128)
+        if dtype == "fp8_w8a8":  # one row: the 16-bit gemv's bytes a tile (gemv.gemv_config) in FP8
+            return TileConfig(1, 4, 2048, 4, 2) if m == 1 else TileConfig(next_pow2(m), 8, 256)
+        return TileConfig(next_pow2(m), 16, 128)
     if dtype != "fp8_w8a8":
         return TileConfig(16 if m <= 16 else 64, 64, 64)
     if m <= 16:

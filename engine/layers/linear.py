@@ -14,8 +14,8 @@ from engine.parallel_state import TPGroup
 
 def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     """A batch-1 decode row on the Triton path takes the matrix-vector kernel, which reads the weights faster than
-    cuBLAS does at M = 1."""
-    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1 and quant_method(layer) is None
+    cuBLAS does at M = 1 (plain or FP8 per-channel weights)."""
+    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1 and gemv_weights(layer) is not None
 
 
 def quant_method(layer: nn.Module):
@@ -23,14 +23,26 @@ def quant_method(layer: nn.Module):
     return getattr(layer, "quant_method", None)
 
 
+def gemv_weights(layer: nn.Module) -> dict | None:
+    """The matrix-vector kernel's weight arguments for this layer (weight, and for FP8 its scales and whether x is
+    quantized); None where the layer's quantization has no matrix-vector form."""
+    method = quant_method(layer)
+    if method is None:
+        return {"weight": layer.weight}
+    form = getattr(method, "gemv_weights", None)
+    return form(layer) if form is not None else None
+
+
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T + bias."""
+    if takes_gemv(layer, x):
+        return gemv(x, bias=bias, **gemv_weights(layer))
     if quant_method(layer) is not None:
         return layer.quant_method.apply(layer, x, bias)
     packed = getattr(layer, "onednn_weight", None)  # CPU: engine/layers/onednn.py
     if packed is not None:
         return onednn_linear(x, packed, bias)
-    return gemv(x, layer.weight, bias) if takes_gemv(layer, x) else F.linear(x, layer.weight, bias)
+    return F.linear(x, layer.weight, bias)
 
 
 def _create_weight(layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:

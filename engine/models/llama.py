@@ -9,7 +9,7 @@ from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                  VocabParallelEmbedding, quant_method, takes_gemv)
+                                  VocabParallelEmbedding, gemv_weights, quant_method, takes_gemv)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel_state import TPGroup
@@ -67,7 +67,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if takes_gemv(self.gate_up_proj, x):  # SiLU-and-mul folded into the matrix-vector kernel
-            return self.down_proj(gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True))
+            return self.down_proj(gemv(x, bias=self.gate_up_proj.bias, gated=True, **gemv_weights(self.gate_up_proj)))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -99,10 +99,10 @@ class LlamaDecoderLayer(nn.Module):
         the two all-reduces: no norm or add kernels. `sites`: the ReduceSites the o and down projections
         all-reduce through inside their kernels (None: a separate all-reduce); `h` may be the previous one."""
         attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln.weight, ln.eps))
+        qkv = gemv(h, bias=attn.qkv_proj.bias, norm=(ln.weight, ln.eps), **gemv_weights(attn.qkv_proj))
         h = _add_projection(attn.o_proj, attn.attend(positions, qkv, meta), h, sites[0])
-        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True,
-                   norm=(post_ln.weight, post_ln.eps))
+        act = gemv(h, bias=mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps),
+                   **gemv_weights(mlp.gate_up_proj))
         return _add_projection(mlp.down_proj, act, h, sites[1])
 
 
@@ -113,8 +113,9 @@ def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h, site: ReduceSit
     first = proj.tp.rank == 0
     bias, residual = (proj.bias, h) if first else (None, None)
     if site is not None:
-        return gemv(x, proj.weight, bias, residual=residual, push=site)
-    part = gemv(x, proj.weight, bias, residual=residual, out=proj.tp.staging((1, proj.weight.shape[0]), x.dtype))
+        return gemv(x, bias=bias, residual=residual, push=site, **gemv_weights(proj))
+    part = gemv(x, bias=bias, residual=residual, out=proj.tp.staging((1, proj.weight.shape[0]), x.dtype),
+                **gemv_weights(proj))
     return proj.tp.all_reduce(part)
 
 
@@ -149,7 +150,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
-        self.plain_weights = all(quant_method(m) is None for m in self.modules())  # decode_one reads .weight
+        # decode_one passes each layer's weights to the matrix-vector kernel: plain or FP8 per channel
+        self.gemv_weights_everywhere = all(quant_method(m) is None or gemv_weights(m) is not None
+                                           for m in self.modules())
 
     def make_layer(self, index: int, cfg, arch: str, tp: TPGroup, dtype: torch.dtype, max_len: int) -> nn.Module:
         """Decoder layer `index`: the family's `decoder_layer`; a family whose layers differ (MoE blocks) overrides
@@ -178,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
         """A single token through a single-stage model (any tensor parallelism) on the Triton path: the layers'
         fused batch-1 form."""
-        return (self.is_first and self.is_last and self.llama_layers and self.plain_weights
+        return (self.is_first and self.is_last and self.llama_layers and self.gemv_weights_everywhere
                 and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,13 @@ COMPILE = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.fp8 import _quant_fp8_kernel
+    from engine.kernels.gemv import _gemv_kernel
     from engine.kernels.int4 import _int4_mm_kernel
     from engine.kernels.reshape_and_cache import _reshape_and_cache_kernel
     from engine.kernels.rotary import _rotary_kernel
     from engine.kernels.scaled_mm import _scaled_mm_kernel
 
-    def compile_for_hopper(kernel, pointers, constexprs, floats=("k_scale", "v_scale")):
+    def compile_for_hopper(kernel, pointers, constexprs, floats=("k_scale", "v_scale", "eps")):
         names = kernel.arg_names  # every argument not named is an int32 scalar
         signature = {n: "constexpr" if n in constexprs else pointers.get(n) or ("fp32" if n in floats else "i32")
                      for n in names}
@@ -48,6 +49,13 @@ COMPILE = textwrap.dedent(r"""
             "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
             dict(GROUP_N=128 if block_wise else 1, BLOCK_WISE=block_wise, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
                  BLOCK_N=64 if dot else 16, BLOCK_K=128 if block_wise else 64 if dot else 256, DOT=dot))
+    for quant_x, norm in itertools.product((False, True), (False, True)):
+        cases[f"FP8 gemv, quant_x={quant_x} norm={norm}"] = (_gemv_kernel, {
+            "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+            "norm_w_ptr": "*bf16", "residual_ptr": "*bf16", "x_count_ptr": "*i32", "previous_count_ptr": "*i32",
+            "peer_parts_ptr": "*i64", "peer_counts_ptr": "*i64", "ticket_ptr": "*i32"},
+            dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, GATED=norm, NORM=norm,
+                 ADD_RESIDUAL=not norm, X_PARTS=0, RESIDUAL_PARTS=0, PUSH=0, W_SCALE=True, QUANT_X=quant_x))
     for awq, dot in itertools.product((False, True), (False, True)):
         cases[f"INT4 matmul, awq={awq} dot={dot}"] = (_int4_mm_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*i32", "scales_ptr": "*bf16", "bias_ptr": "*bf16",

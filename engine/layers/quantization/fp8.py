@@ -82,6 +82,14 @@ class Fp8LinearMethod:
         layer.weight.data[rows] = quantize_fp8(w, scale[:, None])
         layer.weight_scale.data[rows] = scale
 
+    def gemv_weights(self, layer: nn.Module) -> dict | None:
+        """Per-tensor or per-channel weights with dynamic per-token (or no) activation quantization also take the
+        matrix-vector kernel (batch-1 decode, kernels/gemv.py), which quantizes x itself."""
+        s = self.scheme
+        if s.block is not None or s.static_activations:
+            return None
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale, "quant_x": s.activations == "token"}
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s = self.scheme
         scale = layer.weight_scale_inv if s.block is not None else layer.weight_scale

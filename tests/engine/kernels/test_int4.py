@@ -48,3 +48,14 @@ def test_int4_mm_matches_reference(device, packing, m, n, k, group, tiles):
     for b in (None, bias):
         torch.testing.assert_close(int4_mm(x, packing, tensors, group, b, tiles),
                                    int4_mm_ref(x, packing, tensors, group, b), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packing", ["awq", "pack"])
+def test_int4_matrix_vector_form_takes_bf16_activations(device, packing):
+    """The models' dtype: values are dequantized through float32 (the interpreter casts int32 to bf16 wrongly).
+    bf16 tensor-core dots are not run here: Triton 3.9's interpreter multiplies bf16 tiles wrongly."""
+    x = torch.randn(1, 256, device=device).to(torch.bfloat16)
+    tensors = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in int4_tensors(packing, 48, 256, 128,
+                                                                                                device))
+    expected = int4_mm_ref(x, packing, tensors, 128)  # sums of 256 products near 1: bf16 rounding at about 1e-2
+    torch.testing.assert_close(int4_mm(x, packing, tensors, 128), expected, atol=0.1, rtol=2e-2)
