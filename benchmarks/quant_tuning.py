@@ -1,8 +1,8 @@
 """Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
 writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
 
-FP8 at one row (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py: x quantized
-inside it, with the shape's RMSNorm, SiLU-and-mul or residual add folded in); other row counts time scaled_mm and
+One row (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the shape's
+RMSNorm, SiLU-and-mul or residual add folded in; FP8 quantizes x inside it); other row counts time scaled_mm and
 int4_mm. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
@@ -39,7 +39,7 @@ DECODE_FUSIONS = {"qkv": {"norm": True}, "gate_up": {"norm": True, "gated": True
 def candidates(m: int, dtype: str):
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
 
-    if m == 1 and dtype == "fp8_w8a8":  # the folded gemv: rows of weights per program, K tile, warps, stages
+    if m == 1:  # the folded gemv: rows of weights per program, K tile, warps, stages
         grid = itertools.product([1], [4, 8, 2, 16], [2048, 1024, 4096, 512], [4, 8], [2, 3])
     elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
         grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
@@ -73,15 +73,16 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
         residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
         out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
 
+        quant = dict(weight_scale=w_scale, quant_x=True) if dtype == "fp8_w8a8" else \
+            dict(weight_scale=scales, int4_group=GROUP)
+
         def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
-            return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out,
-                        weight_scale=w_scale, quant_x=True)
-        return ([lambda cfg, w=w: call(cfg, w) for w in ws],
-                gemv_ref(x, ws[0], None, gated, norm, residual, w_scale, True))
+            return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out, **quant)
+        return [lambda cfg, w=w: call(cfg, w) for w in ws], gemv_ref(x, ws[0], None, gated, norm, residual, **quant)
 
     def calls_for(m: int):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        if dtype == "fp8_w8a8" and m == 1:
+        if m == 1:
             return decode_gemv(x)
         if dtype == "fp8_w8a8":
             x_q, x_scale = per_token_quant_fp8(x)

@@ -4,6 +4,12 @@ cuBLAS reads the weights below copy bandwidth at M = 1 (H100, Llama-8B shapes, b
 qkv 2.34 TB/s, the LM head 2.39). Here each program streams BLOCK_N whole weight rows along K and keeps x in
 registers: the weights are read once, coalesced, with no split-K reduction pass (LM head 3.11 TB/s; all of one
 decode step's matmuls 5.5 ms against cuBLAS's 5.8). It handles a few rows of x too, but from M = 2 cuBLAS wins.
+
+FP8 weights (e4m3, one scale per output channel) take the same kernel: W8A8 with x quantized per token inside
+it (fp8.per_token_quant_fp8's semantics: a first pass over x finds its absolute maximum, the second multiplies the
+rounded values), or weight-only W8A16. So do INT4 weights packed along K (compressed-tensors pack-quantized,
+symmetric, int4.py), unpacked and scaled per group in registers. Norm, gate and residual fold in as for 16-bit
+weights.
 """
 from typing import NamedTuple
 
@@ -11,6 +17,7 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import FP8, per_token_quant_fp8_ref, round_to_e4m3
+from .int4 import _unpack_nibbles, dequantize_packed_ref
 from .quant_tile_configs import tile_config
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
@@ -53,17 +60,38 @@ def _load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K: tl.constexpr, NORM: tl
 
 
 @triton.jit
+def _load_weight(row_ptr, scale_row_ptr, k0, cols, K, row_mask, EVEN_K: tl.constexpr, INT4_GROUP: tl.constexpr):
+    """Columns k0 + cols of the weight rows: as stored, or (INT4) unpacked and multiplied by their groups' scales,
+    in float32."""
+    if INT4_GROUP == 0:  # (an if/else: compiled Triton would type the code after an early return too)
+        w = _load_rows(row_ptr, k0 + cols, K, row_mask, EVEN_K)
+    else:
+        BLOCK_K: tl.constexpr = cols.shape[0]
+        packed_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(row_ptr + packed_k[None, :], mask=row_mask[:, None] & (packed_k < K // 8)[None, :],
+                         other=0)
+        q = (_unpack_nibbles(packed, False) - 8).to(tl.float32)
+        groups = k0 // INT4_GROUP + tl.arange(0, BLOCK_K // INT4_GROUP)
+        scales = tl.load(scale_row_ptr + groups[None, :],
+                         mask=row_mask[:, None] & (groups < K // INT4_GROUP)[None, :], other=0.0).to(tl.float32)
+        q = tl.reshape(q, (q.shape[0], BLOCK_K // INT4_GROUP, INT4_GROUP)) * scales[:, :, None]
+        w = tl.reshape(q, (q.shape[0], BLOCK_K))
+    return w
+
+
+@triton.jit
 def _dot_rows(x, w):
     return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
 
 
 @triton.jit(do_not_specialize=["M", "rank"])
 def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride,
-                 out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
+                 w_scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, QUANT_X: tl.constexpr):
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, QUANT_X: tl.constexpr,
+                 INT4_GROUP: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
     comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
@@ -72,7 +100,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
     every rank instead of stored at out_ptr (which is the site's parts here).
     W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. QUANT_X: x (normalized, with NORM) is
-    quantized to FP8 per row first, its scale from a first pass over it."""
+    quantized to FP8 per row first, its scale from a first pass over it. INT4_GROUP > 0: w_ptr holds int32s of
+    eight 4-bit values along K, w_scale_ptr a scale per row and group (BLOCK_K a multiple of the group)."""
     pid = tl.program_id(0)
     if X_PARTS > 0:
         wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
@@ -83,6 +112,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     cols = tl.arange(0, BLOCK_K)
     w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
     up_row = w_row + N * w_stride
+    w_scale_row = w_scale_ptr + rows_n.to(tl.int64)[:, None] * w_scale_stride  # INT4: each row's group scales
     x_row = x_ptr + rows_m[:, None] * x_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -107,9 +137,10 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
         if QUANT_X:
             x = tl.math.div_rn(x * inv_rms[:, None], x_scale[:, None])
             x = round_to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
-        acc += _dot_rows(x, _load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
+        acc += _dot_rows(x, _load_weight(w_row, w_scale_row, k0, cols, K, n_mask, EVEN_K, INT4_GROUP))
         if GATED:
-            acc_up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
+            acc_up += _dot_rows(x, _load_weight(up_row, w_scale_row + N * w_scale_stride, k0, cols, K, n_mask, EVEN_K,
+                                                INT4_GROUP))
     if QUANT_X:
         acc = acc * x_scale[:, None]
         acc_up = acc_up * x_scale[:, None]
@@ -158,10 +189,12 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
          config: GemvConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
          out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
-         quant_x: bool = False) -> torch.Tensor | ReduceSite:
+         quant_x: bool = False, int4_group: int = 0) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row); quant_x: x is quantized to
     FP8 per token first (W8A8, as fp8.per_token_quant_fp8), else the FP8 weight meets x as it is (W8A16).
+    int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
+    pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two).
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
@@ -174,13 +207,15 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if not use_triton(weight):
         assert push is None, "ReduceSites are pushed by the Triton kernel only"
         result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
-                          residual_site.sum() if residual_site else residual, weight_scale, quant_x)
+                          residual_site.sum() if residual_site else residual, weight_scale, quant_x, int4_group)
         out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and weight.stride(-1) == 1
-    assert (weight.dtype == FP8) == (weight_scale is not None) and (weight_scale is not None or not quant_x)
+    assert m <= MAX_ROWS and weight.shape[1] * (8 if int4_group else 1) == k and weight.stride(-1) == 1
+    assert (weight.dtype == FP8 or int4_group > 0) == (weight_scale is not None)
+    assert weight.dtype == FP8 or not quant_x, "x is quantized for FP8 weights only"
+    assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1)
     x_rows = x_site.parts if x_site else x
     assert x_rows.stride(-1) == 1
     residual_rows = residual_site.parts if residual_site else residual
@@ -197,32 +232,40 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     added = residual_rows if residual is not None else out  # never read without ADD_RESIDUAL
     if m == 0:
         return out
-    if config is None and weight_scale is not None:  # FP8: quant_tile_configs' matrix-vector entry for M rows
-        config = GemvConfig(*tile_config(m, weight.shape[0], k, "fp8_w8a8", weight.device)[1:])
+    if config is None and weight_scale is not None:  # quant_tile_configs' matrix-vector entry for M rows
+        dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
+        config = GemvConfig(*tile_config(m, weight.shape[0], k, dtype, weight.device)[1:])
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
+    if int4_group:  # whole groups a K tile
+        block_k = max(block_k, int4_group) // int4_group * int4_group
+        assert block_k & (block_k - 1) == 0, f"INT4 group {int4_group}: the K tile {block_k} is not a power of two"
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x_rows, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out, norm[0] if norm else weight, added, m, n, k,
-        x_rows.stride(0), weight.stride(0), out.stride(0), added.stride(0), norm[1] if norm else 0.0, *waits, *pushes,
-        HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        x_rows, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
+        norm[0] if norm else weight, added, m, n, k, x_rows.stride(0), weight.stride(0),
+        weight_scale.stride(0) if int4_group else 0, out.stride(0), added.stride(0), norm[1] if norm else 0.0,
+        *waits, *pushes, HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
-        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None, QUANT_X=quant_x, num_warps=num_warps,
-        num_stages=num_stages)
+        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, QUANT_X=quant_x,
+        INT4_GROUP=int4_group, num_warps=num_warps, num_stages=num_stages)
     return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
              norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None, quant_x: bool = False) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, quant_x: bool = False, int4_group: int = 0) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
     if quant_x:
         h_q, h_scale = per_token_quant_fp8_ref(h)
         h = h_q.float() * h_scale
-    w = weight.float() if weight_scale is None else weight.float() * weight_scale.float()[:, None]
+    if int4_group:
+        w = dequantize_packed_ref(weight, weight_scale, int4_group)
+    else:
+        w = weight.float() if weight_scale is None else weight.float() * weight_scale.float()[:, None]
     out = h @ w.t()
     if bias is not None:
         out += bias.float()

@@ -58,7 +58,7 @@ def default_config(m: int, k: int, dtype: str) -> TileConfig:
     if m <= MAX_GEMV_ROWS:
         if dtype == "fp8_w8a8":  # one row: the 16-bit gemv's bytes a tile (gemv.gemv_config) in FP8
             return TileConfig(1, 4, 2048, 4, 2) if m == 1 else TileConfig(next_pow2(m), 8, 256)
-        return TileConfig(next_pow2(m), 16, 128)
+        return TileConfig(1, 8, 1024, 4, 2) if m == 1 else TileConfig(next_pow2(m), 16, 128)
     if dtype != "fp8_w8a8":
         return TileConfig(16 if m <= 16 else 64, 64, 64)
     if m <= 16:

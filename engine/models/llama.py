@@ -114,8 +114,9 @@ def _add_projection(proj: RowParallelLinear, x: torch.Tensor, h, site: ReduceSit
     bias, residual = (proj.bias, h) if first else (None, None)
     if site is not None:
         return gemv(x, bias=bias, residual=residual, push=site, **gemv_weights(proj))
-    part = gemv(x, bias=bias, residual=residual, out=proj.tp.staging((1, proj.weight.shape[0]), x.dtype),
-                **gemv_weights(proj))
+    weights = gemv_weights(proj)
+    part = gemv(x, bias=bias, residual=residual, out=proj.tp.staging((1, weights["weight"].shape[0]), x.dtype),
+                **weights)
     return proj.tp.all_reduce(part)
 
 
@@ -150,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
-        # decode_one passes each layer's weights to the matrix-vector kernel: plain or FP8 per channel
+        # decode_one passes each layer's weights to the matrix-vector kernel: plain, FP8 per channel or INT4 along K
         self.gemv_weights_everywhere = all(quant_method(m) is None or gemv_weights(m) is not None
                                            for m in self.modules())
 

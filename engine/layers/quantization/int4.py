@@ -47,6 +47,13 @@ class Int4LinearMethod:
             return kernels.dequantize_awq_ref(layer.qweight, layer.qzeros, layer.scales, self.group)
         return kernels.dequantize_packed_ref(layer.weight_packed, layer.weight_scale, self.group)
 
+    def gemv_weights(self, layer: nn.Module) -> dict | None:
+        """compressed-tensors' packing runs along K, as the matrix-vector kernel (batch-1 decode, kernels/gemv.py)
+        streams weight rows; AWQ packs along N and keeps int4_mm."""
+        if self.packing == "awq":
+            return None
+        return {"weight": layer.weight_packed, "weight_scale": layer.weight_scale, "int4_group": self.group}
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not layer.use_triton:
             return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)

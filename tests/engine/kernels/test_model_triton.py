@@ -113,3 +113,14 @@ def test_triton_path_matches_torch_path_on_an_awq_checkpoint(tiny_model_dir, tmp
 
     path, _ = quantized.awq(tiny_model_dir("llama"), tmp_path / "awq", 32)
     assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="interpreted, the INT4 matrix-vector form is covered by "
+                                       "test_gemv_quantized.py; the whole model runs on CUDA, where it is cheap")
+def test_triton_path_matches_torch_path_on_a_w4a16_checkpoint(tiny_model_dir, tmp_path):
+    """compressed-tensors INT4 (packed along K) through the whole model: batch-1 decode in the matrix-vector kernel
+    with norm, gate and residual folded in, larger batches in int4_mm."""
+    from tests.support import quantized
+
+    path, _ = quantized.w4a16_compressed_tensors(tiny_model_dir("llama"), tmp_path / "w4a16", 32)
+    assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])

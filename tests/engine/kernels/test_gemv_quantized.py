@@ -1,10 +1,12 @@
-"""The matrix-vector kernel with FP8 weights: W8A8 (x quantized per token inside it) against the unfused chain it
-replaces (RMSNorm, per-token quantization, scaled matmul, SiLU-and-mul, residual add), and weight-only W8A16."""
+"""The matrix-vector kernel with quantized weights. FP8: W8A8 (x quantized per token inside it) against the unfused
+chain it replaces (RMSNorm, per-token quantization, scaled matmul, SiLU-and-mul, residual add), and weight-only
+W8A16. INT4 packed along K (compressed-tensors): against int4_mm's reference, groups across and inside K tiles."""
 import pytest
 import torch
 
 from engine.kernels.fp8 import FP8, per_token_quant_fp8_ref, quantize_fp8, scaled_mm_ref
 from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
+from engine.kernels.int4 import dequantize_packed_ref, int4_mm_ref
 from engine.kernels.rms_norm import rms_norm_ref
 
 
@@ -86,3 +88,38 @@ def test_an_fp8_weight_needs_its_scales(device):
     with pytest.raises(AssertionError):
         gemv(torch.randn(1, 32, device=device), w_q)
     assert w_q.dtype == FP8
+
+
+def _int4_weight(n: int, k: int, group: int, device: str, dtype=torch.float32):
+    from tests.engine.kernels.test_int4 import int4_tensors
+    packed, scales = int4_tensors("pack", n, k, group, device)
+    return packed, scales.to(dtype)
+
+
+@pytest.mark.parametrize("k, group, config", [(256, 32, GemvConfig(4, 128, 4, 2)),  # four groups a K tile
+                                              (384, 128, GemvConfig(8, 64, 4, 2)),  # a tile cut up to one group
+                                              (320, 64, None)])  # ragged K against the tile: five groups
+def test_int4_gemv_matches_the_dequantized_product(device, k, group, config):
+    torch.manual_seed(3)
+    x = torch.randn(1, k, device=device)
+    packed, scales = _int4_weight(40, k, group, device)
+    bias = torch.randn(40, device=device)
+    out = gemv(x, packed, bias, config, weight_scale=scales, int4_group=group)
+    torch.testing.assert_close(out, int4_mm_ref(x, "pack", (packed, scales), group, bias), atol=1e-3, rtol=1e-4)
+
+
+def test_int4_gemv_folds_norm_gate_and_residual_in_bf16(device):
+    """Decode's fused forms in the models' dtype: [gate; up] halves with their own groups' scales."""
+    torch.manual_seed(4)
+    k = 256
+    x = (3 * torch.randn(1, k, device=device)).to(torch.bfloat16)
+    norm = ((1 + 0.1 * torch.randn(k, device=device)).to(torch.bfloat16), 1e-5)
+    packed, scales = _int4_weight(2 * 24, k, 64, device, torch.bfloat16)
+    w = dequantize_packed_ref(packed, scales, 64)
+    gated = gemv(x, packed, None, GemvConfig(4, 128, 4, 2), gated=True, norm=norm, weight_scale=scales, int4_group=64)
+    expected = gemv_ref(x, w, None, gated=True, norm=norm)
+    torch.testing.assert_close(gated.float(), expected.float(), atol=0.1, rtol=2e-2)
+    residual = torch.randn(1, 48, device=device).to(torch.bfloat16)
+    expected = residual.float() + x.float() @ w.t()
+    gemv(x, packed, None, None, residual=residual, weight_scale=scales, int4_group=64)
+    torch.testing.assert_close(residual.float(), expected, atol=0.1, rtol=2e-2)
