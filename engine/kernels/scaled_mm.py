@@ -17,9 +17,10 @@ from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 def product(a, b, DOT: tl.constexpr):
     """a [M, K] @ b[N, K]^T in fp32: a tensor-core dot, or (the matrix-vector form) products summed along K."""
     if DOT:
-        # Hopper's FP8 tensor cores keep a narrower running sum unless Triton promotes it, which its sm_90 default
-        # never does: a whole FP8 model then drifted 0.17 in logprob from the torch path. 0: promote every step.
-        return tl.dot(a, tl.trans(b), max_num_imprecise_acc=0)
+        # Hopper's FP8 tensor cores keep a narrower running sum unless Triton promotes it to fp32, which its sm_90
+        # default never does: a whole FP8 model then drifted 0.17 in logprob from the torch path. Promoted once a
+        # K tile here (DeepGEMM's choice, every 128 at most), not after each 32-wide instruction (0: slower).
+        return tl.dot(a, tl.trans(b), max_num_imprecise_acc=min(a.shape[1], 128))
     return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
 
 
