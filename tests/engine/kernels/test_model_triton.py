@@ -91,13 +91,11 @@ def test_triton_batch1_decode_under_tensor_parallelism_matches_one_process(tiny_
     assert_triton_equals_torch(TP_SCRIPT, tiny_model_dir("llama"), [[300 + i for i in range(19)]])
 
 
-@pytest.mark.skipif(not ON_GPU, reason="interpreted, the FP8 kernels are covered by test_fp8.py and "
-                                       "test_fp8_kv_cache.py, and their compiled form by test_kernels_compile_for_"
-                                       "hopper.py; the whole model runs on CUDA, where it is cheap")
 def test_triton_path_matches_torch_path_on_an_fp8_checkpoint_and_kv_cache(tiny_model_dir, tmp_path):
     """FP8 W8A8 (compressed-tensors, per-channel weight scales, per-token activations) over an FP8 KV cache: the
-    Triton activation quantization, scaled matmul and cache writes and reads against the torch path through the
-    whole model (block-wise scales and static activations: tests/engine/kernels/test_fp8.py)."""
+    Triton activation quantization, scaled matmul, batch-1 decode's folded matrix-vector kernel and the cache's
+    writes and reads against the torch path through the whole model (block-wise scales and static activations:
+    tests/engine/kernels/test_fp8.py). Interpreted on CPU too (about 30 s)."""
     from tests.support import quantized
 
     path, _ = quantized.fp8_compressed_tensors(tiny_model_dir("llama"), tmp_path / "fp8", "channel", "token")
@@ -115,11 +113,9 @@ def test_triton_path_matches_torch_path_on_an_awq_checkpoint(tiny_model_dir, tmp
     assert_triton_equals_torch(SCRIPT, path, [[5, 9, 200, 17, 3], [300 + i for i in range(19)]])
 
 
-@pytest.mark.skipif(not ON_GPU, reason="interpreted, the INT4 matrix-vector form is covered by "
-                                       "test_gemv_quantized.py; the whole model runs on CUDA, where it is cheap")
 def test_triton_path_matches_torch_path_on_a_w4a16_checkpoint(tiny_model_dir, tmp_path):
     """compressed-tensors INT4 (packed along K) through the whole model: batch-1 decode in the matrix-vector kernel
-    with norm, gate and residual folded in, larger batches in int4_mm."""
+    with norm, gate and residual folded in, larger batches in int4_mm. Interpreted on CPU too (about 20 s)."""
     from tests.support import quantized
 
     path, _ = quantized.w4a16_compressed_tensors(tiny_model_dir("llama"), tmp_path / "w4a16", 32)
