@@ -1,9 +1,23 @@
 """Gated MLP activations over the fused gate_up projection output: act(x[..., :I]) * x[..., I:]. SwiGLU's silu,
-and GeGLU's GELU with the tanh approximation (Gemma's gelu_pytorch_tanh; vLLM's gelu_tanh_and_mul)."""
+and GeGLU's GELU with the tanh approximation (Gemma's gelu_pytorch_tanh; vLLM's gelu_tanh_and_mul). SiLU-and-mul
+also comes quantized to FP8 per token for an FP8 down projection (vLLM's silu_and_mul_quant)."""
 import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton, use_triton
+from .fp8 import FP8, per_token_quant_fp8_ref, round_to_e4m3
+
+
+@triton.jit
+def _gated_row(row_ptr, cols, mask, inter, GELU_TANH: tl.constexpr):
+    """act(gate) * up in fp32 for columns `cols` of the row at row_ptr."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if GELU_TANH:  # 0.5 * (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3)
+        act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    else:
+        act = gate * tl.sigmoid(gate)
+    return act * up
 
 
 @triton.jit
@@ -11,13 +25,31 @@ def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.c
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU_TANH:  # 0.5 * (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3)
-        act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-    else:
-        act = gate * tl.sigmoid(gate)
-    tl.store(out_ptr + row * out_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    out = _gated_row(x_ptr + row * x_stride, cols, mask, inter, GELU_TANH)
+    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter, BLOCK: tl.constexpr,
+                              GELU_TANH: tl.constexpr):
+    """One program a row, two passes over it: the absolute maximum, then the FP8 values (recomputed, which costs
+    less than holding a 14336-wide row in registers). Values rounded to x's dtype first, as the unfused path
+    stores them; the scale and bytes of fp8.per_token_quant_fp8."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * x_stride
+    abs_max = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+        abs_max = tl.maximum(abs_max, tl.abs(y))
+    scale = tl.maximum(tl.math.div_rn(tl.max(abs_max, 0), 448.0), 1.0 / (448.0 * 512.0))
+    tl.store(scale_ptr + row, scale)
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < inter
+        y = _gated_row(row_ptr, cols, mask, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+        q = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0))
+        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +76,19 @@ def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     _act_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out2, x2.stride(0), out2.stride(0), inter,
                                                                      BLOCK=block, GELU_TANH=gelu_tanh)
     return out
+
+
+def silu_and_mul_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2*I] -> (FP8 rows of silu_and_mul(x), their scales [M, 1]): per_token_quant_fp8 of silu_and_mul."""
+    if not use_triton(x):
+        return per_token_quant_fp8_ref(silu_and_mul_ref(x))
+    inter = x.shape[-1] // 2
+    q = torch.empty(x.shape[0], inter, dtype=FP8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter,
+                                                 BLOCK=min(2048, triton.next_power_of_2(inter)), GELU_TANH=False)
+    return q, scale
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,15 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def store_per_token_fp8(x, q_ptrs, mask, scale_ptr):
+    """Dynamic per-token quantization of one row x (fp32, zeros where masked) into FP8 at q_ptrs, its scale at
+    scale_ptr: per_token_quant_fp8_ref's bytes, with IEEE-rounded divisions (a GPU's `/` is approximate)."""
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1.0 / (448.0 * 512.0))
+    tl.store(scale_ptr, scale)
+    tl.store(q_ptrs, round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)), mask=mask)
+
+
+@triton.jit
 def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, scale_stride, GROUP: tl.constexpr,
                       BLOCK: tl.constexpr, STATIC: tl.constexpr):
     """One program per (token, group of GROUP columns). STATIC: the scale is given (scale_ptr[0]), not computed."""

@@ -1,12 +1,14 @@
-"""RMSNorm and vLLM's fused residual-add + RMSNorm. Math in fp32, results in the input dtype."""
+"""RMSNorm and vLLM's fused residual-add + RMSNorm. Math in fp32, results in the input dtype, or (vLLM's
+rms_norm_dynamic_per_token_quant) quantized to FP8 per token for the FP8 layer after it."""
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
+from .fp8 import FP8, per_token_quant_fp8_ref, store_per_token_fp8
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, residual_stride, out_stride, hidden, eps,
-                     ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, x_stride, residual_stride, out_stride,
+                     hidden, eps, ADD_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -18,17 +20,23 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, residua
         x = r.to(tl.float32)  # normalize the stored (rounded) sum, as the unfused path would
     inv_rms = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = x * inv_rms * w
+    if QUANT_FP8:  # the normalized row rounded to the model's dtype first, as the unfused path stores it
+        store_per_token_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), out_ptr + row * out_stride + cols, mask,
+                            scale_ptr + row)
+    else:
+        tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, residual, weight, out, eps):
+def _launch(x, residual, weight, out, eps, scale=None):
     hidden = x.shape[-1]
     x2, out2 = x.view(-1, hidden), out.view(-1, hidden)
     r2 = residual.view(-1, hidden) if residual is not None else x2
     if x2.shape[0] == 0:
         return
-    _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out2, x2.stride(0), r2.stride(0), out2.stride(0), hidden, eps,
-                                     ADD_RESIDUAL=residual is not None, BLOCK=next_pow2(hidden))
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out2, scale if scale is not None else weight, x2.stride(0),
+                                     r2.stride(0), out2.stride(0), hidden, eps, ADD_RESIDUAL=residual is not None,
+                                     QUANT_FP8=scale is not None, BLOCK=next_pow2(hidden))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,6 +55,20 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         return fused_add_rms_norm_ref(x, residual, weight, eps)
     _launch(x, residual, weight, x, eps)
     return x, residual
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, H] -> (FP8 rows of rms_norm(x) * weight, their scales [M, 1]): per_token_quant_fp8 of what rms_norm
+    returns, in one kernel. With `residual`: residual += x first, in place, and its sum is normalized."""
+    if not use_triton(x):
+        normed = fused_add_rms_norm_ref(x.clone(), residual, weight, eps)[0] if residual is not None else \
+            rms_norm_ref(x, weight, eps)
+        return per_token_quant_fp8_ref(normed)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    _launch(x, residual, weight, q, eps, scale)
+    return q, scale
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

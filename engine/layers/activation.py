@@ -4,6 +4,8 @@ from torch import nn
 
 from engine.kernels import gelu_tanh_and_mul as fused_gelu_tanh_and_mul
 from engine.kernels import silu_and_mul as fused_silu_and_mul
+from engine.kernels import silu_and_mul_quant_fp8
+from engine.layers.quantization.fp8 import Fp8Rows
 
 
 class SiluAndMul(nn.Module):
@@ -13,7 +15,10 @@ class SiluAndMul(nn.Module):
         super().__init__()
         self.use_triton = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp8_rows: bool = False) -> torch.Tensor | Fp8Rows:
+        """fp8_rows (Triton path, x [T, 2I]): the result quantized per token, as Fp8Rows for an FP8 layer."""
+        if self.use_triton and fp8_rows:
+            return Fp8Rows(*silu_and_mul_quant_fp8(x), x.dtype)
         if self.use_triton:
             return fused_silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

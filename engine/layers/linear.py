@@ -12,10 +12,18 @@ from engine.layers.quantization.parts import InPart, OutPart
 from engine.parallel_state import TPGroup
 
 
-def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
+def takes_gemv(layer: nn.Module, x) -> bool:
     """A batch-1 decode row on the Triton path takes the matrix-vector kernel, which reads the weights faster than
-    cuBLAS does at M = 1 (plain or FP8 per-channel weights)."""
-    return layer.use_triton and x.dim() == 2 and x.shape[0] == 1 and gemv_weights(layer) is not None
+    cuBLAS does at M = 1 (plain, FP8 per-channel or INT4 weights)."""
+    return (layer.use_triton and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 1
+            and gemv_weights(layer) is not None)
+
+
+def takes_fp8_rows(layer: nn.Module) -> bool:
+    """On the Triton path the layer quantizes its input per token to FP8, so the kernel before it may hand it FP8
+    rows and their scales instead (quantization.fp8.Fp8Rows), saving a kernel and a pass over the activations."""
+    method = quant_method(layer)
+    return layer.use_triton and method is not None and getattr(method, "takes_fp8_rows", lambda: False)()
 
 
 def quant_method(layer: nn.Module):

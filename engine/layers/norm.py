@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from engine.kernels import fused_add_rms_norm, rms_norm, rms_norm_ref
+from engine.kernels import fused_add_rms_norm, rms_norm, rms_norm_quant_fp8, rms_norm_ref
+from engine.layers.quantization.fp8 import Fp8Rows
 
 
 class RMSNorm(nn.Module):
@@ -11,8 +12,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.use_triton = False
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`: returns (norm(x + residual), x + residual), the fused form vLLM uses."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_rows: bool = False):
+        """With `residual`: returns (norm(x + residual), x + residual), the fused form vLLM uses. fp8_rows (Triton
+        path, x [T, H]): the normalized rows come quantized per token, as Fp8Rows for an FP8 layer."""
+        if self.use_triton and fp8_rows:
+            q, scale = rms_norm_quant_fp8(x, self.weight, self.eps, residual)
+            rows = Fp8Rows(q, scale, x.dtype)
+            return rows if residual is None else (rows, residual)
         if self.use_triton:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])

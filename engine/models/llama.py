@@ -9,7 +9,8 @@ from engine.kernels.reduce_site import ReduceSite
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from engine.layers.linear import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                  VocabParallelEmbedding, gemv_weights, quant_method, takes_gemv)
+                                  VocabParallelEmbedding, gemv_weights, quant_method, takes_fp8_rows,
+                                  takes_gemv)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel_state import TPGroup
@@ -68,7 +69,11 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if takes_gemv(self.gate_up_proj, x):  # SiLU-and-mul folded into the matrix-vector kernel
             return self.down_proj(gemv(x, bias=self.gate_up_proj.bias, gated=True, **gemv_weights(self.gate_up_proj)))
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if takes_fp8_rows(self.down_proj):  # SiLU-and-mul quantizes for it (SwiGLU's; GeGLU does not)
+            return self.down_proj(self.act(gate_up, fp8_rows=True) if isinstance(self.act, SiluAndMul) else
+                                  self.act(gate_up))
+        return self.down_proj(self.act(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -84,12 +89,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, positions, x, residual, meta):
+        # Each norm hands FP8 rows to a Llama attention or MLP whose first projection would quantize them anyway.
+        # Not one row: the matrix-vector kernel takes it unquantized.
+        rows = x.dim() == 2 and x.shape[0] > 1
+        attn_fp8 = rows and type(self.self_attn) is LlamaAttention and takes_fp8_rows(self.self_attn.qkv_proj)
+        mlp_fp8 = rows and type(self.mlp) is LlamaMLP and takes_fp8_rows(self.mlp.gate_up_proj)
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, fp8_rows=attn_fp8)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, fp8_rows=attn_fp8)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, fp8_rows=mlp_fp8)
         return self.mlp(x), residual
 
     def decode_one(self, positions, h, meta, sites=(None, None)):

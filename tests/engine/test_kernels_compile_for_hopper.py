@@ -16,10 +16,12 @@ COMPILE = textwrap.dedent(r"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from engine.kernels.activation import _act_and_mul_quant_kernel
     from engine.kernels.fp8 import _quant_fp8_kernel
     from engine.kernels.gemv import _gemv_kernel
     from engine.kernels.int4 import _int4_mm_kernel
     from engine.kernels.reshape_and_cache import _reshape_and_cache_kernel
+    from engine.kernels.rms_norm import _rms_norm_kernel
     from engine.kernels.rotary import _rotary_kernel
     from engine.kernels.scaled_mm import _scaled_mm_kernel
 
@@ -49,6 +51,11 @@ COMPILE = textwrap.dedent(r"""
             "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
             dict(GROUP_N=128 if block_wise else 1, BLOCK_WISE=block_wise, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
                  BLOCK_N=64 if dot else 16, BLOCK_K=128 if block_wise else 64 if dot else 256, DOT=dot))
+    cases["RMSNorm into FP8 rows, residual added"] = (_rms_norm_kernel, {
+        "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+        dict(ADD_RESIDUAL=True, QUANT_FP8=True, BLOCK=4096))
+    cases["SiLU-and-mul into FP8 rows"] = (_act_and_mul_quant_kernel, {
+        "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, dict(BLOCK=2048, GELU_TANH=False))
     for quant_x, norm in itertools.product((False, True), (False, True)):
         cases[f"FP8 gemv, quant_x={quant_x} norm={norm}"] = (_gemv_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",

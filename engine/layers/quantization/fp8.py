@@ -4,7 +4,7 @@ and online quantization of a 16-bit checkpoint, per output channel, while it loa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,14 @@ from engine.kernels import fp8 as kernels
 from engine.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, dequantize_weight_fp8, quantize_fp8
 from engine.kernels.scaled_mm import scaled_mm
 from engine.layers.quantization.parts import InPart, OutPart, copy_part, parameter
+
+
+class Fp8Rows(NamedTuple):
+    """A layer's input already quantized per token to FP8 by the kernel before it (RMSNorm, SiLU-and-mul), for a
+    layer that would quantize it so (Fp8LinearMethod.takes_fp8_rows); `dtype` is the model's."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,15 @@ class Fp8LinearMethod:
             return None
         return {"weight": layer.weight, "weight_scale": layer.weight_scale, "quant_x": s.activations == "token"}
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def takes_fp8_rows(self) -> bool:
+        """Dynamic per-token activations: the kernel before the layer may quantize them (apply takes Fp8Rows)."""
+        return self.scheme.activations == "token" and not self.scheme.static_activations
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
         s = self.scheme
+        if isinstance(x, Fp8Rows):
+            assert self.takes_fp8_rows() and layer.use_triton
+            return scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, x.dtype, bias)
         scale = layer.weight_scale_inv if s.block is not None else layer.weight_scale
         if s.activations is None:
             return F.linear(x, dequantize_weight_fp8(layer.weight, scale, s.block).to(x.dtype), bias)
