@@ -3,7 +3,7 @@
 Every public kernel function falls back to its reference for CPU tensors (unless TRITON_INTERPRET=1) and when
 Triton is not installed. Nothing here imports from the rest of `engine`.
 """
-from .activation import (gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_quant_fp8,
+from .activation import (act_and_mul_quant_fp8, gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul,
                          silu_and_mul_ref)
 from .fp8 import (per_token_group_quant_fp8, per_token_group_quant_fp8_ref, per_token_quant_fp8,
                   per_token_quant_fp8_ref, scaled_mm_ref, static_quant_fp8)

@@ -1,11 +1,11 @@
 """Gated MLP activations over the fused gate_up projection output: act(x[..., :I]) * x[..., I:]. SwiGLU's silu,
-and GeGLU's GELU with the tanh approximation (Gemma's gelu_pytorch_tanh; vLLM's gelu_tanh_and_mul). SiLU-and-mul
-also comes quantized to FP8 per token for an FP8 down projection (vLLM's silu_and_mul_quant)."""
+and GeGLU's GELU with the tanh approximation (Gemma's gelu_pytorch_tanh; vLLM's gelu_tanh_and_mul). Both also come
+quantized to FP8 per token for an FP8 down projection (vLLM's silu_and_mul_quant)."""
 import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton, use_triton
-from .fp8 import FP8, per_token_quant_fp8_ref, round_to_e4m3
+from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, to_fp8
 
 
 @triton.jit
@@ -42,14 +42,13 @@ def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter
         cols = c0 + tl.arange(0, BLOCK)
         y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
         abs_max = tl.maximum(abs_max, tl.abs(y))
-    scale = tl.maximum(tl.math.div_rn(tl.max(abs_max, 0), 448.0), 1.0 / (448.0 * 512.0))
+    scale = fp8_scale(tl.max(abs_max, 0))
     tl.store(scale_ptr + row, scale)
     for c0 in range(0, inter, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         mask = cols < inter
         y = _gated_row(row_ptr, cols, mask, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
-        q = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0))
-        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+        tl.store(q_ptr + row * q_stride + cols, to_fp8(y, scale), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +77,17 @@ def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     return out
 
 
-def silu_and_mul_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, 2*I] -> (FP8 rows of silu_and_mul(x), their scales [M, 1]): per_token_quant_fp8 of silu_and_mul."""
+def act_and_mul_quant_fp8(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2*I] -> (FP8 rows of silu_and_mul(x), or gelu_tanh_and_mul(x), and their scales [M, 1]):
+    per_token_quant_fp8 of the activation, in one kernel."""
     if not use_triton(x):
-        return per_token_quant_fp8_ref(silu_and_mul_ref(x))
+        return per_token_quant_fp8_ref(gelu_tanh_and_mul_ref(x) if gelu_tanh else silu_and_mul_ref(x))
     inter = x.shape[-1] // 2
     q = torch.empty(x.shape[0], inter, dtype=FP8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if x.shape[0]:
         _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter,
-                                                 BLOCK=min(2048, triton.next_power_of_2(inter)), GELU_TANH=False)
+                                                 BLOCK=min(2048, triton.next_power_of_2(inter)), GELU_TANH=gelu_tanh)
     return q, scale
 
 

@@ -76,12 +76,25 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def fp8_scale(abs_max):
+    """The dynamic scale of values whose absolute maximum is abs_max, as per_token_quant_fp8_ref's; divisions
+    IEEE-rounded here and in to_fp8 (a GPU's `/` is approximate), so the scales and bytes are torch's."""
+    return tl.maximum(tl.math.div_rn(abs_max, 448.0), 1.0 / (448.0 * 512.0))
+
+
+@triton.jit
+def to_fp8(x, scale):
+    """x / scale, saturated to e4m3's range and rounded to FP8."""
+    return round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
+
+
+@triton.jit
 def store_per_token_fp8(x, q_ptrs, mask, scale_ptr):
     """Dynamic per-token quantization of one row x (fp32, zeros where masked) into FP8 at q_ptrs, its scale at
-    scale_ptr: per_token_quant_fp8_ref's bytes, with IEEE-rounded divisions (a GPU's `/` is approximate)."""
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1.0 / (448.0 * 512.0))
+    scale_ptr."""
+    scale = fp8_scale(tl.max(tl.abs(x), 0))
     tl.store(scale_ptr, scale)
-    tl.store(q_ptrs, round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)), mask=mask)
+    tl.store(q_ptrs, to_fp8(x, scale), mask=mask)
 
 
 @triton.jit
@@ -94,13 +107,9 @@ def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, scale_stri
     mask = (offs < GROUP) & (cols < K)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if STATIC:
-        scale = tl.load(scale_ptr)
+        tl.store(q_ptr + row * q_stride + cols, to_fp8(x, tl.load(scale_ptr)), mask=mask)
     else:
-        # IEEE-rounded divisions (a GPU's `/` is approximate): the scales and bytes torch computes
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1.0 / (448.0 * 512.0))
-        tl.store(scale_ptr + row * scale_stride + group, scale)
-    q = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
-    tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+        store_per_token_fp8(x, q_ptr + row * q_stride + cols, mask, scale_ptr + row * scale_stride + group)
 
 
 def _quant_fp8(x: torch.Tensor, group: int, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
-from .fp8 import FP8, per_token_quant_fp8_ref, round_to_e4m3
+from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, to_fp8
 from .int4 import _unpack_nibbles, dequantize_packed_ref
 from .quant_tile_configs import tile_config
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
@@ -126,8 +126,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                 x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
             abs_max = tl.maximum(abs_max, tl.abs(x))
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps) if NORM else tl.full([BLOCK_M], 1.0, tl.float32)
-        # IEEE-rounded divisions, as fp8._quant_fp8_kernel: the scales and bytes torch computes
-        x_scale = tl.maximum(tl.math.div_rn(tl.max(abs_max, 1) * inv_rms, 448.0), 1.0 / (448.0 * 512.0))
+        x_scale = fp8_scale(tl.max(abs_max, 1) * inv_rms)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
         if NORM:
@@ -135,8 +134,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                 sum_sq += x * x
             x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
         if QUANT_X:
-            x = tl.math.div_rn(x * inv_rms[:, None], x_scale[:, None])
-            x = round_to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
+            x = to_fp8(x * inv_rms[:, None], x_scale[:, None])
         acc += _dot_rows(x, _load_weight(w_row, w_scale_row, k0, cols, K, n_mask, EVEN_K, INT4_GROUP))
         if GATED:
             acc_up += _dot_rows(x, _load_weight(up_row, w_scale_row + N * w_scale_stride, k0, cols, K, n_mask, EVEN_K,

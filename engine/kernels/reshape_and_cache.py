@@ -3,14 +3,14 @@ stores x / scale in e4m3 (vLLM's kv_cache_dtype fp8, per-tensor k/v scales)."""
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
-from .fp8 import FP8, FP8_MAX, round_to_e4m3
+from .fp8 import FP8, FP8_MAX, to_fp8
 
 
 @triton.jit
 def to_cache(x, scale, FP8_CACHE: tl.constexpr):
     """A key/value as the cache stores it."""
     if FP8_CACHE:  # one return: compiled Triton types every return of a function alike, constexpr branches too
-        stored = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0))
+        stored = to_fp8(x.to(tl.float32), scale)
     else:
         stored = x
     return stored

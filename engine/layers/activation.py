@@ -4,7 +4,7 @@ from torch import nn
 
 from engine.kernels import gelu_tanh_and_mul as fused_gelu_tanh_and_mul
 from engine.kernels import silu_and_mul as fused_silu_and_mul
-from engine.kernels import silu_and_mul_quant_fp8
+from engine.kernels import act_and_mul_quant_fp8
 from engine.layers.quantization.fp8 import Fp8Rows
 
 
@@ -18,7 +18,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor, fp8_rows: bool = False) -> torch.Tensor | Fp8Rows:
         """fp8_rows (Triton path, x [T, 2I]): the result quantized per token, as Fp8Rows for an FP8 layer."""
         if self.use_triton and fp8_rows:
-            return Fp8Rows(*silu_and_mul_quant_fp8(x), x.dtype)
+            return Fp8Rows(*act_and_mul_quant_fp8(x), x.dtype)
         if self.use_triton:
             return fused_silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
@@ -32,7 +32,9 @@ class GeluTanhAndMul(nn.Module):
         super().__init__()
         self.use_triton = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp8_rows: bool = False) -> torch.Tensor | Fp8Rows:
+        if self.use_triton and fp8_rows:
+            return Fp8Rows(*act_and_mul_quant_fp8(x, gelu_tanh=True), x.dtype)
         if self.use_triton:
             return fused_gelu_tanh_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.layers.activation import GeluTanhAndMul
 from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
-from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, takes_fp8_rows
 from engine.layers.norm import GemmaRMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaForCausalLM
@@ -53,7 +53,7 @@ class GemmaMLP(nn.Module):
         self.act = GeluTanhAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x), fp8_rows=takes_fp8_rows(self.down_proj)))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -69,11 +69,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if takes_gemv(self.gate_up_proj, x):  # SiLU-and-mul folded into the matrix-vector kernel
             return self.down_proj(gemv(x, bias=self.gate_up_proj.bias, gated=True, **gemv_weights(self.gate_up_proj)))
-        gate_up = self.gate_up_proj(x)
-        if takes_fp8_rows(self.down_proj):  # SiLU-and-mul quantizes for it (SwiGLU's; GeGLU does not)
-            return self.down_proj(self.act(gate_up, fp8_rows=True) if isinstance(self.act, SiluAndMul) else
-                                  self.act(gate_up))
-        return self.down_proj(self.act(gate_up))
+        return self.down_proj(self.act(self.gate_up_proj(x), fp8_rows=takes_fp8_rows(self.down_proj)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,9 +1,9 @@
-"""Dynamic per-token FP8 quantization fused into the kernel before an FP8 layer (RMSNorm, SiLU-and-mul): the same
+"""Dynamic per-token FP8 quantization fused into the kernel before an FP8 layer (RMSNorm, SiLU/GELU-and-mul): the same
 bytes and scales as the unfused kernel followed by per_token_quant_fp8."""
 import pytest
 import torch
 
-from engine.kernels.activation import silu_and_mul, silu_and_mul_quant_fp8
+from engine.kernels.activation import act_and_mul_quant_fp8, gelu_tanh_and_mul, silu_and_mul
 from engine.kernels.fp8 import per_token_quant_fp8_ref
 from engine.kernels.rms_norm import fused_add_rms_norm, rms_norm, rms_norm_quant_fp8
 
@@ -37,7 +37,9 @@ def test_rms_norm_quant_adds_the_residual_in_place_first(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inter", [48, 2500])  # one block, and several blocks with a ragged last one
-def test_silu_and_mul_quant_equals_activation_then_quantize(device, dtype, inter):
+@pytest.mark.parametrize("gelu_tanh", [False, True])
+def test_act_and_mul_quant_equals_activation_then_quantize(device, dtype, inter, gelu_tanh):
     torch.manual_seed(2)
     x = (3 * torch.randn(4, 2 * inter, device=device)).to(dtype)
-    _assert_same_fp8(silu_and_mul_quant_fp8(x), per_token_quant_fp8_ref(silu_and_mul(x)))
+    activation = gelu_tanh_and_mul if gelu_tanh else silu_and_mul
+    _assert_same_fp8(act_and_mul_quant_fp8(x, gelu_tanh), per_token_quant_fp8_ref(activation(x)))
