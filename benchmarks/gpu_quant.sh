@@ -103,9 +103,11 @@ variants, devices = {}, {}
 for done in sorted(results.glob("*/done")):
     record = json.loads(max(done.parent.glob("throughput-*.json")).read_text())
     name = done.parent.name.split("-")[0]
-    v = variants.setdefault(name, {"kv_blocks": record["settings"]["kv_blocks"], "commit": record["commit"]})
+    v = variants.setdefault(name, {"kv_blocks": record["settings"]["kv_blocks"], "commits": {}})
     devices[name] = record["device"]
-    v.update({w: f["output_tok_s"] for w, f in record["figures"].items() if w in ("W1", "W2", "W3")})
+    figures = {w: f["output_tok_s"] for w, f in record["figures"].items() if w in ("W1", "W2", "W3")}
+    v.update(figures)
+    v["commits"].update({w: record["commit"] for w in figures})  # a workload may come from a later call
 for f in sorted(results.glob("vllm-*.jsonl")):  # .anchor/vllm_bench.py --out /root/quant-results/vllm-fp8.jsonl
     lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     v = variants.setdefault(f.stem, {})  # vllm-fp8
