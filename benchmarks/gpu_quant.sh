@@ -15,6 +15,9 @@
 #   env: VARIANTS=bf16,fp8,w4a16,fp8kv,awq (in this order)  WORKLOADS=W1,W3 (W2 where time allows)
 #        BUDGET_S=540  FORCE=1
 #        VARIANTS=none: only the summary
+#        TESTS=1: first the quantized kernels' and models' GPU tests (needs pytest among the wheels)
+#        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096": first benchmarks/quant_tuning.py, whose tile
+#          files land in engine/kernels/configs/ (for the runs that follow) and under $OUT (to commit)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
 OUT=${OUT:-benchmarks/results}
@@ -33,6 +36,16 @@ if [ -n "$VARIANTS" ] && [ "${WHEELS:-}" != none ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${TESTS:-}" ]; then
+  TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/engine/kernels/test_gemv_quantized.py \
+    tests/engine/kernels/test_fused_fp8_quant.py tests/engine/kernels/test_fp8.py tests/engine/kernels/test_int4.py \
+    tests/engine/kernels/test_model_triton.py -k "fp8 or w4a16 or awq or quant or int4" 2>&1 | tail -8
+fi
+if [ -n "${TUNE:-}" ]; then  # shellcheck disable=SC2086  # TUNE and TUNE_ROWS split into words on purpose
+  timeout -k 10 "$((BUDGET_S - SECONDS))" python3 benchmarks/quant_tuning.py --dtypes $TUNE \
+    --rows ${TUNE_ROWS:-1 16 256 4096} --seconds-per-case 3 --gemv-seconds 15 --out-dir "$OUT" 2>&1 | grep -v "^  "
+  mkdir -p "$OUT/configs" && cp engine/kernels/configs/N=*dtype=*.json "$OUT/configs/" 2>/dev/null
+fi
 
 # Seconds each piece takes on one H100, estimated from benchmarks/results/throughput-h100-llama3-8b-c9b15ca.json
 # (bf16: W1 1.5 s, W3 19.2 s, W2 17.7 s, engine start 6-15 s) plus a process start, loading 16 GB, CUDA graphs and
