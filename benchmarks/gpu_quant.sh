@@ -15,6 +15,8 @@
 #   env: VARIANTS=bf16,fp8,w4a16,fp8kv,awq (in this order)  WORKLOADS=W1,W3 (W2 where time allows)
 #        BUDGET_S=540  FORCE=1
 #        VARIANTS=none: only the summary
+#        PROFILE=1: each variant also times decode steps at batch 1 and 256 (512 tokens of context) against the
+#          bytes they move, with a profile of where the GPU time goes (throughput.py --decode-roofline --profile)
 #        TESTS=1: first the quantized kernels' and models' GPU tests (needs pytest among the wheels)
 #        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096": first benchmarks/quant_tuning.py, whose tile
 #          files land in engine/kernels/configs/ (for the runs that follow) and under $OUT (to commit)
@@ -94,7 +96,8 @@ for v in ${VARIANTS//,/ }; do
   t=$SECONDS; rm -rf "$dir"
   # shellcheck disable=SC2086  # FLAGS and WORKLOADS split into words on purpose
   if timeout -k 10 "$(left)" python3 -m benchmarks.throughput --model "$ckpt" --workloads ${WORKLOADS//,/ } \
-       --hf-baseline 0 --out-dir "$dir" ${LIMIT:+--limit $LIMIT} ${FLAGS[$v]:-} 2>"$OUT/stderr-$v.log"; then
+       --hf-baseline 0 --out-dir "$dir" ${LIMIT:+--limit $LIMIT} ${FLAGS[$v]:-} \
+       ${PROFILE:+--decode-roofline --profile --decode-batch 1 256 --decode-context 512} 2>"$OUT/stderr-$v.log"; then
     touch "$dir/done"; echo "$v: done in $((SECONDS - t)) s"
   else
     echo "$v failed or ran out of time after $((SECONDS - t)) s:"; tail -15 "$OUT/stderr-$v.log"

@@ -1,9 +1,10 @@
 """Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
 writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
 
-One row (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the shape's
-RMSNorm, SiLU-and-mul or residual add folded in; FP8 quantizes x inside it); other row counts time scaled_mm and
-int4_mm. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
+One row of INT4 (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the
+shape's RMSNorm, SiLU-and-mul or residual add folded in); FP8 (x quantized once before it) and other row counts
+time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with Triton's default accumulation
+(`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
 shape is timed as the yardstick, and the weights' bytes over the time give TB/s. Stops trying candidates for a
@@ -39,8 +40,10 @@ DECODE_FUSIONS = {"qkv": {"norm": True}, "gate_up": {"norm": True, "gated": True
 def candidates(m: int, dtype: str):
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
 
-    if m == 1:  # the folded gemv: rows of weights per program, K tile, warps, stages
-        grid = itertools.product([1], [4, 8, 2, 16], [2048, 1024, 4096, 512], [4, 8], [2, 3])
+    if m == 1 and dtype == "fp8_w8a8":  # rows of weights a program, K tile, warps, stages; likeliest first
+        grid = itertools.product([1], [16, 8, 32, 4], [1024, 2048, 512], [8, 4], [2, 3])
+    elif m == 1:  # the folded INT4 gemv
+        grid = itertools.product([1], [8, 16, 4, 32], [1024, 2048, 512], [4, 8], [2, 3])
     elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
         grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
     else:
@@ -73,8 +76,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
         residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
         out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
 
-        quant = dict(weight_scale=w_scale, quant_x=True) if dtype == "fp8_w8a8" else \
-            dict(weight_scale=scales, int4_group=GROUP)
+        quant = dict(weight_scale=scales, int4_group=GROUP)
 
         def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
             return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out, **quant)
@@ -82,12 +84,13 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
 
     def calls_for(m: int):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        if m == 1:
+        if m == 1 and dtype != "fp8_w8a8":
             return decode_gemv(x)
         if dtype == "fp8_w8a8":
             x_q, x_scale = per_token_quant_fp8(x)
             ref = scaled_mm_ref(x_q, x_scale, ws[0], w_scale, torch.bfloat16)
-            return [lambda cfg, w=w: scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, config=cfg) for w in ws], ref
+            return [lambda cfg, w=w, precise=True: scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, config=cfg,
+                                                             precise=precise) for w in ws], ref
         ref = int4_mm_ref(x, "pack", (ws[0], scales), GROUP)
         return [lambda cfg, w=w: int4_mm(x, "pack", (w, scales), GROUP, config=cfg) for w in ws], ref
 
@@ -95,7 +98,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
 
 
 def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
-    from engine.kernels.quant_tile_configs import tile_config
+    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, tile_config
 
     n, k = GEMV_SHAPES[name]
     weight_bytes = n * k * (1 if dtype == "fp8_w8a8" else 0.5)
@@ -122,13 +125,20 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
                 print(f"  {name} m={m} {tuple(cfg)}: {type(e).__name__}", flush=True)
         fastest_ms, fastest = min(tried, key=lambda t: t[0])
         current_ms = next(ms for ms, c in tried if c == current)
+        fast_acc = {}
+        if dtype == "fp8_w8a8" and m > MAX_GEMV_ROWS:
+            fast_acc["fast_accumulation_ms"] = graph_ms([lambda c=c: c(fastest, precise=False) for c in calls])
+            fast_out = calls[0](fastest, precise=False).float()
+            fast_acc["fast_accumulation_error"] = (fast_out - ref.float()).abs().max().item()
         best[str(m)] = fastest.as_vllm()
         timings[str(m)] = {"best_ms": fastest_ms, "best": list(fastest), "current_ms": current_ms,
                            "current": list(current), "tried": len(tried), "cublas_bf16_ms": cublas,
-                           "best_tb_per_s": weight_bytes / fastest_ms / 1e9, "vs_cublas_bf16": cublas / fastest_ms}
+                           "best_tb_per_s": weight_bytes / fastest_ms / 1e9, "vs_cublas_bf16": cublas / fastest_ms,
+                           **fast_acc}
         print(f"{dtype} {name} (N={n}, K={k}) m={m}: {fastest_ms * 1e3:.1f} us {tuple(fastest)} "
               f"({weight_bytes / fastest_ms / 1e9:.2f} TB/s; current {current_ms * 1e3:.1f} us; cuBLAS bf16 "
-              f"{cublas * 1e3:.1f} us) of {len(tried)}", flush=True)
+              f"{cublas * 1e3:.1f} us) of {len(tried)}"
+              + (f"; fast accumulation {fast_acc['fast_accumulation_ms'] * 1e3:.1f} us" if fast_acc else ""), flush=True)
     return best, timings
 
 

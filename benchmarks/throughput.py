@@ -209,9 +209,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write a torch.profiler Chrome trace of W1 per rank to this directory (W1 then runs profiled)")
     ap.add_argument("--decode-roofline", action="store_true",
-                    help="also time decode at batch 64 with 1k context against the bytes-moved roofline (CUDA)")
+                    help="also time decode (batch 64, 1k context by default) against the bytes-moved roofline (CUDA)")
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[64],
-                    help="with --decode-roofline: the batch sizes to time (1k context each)")
+                    help="with --decode-roofline: the batch sizes to time")
+    ap.add_argument("--decode-context", type=int, default=1024, help="with --decode-roofline: tokens of context")
     args = ap.parse_args(argv)
 
     from engine import LLM, SamplingParams
@@ -284,9 +285,10 @@ def main(argv=None) -> dict:
         from benchmarks.kernels import copy_bandwidth
 
         for batch in args.decode_batch:
-            figures[f"decode_b{batch}_ctx1024"] = res = decode_roofline(llm, batch, 1024, 32, copy_bandwidth(),
-                                                                        args.profile)
-            print(f"decode at batch {batch}, 1k context: {res['ms_per_step']:.2f} ms per step, "
+            ctx = args.decode_context
+            figures[f"decode_b{batch}_ctx{ctx}"] = res = decode_roofline(llm, batch, ctx, 32, copy_bandwidth(),
+                                                                         args.profile)
+            print(f"decode at batch {batch}, {ctx} tokens of context: {res['ms_per_step']:.2f} ms per step, "
                   f"{100 * res['fraction_of_roofline']:.0f}% of the {res['roofline_ms']:.2f} ms roofline")
             path = write_result("throughput", settings, figures, args.out_dir, path)
     print(f"wrote {path}")

@@ -5,19 +5,20 @@ qkv 2.34 TB/s, the LM head 2.39). Here each program streams BLOCK_N whole weight
 registers: the weights are read once, coalesced, with no split-K reduction pass (LM head 3.11 TB/s; all of one
 decode step's matmuls 5.5 ms against cuBLAS's 5.8). It handles a few rows of x too, but from M = 2 cuBLAS wins.
 
-FP8 weights (e4m3, one scale per output channel) take the same kernel: W8A8 with x quantized per token inside
-it (fp8.per_token_quant_fp8's semantics: a first pass over x finds its absolute maximum, the second multiplies the
-rounded values), or weight-only W8A16. So do INT4 weights packed along K (compressed-tensors pack-quantized,
-symmetric, int4.py), unpacked and scaled per group in registers. Norm, gate and residual fold in as for 16-bit
-weights.
+FP8 weight-only layers (e4m3, one scale per output channel, x in the model dtype) take the same kernel, and so
+do INT4 weights packed along K (compressed-tensors pack-quantized, symmetric, int4.py), unpacked and scaled per group
+in registers. Norm, gate and residual fold in as for 16-bit weights. W8A8 layers do not: quantizing x inside every
+program repeated the quantization N / BLOCK_N times (two passes over x and an IEEE division an element), which made
+the kernel bound by that arithmetic rather than by the weights; they take the fused RMSNorm-quantize kernel and
+scaled_mm's matrix-vector form instead, x quantized once.
 """
 from typing import NamedTuple
 
 import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
-from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, to_fp8
-from .int4 import _unpack_nibbles, dequantize_packed_ref
+from .fp8 import FP8
+from .int4 import _unpack_nibbles, dequantize_packed_ref, nibbles_as_float
 from .quant_tile_configs import tile_config
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
@@ -70,7 +71,7 @@ def _load_weight(row_ptr, scale_row_ptr, k0, cols, K, row_mask, EVEN_K: tl.const
         packed_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         packed = tl.load(row_ptr + packed_k[None, :], mask=row_mask[:, None] & (packed_k < K // 8)[None, :],
                          other=0)
-        q = (_unpack_nibbles(packed, False) - 8).to(tl.float32)
+        q = nibbles_as_float(_unpack_nibbles(packed, False)) - 8388616.0  # stored + 8
         groups = k0 // INT4_GROUP + tl.arange(0, BLOCK_K // INT4_GROUP)
         scales = tl.load(scale_row_ptr + groups[None, :],
                          mask=row_mask[:, None] & (groups < K // INT4_GROUP)[None, :], other=0.0).to(tl.float32)
@@ -90,8 +91,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, QUANT_X: tl.constexpr,
-                 INT4_GROUP: tl.constexpr):
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, INT4_GROUP: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
     comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
@@ -99,8 +99,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
     every rank instead of stored at out_ptr (which is the site's parts here).
-    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. QUANT_X: x (normalized, with NORM) is
-    quantized to FP8 per row first, its scale from a first pass over it. INT4_GROUP > 0: w_ptr holds int32s of
+    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. INT4_GROUP > 0: w_ptr holds int32s of
     eight 4-bit values along K, w_scale_ptr a scale per row and group (BLOCK_K a multiple of the group)."""
     pid = tl.program_id(0)
     if X_PARTS > 0:
@@ -117,32 +116,16 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
-    if QUANT_X:  # the first pass: the sum of squares and the absolute maximum of x (times the norm weight)
-        abs_max = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
-            if NORM:
-                sum_sq += x * x
-                x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
-            abs_max = tl.maximum(abs_max, tl.abs(x))
-        inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps) if NORM else tl.full([BLOCK_M], 1.0, tl.float32)
-        x_scale = fp8_scale(tl.max(abs_max, 1) * inv_rms)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
         if NORM:
-            if not QUANT_X:
-                sum_sq += x * x
+            sum_sq += x * x
             x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
-        if QUANT_X:
-            x = to_fp8(x * inv_rms[:, None], x_scale[:, None])
         acc += _dot_rows(x, _load_weight(w_row, w_scale_row, k0, cols, K, n_mask, EVEN_K, INT4_GROUP))
         if GATED:
             acc_up += _dot_rows(x, _load_weight(up_row, w_scale_row + N * w_scale_stride, k0, cols, K, n_mask, EVEN_K,
                                                 INT4_GROUP))
-    if QUANT_X:
-        acc = acc * x_scale[:, None]
-        acc_up = acc_up * x_scale[:, None]
-    elif NORM:
+    if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
@@ -187,10 +170,9 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
          config: GemvConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
          out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
-         quant_x: bool = False, int4_group: int = 0) -> torch.Tensor | ReduceSite:
+         int4_group: int = 0) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
-    weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row); quant_x: x is quantized to
-    FP8 per token first (W8A8, as fp8.per_token_quant_fp8), else the FP8 weight meets x as it is (W8A16).
+    weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row; weight-only, W8A16).
     int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
     pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
@@ -205,14 +187,13 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if not use_triton(weight):
         assert push is None, "ReduceSites are pushed by the Triton kernel only"
         result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
-                          residual_site.sum() if residual_site else residual, weight_scale, quant_x, int4_group)
+                          residual_site.sum() if residual_site else residual, weight_scale, int4_group)
         out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] * (8 if int4_group else 1) == k and weight.stride(-1) == 1
     assert (weight.dtype == FP8 or int4_group > 0) == (weight_scale is not None)
-    assert weight.dtype == FP8 or not quant_x, "x is quantized for FP8 weights only"
     assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1)
     x_rows = x_site.parts if x_site else x
     assert x_rows.stride(-1) == 1
@@ -246,20 +227,16 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         *waits, *pushes, HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
-        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, QUANT_X=quant_x,
-        INT4_GROUP=int4_group, num_warps=num_warps, num_stages=num_stages)
+        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, INT4_GROUP=int4_group, num_warps=num_warps, num_stages=num_stages)
     return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
              norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None, quant_x: bool = False, int4_group: int = 0) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, int4_group: int = 0) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
-    if quant_x:
-        h_q, h_scale = per_token_quant_fp8_ref(h)
-        h = h_q.float() * h_scale
     if int4_group:
         w = dequantize_packed_ref(weight, weight_scale, int4_group)
     else:

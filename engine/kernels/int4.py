@@ -58,6 +58,14 @@ def _unpack_nibbles(packed, SHIFTS_AWQ: tl.constexpr):
 
 
 @triton.jit
+def nibbles_as_float(values):
+    """int32 nibbles (0..15) -> float32 2^23 + nibble: the nibble becomes the low mantissa bits, with no
+    int-to-float conversion (a quarter-rate instruction on Hopper, and the dequantization's costliest step). A
+    difference of two such floats, or one minus 2^23 + 8, is exact."""
+    return (values | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
                     zeros_stride, scales_stride, out_stride, GROUP: tl.constexpr, AWQ: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,14 +92,14 @@ def _int4_mm_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N
             z = _unpack_nibbles(tl.load(zeros_ptr + group * zeros_stride + packed_cols[None, :],
                                         mask=packed_cols[None, :] < tl.cdiv(N, 8), other=0), True)
             s = tl.load(scales_ptr + group * scales_stride + cols, mask=n_mask, other=0.0)
-            w = ((q - z).to(tl.float32) * s.to(tl.float32)[None, :]).to(x.dtype)
+            w = ((nibbles_as_float(q) - nibbles_as_float(z)) * s.to(tl.float32)[None, :]).to(x.dtype)
         else:  # weight_packed [N, K / 8] stored + 8, weight_scale [N, K / G]
             packed_k = k0 // 8 + packed_ks
             packed_mask = n_mask[:, None] & (packed_k < tl.cdiv(K, 8))[None, :]
             q = _unpack_nibbles(tl.load(w_ptr + cols[:, None] * w_stride + packed_k[None, :], mask=packed_mask,
                                         other=0), False)  # [BLOCK_N, BLOCK_K]
             s = tl.load(scales_ptr + cols * scales_stride + group, mask=n_mask, other=0.0)
-            w = tl.trans(((q - 8).to(tl.float32) * s.to(tl.float32)[:, None]).to(x.dtype))
+            w = tl.trans(((nibbles_as_float(q) - 8388616.0) * s.to(tl.float32)[:, None]).to(x.dtype))
         if DOT:
             acc += tl.dot(x, w, input_precision=PRECISION)  # float32: IEEE, as torch multiplies, not TF32
         else:

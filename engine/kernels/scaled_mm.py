@@ -2,7 +2,8 @@
 (tl.dot on e4m3 operands, fp32 accumulation). Scales per token or per tensor for x and per output channel for w
 are applied once, after the K loop; block-wise scales (DeepSeek-V3's 1 x bk for x, bn x bk for w) per K tile,
 whose width is bk. Up to MAX_GEMV_ROWS rows of x (batch-1 decode) take the matrix-vector form of the same kernel:
-no tensor-core tile to fill, each program streams a few whole weight rows along K with wide K tiles.
+no tensor-core tile to fill, each program streams a few whole weight rows along K with wide K tiles, x quantized
+once by the kernel before (fused into RMSNorm or SiLU-and-mul where it can be).
 The reference is fp8.scaled_mm_ref."""
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 
 @triton.jit
-def product(a, b, DOT: tl.constexpr):
+def product(a, b, DOT: tl.constexpr, PRECISE: tl.constexpr):
     """a [M, K] @ b[N, K]^T in fp32: a tensor-core dot, or (the matrix-vector form) products summed along K."""
     if DOT:
         # Hopper's FP8 tensor cores keep a narrower running sum unless Triton promotes it to fp32, which its sm_90
         # default never does: a whole FP8 model then drifted 0.17 in logprob from the torch path, and 0.13 with
         # a promotion once a K tile (max_num_imprecise_acc=BLOCK_K, H100). 0: promote after every instruction.
-        return tl.dot(a, tl.trans(b), max_num_imprecise_acc=0)
+        # PRECISE=False (Triton's default) is there to measure what that costs (benchmarks/quant_tuning.py).
+        if PRECISE:
+            return tl.dot(a, tl.trans(b), max_num_imprecise_acc=0)
+        return tl.dot(a, tl.trans(b))
     return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
 
 
@@ -28,7 +32,7 @@ def product(a, b, DOT: tl.constexpr):
 def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, a_stride, b_stride,
                       out_stride, a_scale_stride, b_scale_stride, GROUP_N: tl.constexpr, BLOCK_WISE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT: tl.constexpr):
+                      DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,10 +42,14 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     b_row = b_ptr + cols.to(tl.int64)[:, None] * b_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        part = product(a, b, DOT)
+        if EVEN_K:
+            a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + ks) < K
+            a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        part = product(a, b, DOT, PRECISE)
         if BLOCK_WISE:  # BLOCK_K is the scale block's width: one x scale per row, one w scale per column here
             a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
             b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
@@ -60,11 +68,12 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
 
 def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-              config: TileConfig | None = None) -> torch.Tensor:
+              config: TileConfig | None = None, precise: bool = True) -> torch.Tensor:
     """x_q [M, K] and w_q [N, K] FP8, rows contiguous; x_scale [M, 1] or [1, 1], w_scale [N]; with
     block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. config: the tiles
     (default: quant_tile_configs' choice for this shape and GPU); in the matrix-vector form BLOCK_M is M, and with
-    block-wise scales BLOCK_K is bk."""
+    block-wise scales BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
+    measuring its cost only."""
     if not use_triton(x_q):
         return scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, bias, block)
     m, k = x_q.shape
@@ -87,6 +96,6 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     _scaled_mm_kernel[grid](x_q, w_q, out, x_scale, w_scale, bias if bias is not None else out, m, n, k,
                             x_q.stride(0), w_q.stride(0), out.stride(0), a_scale_stride, b_scale_stride,
                             GROUP_N=group_n, BLOCK_WISE=block is not None, HAS_BIAS=bias is not None,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, num_warps=num_warps,
-                            num_stages=num_stages)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, EVEN_K=k % block_k == 0,
+                            PRECISE=precise, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -86,10 +86,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, meta):
         # Each norm hands FP8 rows to a Llama attention or MLP whose first projection would quantize them anyway.
-        # Not one row: the matrix-vector kernel takes it unquantized.
-        rows = x.dim() == 2 and x.shape[0] > 1
-        attn_fp8 = rows and type(self.self_attn) is LlamaAttention and takes_fp8_rows(self.self_attn.qkv_proj)
-        mlp_fp8 = rows and type(self.mlp) is LlamaMLP and takes_fp8_rows(self.mlp.gate_up_proj)
+        attn_fp8 = type(self.self_attn) is LlamaAttention and takes_fp8_rows(self.self_attn.qkv_proj)
+        mlp_fp8 = type(self.mlp) is LlamaMLP and takes_fp8_rows(self.mlp.gate_up_proj)
         if residual is None:
             residual, x = x, self.input_layernorm(x, fp8_rows=attn_fp8)
         else:

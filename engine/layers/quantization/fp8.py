@@ -91,12 +91,13 @@ class Fp8LinearMethod:
         layer.weight_scale.data[rows] = scale
 
     def gemv_weights(self, layer: nn.Module) -> dict | None:
-        """Per-tensor or per-channel weights with dynamic per-token (or no) activation quantization also take the
-        matrix-vector kernel (batch-1 decode, kernels/gemv.py), which quantizes x itself."""
+        """Weight-only FP8 with per-tensor or per-channel scales takes the matrix-vector kernel (batch-1 decode,
+        kernels/gemv.py). W8A8 does not: its x is quantized once, by the kernel before the layer (Fp8Rows), and
+        scaled_mm's matrix-vector form reads it."""
         s = self.scheme
-        if s.block is not None or s.static_activations:
+        if s.block is not None or s.activations is not None:
             return None
-        return {"weight": layer.weight, "weight_scale": layer.weight_scale, "quant_x": s.activations == "token"}
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale}
 
     def takes_fp8_rows(self) -> bool:
         """Dynamic per-token activations: the kernel before the layer may quantize them (apply takes Fp8Rows)."""
