@@ -18,7 +18,8 @@
 #        PROFILE=1: each variant also times decode steps at batch 1 and 256 (512 tokens of context) against the
 #          bytes they move, with a profile of where the GPU time goes (throughput.py --decode-roofline --profile)
 #        TESTS=1: first the quantized kernels' and models' GPU tests (needs pytest among the wheels)
-#        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096": first benchmarks/quant_tuning.py, whose tile
+#        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096" (TUNE_SECONDS=3 a case, TUNE_GEMV_SECONDS=15 for
+#          one row): first benchmarks/quant_tuning.py, whose tile
 #          files land in engine/kernels/configs/ (for the runs that follow) and under $OUT (to commit)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
@@ -45,7 +46,8 @@ if [ -n "${TESTS:-}" ]; then
 fi
 if [ -n "${TUNE:-}" ]; then  # shellcheck disable=SC2086  # TUNE and TUNE_ROWS split into words on purpose
   timeout -k 10 "$((BUDGET_S - SECONDS))" python3 benchmarks/quant_tuning.py --dtypes $TUNE \
-    --rows ${TUNE_ROWS:-1 16 256 4096} --seconds-per-case 3 --gemv-seconds 15 --out-dir "$OUT" 2>&1 | grep -v "^  "
+    --rows ${TUNE_ROWS:-1 16 256 4096} --seconds-per-case "${TUNE_SECONDS:-3}" \
+    --gemv-seconds "${TUNE_GEMV_SECONDS:-15}" --out-dir "$OUT" 2>&1 | grep -v "^  "
   mkdir -p "$OUT/configs" && cp engine/kernels/configs/N=*dtype=*.json "$OUT/configs/" 2>/dev/null
 fi
 
