@@ -31,3 +31,9 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def row_warps(block: int) -> int:
+    """Warps for one program over a row of `block` values, about 16 values a thread: at batch 1 that program is
+    all the GPU runs (a 14336-wide SiLU-and-mul into FP8 took 15 us on an H200 with 4 warps and two passes)."""
+    return max(4, min(16, block // 512))

@@ -4,8 +4,10 @@ quantized to FP8 per token for an FP8 down projection (vLLM's silu_and_mul_quant
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_triton
-from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, to_fp8
+from ._triton import row_warps, tl, triton, use_triton
+
+ONE_PASS_MAX = 16384  # the widest row the FP8 activation keeps in registers (14336 for Llama-3-8B)
+from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, store_per_token_fp8, to_fp8
 
 
 @triton.jit
@@ -31,24 +33,29 @@ def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.c
 
 @triton.jit
 def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter, BLOCK: tl.constexpr,
-                              GELU_TANH: tl.constexpr):
-    """One program a row, two passes over it: the absolute maximum, then the FP8 values (recomputed, which costs
-    less than holding a 14336-wide row in registers). Values rounded to x's dtype first, as the unfused path
-    stores them; the scale and bytes of fp8.per_token_quant_fp8."""
+                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One program a row. ONE_PASS (the row fits in one BLOCK): the row stays in registers between its absolute
+    maximum and its FP8 values. Otherwise two passes, the activation recomputed in the second. Values rounded to
+    x's dtype first, as the unfused path stores them; the scale and bytes of fp8.per_token_quant_fp8."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * x_stride
-    abs_max = tl.zeros([BLOCK], tl.float32)
-    for c0 in range(0, inter, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
         y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
-        abs_max = tl.maximum(abs_max, tl.abs(y))
-    scale = fp8_scale(tl.max(abs_max, 0))
-    tl.store(scale_ptr + row, scale)
-    for c0 in range(0, inter, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < inter
-        y = _gated_row(row_ptr, cols, mask, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(q_ptr + row * q_stride + cols, to_fp8(y, scale), mask=mask)
+        store_per_token_fp8(y, q_ptr + row * q_stride + cols, cols < inter, scale_ptr + row)
+    else:
+        abs_max = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, inter, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+            abs_max = tl.maximum(abs_max, tl.abs(y))
+        scale = fp8_scale(tl.max(abs_max, 0))
+        tl.store(scale_ptr + row, scale)
+        for c0 in range(0, inter, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < inter
+            y = _gated_row(row_ptr, cols, mask, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(q_ptr + row * q_stride + cols, to_fp8(y, scale), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +93,14 @@ def act_and_mul_quant_fp8(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[tor
     q = torch.empty(x.shape[0], inter, dtype=FP8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if x.shape[0]:
-        _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter,
-                                                 BLOCK=min(2048, triton.next_power_of_2(inter)), GELU_TANH=gelu_tanh)
+        whole_row = triton.next_power_of_2(inter)
+        one_pass = whole_row <= ONE_PASS_MAX
+        block = whole_row if one_pass else 2048
+        _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter, BLOCK=block,
+                                                 GELU_TANH=gelu_tanh, ONE_PASS=one_pass,
+                                                 num_warps=row_warps(block))
     return q, scale
+
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

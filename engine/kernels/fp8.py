@@ -71,7 +71,8 @@ def round_to_e4m3(v):
     bits = v.to(tl.int32, bitcast=True)
     spacing_exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3  # 3 mantissa bits; subnormals below 2^-6
     spacing = ((spacing_exp + 127) << 23).to(tl.float32, bitcast=True)
-    rounded = ((v / spacing + 12582912.0) - 12582912.0) * spacing
+    inverse = ((127 - spacing_exp) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
+    rounded = ((v * inverse + 12582912.0) - 12582912.0) * spacing
     return rounded.to(tl.float8e4nv)
 
 

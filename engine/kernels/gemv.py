@@ -213,7 +213,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         return out
     if config is None and weight_scale is not None:  # quant_tile_configs' matrix-vector entry for M rows
         dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
-        config = GemvConfig(*tile_config(m, weight.shape[0], k, dtype, weight.device)[1:])
+        tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
+        config = GemvConfig(*tile[1:]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     if int4_group:  # whole groups a K tile
         block_k = max(block_k, int4_group) // int4_group * int4_group

@@ -2,7 +2,7 @@
 rms_norm_dynamic_per_token_quant) quantized to FP8 per token for the FP8 layer after it."""
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, row_warps, tl, triton, use_triton
 from .fp8 import FP8, per_token_quant_fp8_ref, store_per_token_fp8
 
 
@@ -36,7 +36,8 @@ def _launch(x, residual, weight, out, eps, scale=None):
         return
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out2, scale if scale is not None else weight, x2.stride(0),
                                      r2.stride(0), out2.stride(0), hidden, eps, ADD_RESIDUAL=residual is not None,
-                                     QUANT_FP8=scale is not None, BLOCK=next_pow2(hidden))
+                                     QUANT_FP8=scale is not None, BLOCK=next_pow2(hidden),
+                                     num_warps=row_warps(next_pow2(hidden)))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

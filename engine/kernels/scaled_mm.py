@@ -71,8 +71,9 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
               config: TileConfig | None = None, precise: bool = True) -> torch.Tensor:
     """x_q [M, K] and w_q [N, K] FP8, rows contiguous; x_scale [M, 1] or [1, 1], w_scale [N]; with
     block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. config: the tiles
-    (default: quant_tile_configs' choice for this shape and GPU); in the matrix-vector form BLOCK_M is M, and with
-    block-wise scales BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
+    (default: quant_tile_configs' choice for this shape and GPU); up to MAX_GEMV_ROWS rows a BLOCK_M below 16
+    picks the matrix-vector form (BLOCK_M is then M) and 16 or more the tensor-core tiles; with block-wise scales
+    BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
     measuring its cost only."""
     if not use_triton(x_q):
         return scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, bias, block)
@@ -82,8 +83,8 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    dot = m > MAX_GEMV_ROWS
     block_m, block_n, block_k, num_warps, num_stages = config or tile_config(m, n, k, "fp8_w8a8", x_q.device, block)
+    dot = m > MAX_GEMV_ROWS or block_m >= 16  # a tuned entry may give a few rows tensor-core tiles
     block_m = max(block_m, 16) if dot else next_pow2(m)  # 16: the smallest tl.dot tile
     x_scale, w_scale = x_scale.float(), w_scale.float()
     if block is None:

@@ -59,8 +59,10 @@ COMPILE = textwrap.dedent(r"""
     cases["RMSNorm into FP8 rows, residual added"] = (_rms_norm_kernel, {
         "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
         dict(ADD_RESIDUAL=True, QUANT_FP8=True, BLOCK=4096))
-    cases["SiLU-and-mul into FP8 rows"] = (_act_and_mul_quant_kernel, {
-        "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, dict(BLOCK=2048, GELU_TANH=False))
+    for one_pass in (False, True):
+        cases[f"SiLU-and-mul into FP8 rows, one_pass={one_pass}"] = (_act_and_mul_quant_kernel, {
+            "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+            dict(BLOCK=16384 if one_pass else 2048, GELU_TANH=False, ONE_PASS=one_pass))
     for norm in (False, True):
         cases[f"FP8 weight-only gemv, norm={norm}"] = (_gemv_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",

@@ -60,6 +60,18 @@ def test_scaled_mm_per_token_and_per_channel(device, m, n, k, per_token, out_dty
         torch.testing.assert_close(out, ref, **tol)
 
 
+def test_one_row_is_right_in_either_form(device):
+    """A tuned one-row entry may give tensor-core tiles (BLOCK_M 16: the row padded to 16) or a matrix-vector
+    tile."""
+    torch.manual_seed(3)
+    x_q, w_q = random_fp8(1, 256, device=device), random_fp8(70, 256, device=device)
+    x_scale, w_scale = torch.rand(1, 1, device=device) + 0.1, torch.rand(70, device=device) / 100
+    ref = scaled_mm_ref(x_q, x_scale, w_q, w_scale, torch.float32)
+    for config in (TileConfig(16, 32, 64), TileConfig(1, 16, 128)):
+        out = scaled_mm(x_q, x_scale, w_q, w_scale, torch.float32, config=config)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("m, n, k, block", [(3, 96, 128, (32, 32)), (20, 80, 100, (32, 32)), (2, 128, 256, (128, 128))])
 def test_scaled_mm_block_wise(device, m, n, k, block):
     """Ragged N and K end in partial blocks; N tiles of 32 and 64 straddle 32-row scale blocks or stay in one;
