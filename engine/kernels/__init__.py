@@ -14,7 +14,7 @@ from .moe_align import moe_align_block_size, moe_align_block_size_ref
 from .moe_router import topk_route, topk_route_ref
 from .paged_attention import paged_attention_ref, unified_attention, use_split_kv
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from .rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_quant_fp8,
+from .rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_add, rms_norm_quant_fp8,
                        rms_norm_ref)
 from .rotary import rotary_embedding, rotary_embedding_ref
 from .scaled_mm import scaled_mm

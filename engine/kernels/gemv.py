@@ -91,8 +91,9 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, INT4_GROUP: tl.constexpr):
-    """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up.
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, INT4_GROUP: tl.constexpr, GELU_TANH: tl.constexpr):
+    """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
+    GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
     comes with the product and 1/rms scales the result. ADD_RESIDUAL: out = residual + result (residual may be out
     itself: each element is read and written by the one program that owns its row).
@@ -137,7 +138,9 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
         acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(bias_ptr + N + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if GATED:
+    if GATED and GELU_TANH:  # as activation._gated_row
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)) * acc_up
+    elif GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ADD_RESIDUAL:
@@ -170,13 +173,13 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
          config: GemvConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
          out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
-         int4_group: int = 0) -> torch.Tensor | ReduceSite:
+         int4_group: int = 0, gelu_tanh: bool = False) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row; weight-only, W8A16).
     int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
     pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
-    SiluAndMul folded in: one kernel instead of two).
+    SiluAndMul folded in: one kernel instead of two); gelu_tanh: GELU's tanh form for the gate instead of SiLU.
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
     residual: [M, N]: the result plus residual (the add after a projection).
     out: [M, N] with contiguous rows to write into (default: residual itself, in place, or a new tensor).
@@ -187,7 +190,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if not use_triton(weight):
         assert push is None, "ReduceSites are pushed by the Triton kernel only"
         result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
-                          residual_site.sum() if residual_site else residual, weight_scale, int4_group)
+                          residual_site.sum() if residual_site else residual, weight_scale, int4_group, gelu_tanh)
         out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
@@ -228,13 +231,14 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         *waits, *pushes, HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
-        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, INT4_GROUP=int4_group, num_warps=num_warps, num_stages=num_stages)
+        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, INT4_GROUP=int4_group,
+        GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages)
     return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
              norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None, int4_group: int = 0) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, int4_group: int = 0, gelu_tanh: bool = False) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
@@ -247,7 +251,8 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         out += bias.float()
     if gated:
         gate, up = out.chunk(2, dim=-1)
-        out = torch.nn.functional.silu(gate) * up
+        act = torch.nn.functional.gelu(gate, approximate="tanh") if gelu_tanh else torch.nn.functional.silu(gate)
+        out = act * up
     if residual is not None:
         return (residual.float() + out).to(residual.dtype)
     return out.to(x.dtype)

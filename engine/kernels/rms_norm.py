@@ -8,7 +8,10 @@ from .fp8 import FP8, per_token_quant_fp8_ref, store_per_token_fp8
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, x_stride, residual_stride, out_stride,
-                     hidden, eps, ADD_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr):
+                     hidden, eps, ADD_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr,
+                     ADD_AFTER: tl.constexpr = False):
+    """ADD_RESIDUAL: the residual is added to x first (and stored); ADD_AFTER: the normalized x, rounded to its
+    dtype, is added to the residual (out_ptr) instead of being stored (Gemma's post-norms)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -24,6 +27,10 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, x_stri
     if QUANT_FP8:  # the normalized row rounded to the model's dtype first, as the unfused path stores it
         store_per_token_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), out_ptr + row * out_stride + cols, mask,
                             scale_ptr + row)
+    elif ADD_AFTER:
+        r = tl.load(out_ptr + row * out_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * out_stride + cols, (r + y).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -38,6 +45,20 @@ def _launch(x, residual, weight, out, eps, scale=None):
                                      r2.stride(0), out2.stride(0), hidden, eps, ADD_RESIDUAL=residual is not None,
                                      QUANT_FP8=scale is not None, BLOCK=next_pow2(hidden),
                                      num_warps=row_warps(next_pow2(hidden)))
+
+
+def rms_norm_add(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor) -> torch.Tensor:
+    """In place: residual += rms_norm(x) * weight (the normalized x rounded to x's dtype first, as the unfused
+    path stores it). Returns residual."""
+    if not use_triton(x):
+        return residual.copy_(residual.float() + rms_norm_ref(x, weight, eps).float())
+    x2, r2 = x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1])
+    if x2.shape[0]:
+        block = next_pow2(x.shape[-1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, r2, weight, x2.stride(0), x2.stride(0), r2.stride(0),
+                                         x.shape[-1], eps, ADD_RESIDUAL=False, QUANT_FP8=False, BLOCK=block,
+                                         ADD_AFTER=True, num_warps=row_warps(block))
+    return residual
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from engine.kernels import fused_add_rms_norm, rms_norm, rms_norm_quant_fp8, rms_norm_ref
+from engine.kernels import fused_add_rms_norm, rms_norm, rms_norm_add, rms_norm_quant_fp8, rms_norm_ref
 from engine.layers.quantization.fp8 import Fp8Rows
 
 
@@ -34,6 +34,12 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)
+
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Triton path, in place: residual += self(x), in one kernel (a post-norm and the add after it)."""
+        assert self.use_triton
+        return rms_norm_add(x, self.weight, self.eps, residual)
 
 
 class GemmaRMSNorm(RMSNorm):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.kernels import gemv
 from engine.layers.activation import GeluTanhAndMul
 from engine.layers.attention import Attention, AttentionMetadata, layer_sliding_window
-from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, takes_fp8_rows
+from engine.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, gemv_weights,
+                                  takes_fp8_rows, takes_gemv)
 from engine.layers.norm import GemmaRMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaForCausalLM
@@ -65,6 +67,18 @@ class GemmaDecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
+    def decode_one(self, positions, h, meta, sites=(None, None)):
+        """One token through a one-GPU model on the Triton path (GemmaForCausalLM.takes_decode_one), `h` the
+        residual stream. Each pre-norm runs inside the matrix-vector kernel after it, GeGLU inside the gate/up one,
+        and each post-norm with the residual add after it is one kernel: six kernels a layer besides rotary and
+        attention's, against nine. `sites` is unused: no tensor parallelism here."""
+        attn, mlp, ln, pre_ff = self.self_attn, self.mlp, self.input_layernorm, self.pre_feedforward_layernorm
+        qkv = gemv(h, bias=attn.qkv_proj.bias, norm=(ln.weight, ln.eps), **gemv_weights(attn.qkv_proj))
+        h = self.post_attention_layernorm.add_to(
+            gemv(attn.attend(positions, qkv, meta), bias=attn.o_proj.bias, **gemv_weights(attn.o_proj)), h)
+        act = gemv(h, gated=True, gelu_tanh=True, norm=(pre_ff.weight, pre_ff.eps), **gemv_weights(mlp.gate_up_proj))
+        return self.post_feedforward_layernorm.add_to(gemv(act, **gemv_weights(mlp.down_proj)), h)
+
     def forward(self, positions, x, residual, meta: AttentionMetadata):
         """The residual stream is added by the next pre-norm (fused), as in the Llama layer; post-norms apply to
         the attention and MLP outputs before that add."""
@@ -95,7 +109,10 @@ class GemmaForCausalLM(LlamaForCausalLM):
         return self.embed_tokens(input_ids) * self.embed_scale
 
     def takes_decode_one(self, hidden: torch.Tensor) -> bool:
-        return False  # Llama's fused batch-1 layer has neither the post-norms nor GeGLU
+        """As Llama's, on one GPU: a post-norm needs its projection's whole sum, which under tensor parallelism
+        is only there after the all-reduce."""
+        return (self.tp.size == 1 and self.is_first and self.is_last and self.gemv_weights_everywhere
+                and takes_gemv(self.lm_head, hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

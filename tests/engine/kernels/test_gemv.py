@@ -33,19 +33,23 @@ def test_gemv_reads_a_strided_row_view(device):
 
 
 @pytest.mark.parametrize("config", [GemvConfig(4, 64, 4, 2), None])
-def test_gated_gemv_is_silu_and_mul_of_the_projection(device, config):
-    """The fused [gate; up] weight: silu(x @ gate^T) * (x @ up^T) in one pass, bias on both halves."""
+@pytest.mark.parametrize("gelu_tanh", [False, True])
+def test_gated_gemv_is_the_activation_and_mul_of_the_projection(device, config, gelu_tanh):
+    """The fused [gate; up] weight: silu(x @ gate^T) * (x @ up^T) in one pass (or GELU's tanh form: Gemma), bias
+    on both halves."""
     torch.manual_seed(0)
-    x = torch.randn(1, 200, device=device)
+    x = 2 * torch.randn(1, 200, device=device)
     weight = torch.randn(2 * 37, 200, device=device) / 200 ** 0.5
     bias = torch.randn(2 * 37, device=device)
+    act = (lambda g: torch.nn.functional.gelu(g, approximate="tanh")) if gelu_tanh else torch.nn.functional.silu
     for b in (None, bias):
-        out = gemv(x, weight, b, config, gated=True)
+        out = gemv(x, weight, b, config, gated=True, gelu_tanh=gelu_tanh)
         full = gemv_ref(x, weight, b)
-        expected = torch.nn.functional.silu(full[:, :37]) * full[:, 37:]
+        expected = act(full[:, :37]) * full[:, 37:]
         assert out.shape == (1, 37)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(out, gemv_ref(x, weight, b, gated=True), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, gemv_ref(x, weight, b, gated=True, gelu_tanh=gelu_tanh), atol=1e-4,
+                                   rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
