@@ -4,7 +4,8 @@ writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them
 One row of INT4 (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the
 shape's RMSNorm, SiLU-and-mul or residual add folded in); FP8 (x quantized once before it) and other row counts
 time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with Triton's default accumulation
-(`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
+(`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs, and through torch._scaled_mm
+(`torch_scaled_mm_ms`), which the engine takes at those row counts. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
 shape is timed as the yardstick, and the weights' bytes over the time give TB/s. Stops trying candidates for a
@@ -130,6 +131,8 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         current_ms = next(ms for ms, c in tried if c == current)
         fast_acc = {}
         if dtype == "fp8_w8a8" and m > MAX_GEMV_ROWS:
+            fast_acc["torch_scaled_mm_ms"] = graph_ms([lambda c=c: c(None) for c in calls])  # no tiles: the library
+            fast_acc["torch_scaled_mm_error"] = (calls[0](None).float() - ref.float()).abs().max().item()
             fast_acc["fast_accumulation_ms"] = graph_ms([lambda c=c: c(fastest, precise=False) for c in calls])
             fast_out = calls[0](fastest, precise=False).float()
             fast_acc["fast_accumulation_error"] = (fast_out - ref.float()).abs().max().item()
@@ -141,7 +144,8 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         print(f"{dtype} {name} (N={n}, K={k}) m={m}: {fastest_ms * 1e3:.1f} us {tuple(fastest)} "
               f"({weight_bytes / fastest_ms / 1e9:.2f} TB/s; current {current_ms * 1e3:.1f} us; cuBLAS bf16 "
               f"{cublas * 1e3:.1f} us) of {len(tried)}"
-              + (f"; fast accumulation {fast_acc['fast_accumulation_ms'] * 1e3:.1f} us" if fast_acc else ""), flush=True)
+              + (f"; fast accumulation {fast_acc['fast_accumulation_ms'] * 1e3:.1f} us, torch._scaled_mm "
+                 f"{fast_acc['torch_scaled_mm_ms'] * 1e3:.1f} us" if fast_acc else ""), flush=True)
     return best, timings
 
 

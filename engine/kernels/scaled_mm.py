@@ -66,6 +66,22 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+def takes_library_mm(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether torch._scaled_mm (PyTorch's CUTLASS row-wise FP8 GEMM on Hopper) takes these operands."""
+    return (x_q.is_cuda and torch.cuda.get_device_capability(x_q.device) >= (9, 0) and out_dtype == torch.bfloat16
+            and x_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0)
+
+
+def library_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token (or per-tensor) x per-channel scales through torch._scaled_mm, its sums promoted to fp32 as it
+    goes (use_fast_accum=False)."""
+    scale_a = x_scale.float().expand(x_q.shape[0], 1).contiguous()
+    scale_b = w_scale.float().reshape(1, -1).expand(1, w_q.shape[0]).contiguous()
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=False)
+    return out if bias is None else out.add_(bias)
+
+
 def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
               config: TileConfig | None = None, precise: bool = True) -> torch.Tensor:
@@ -74,9 +90,15 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     (default: quant_tile_configs' choice for this shape and GPU); up to MAX_GEMV_ROWS rows a BLOCK_M below 16
     picks the matrix-vector form (BLOCK_M is then M) and 16 or more the tensor-core tiles; with block-wise scales
     BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
-    measuring its cost only."""
+    measuring its cost only.
+    Without a config, more than MAX_GEMV_ROWS rows with per-token or per-tensor x scales go to torch._scaled_mm
+    where it takes them (bf16 out, Hopper), as 16-bit GEMMs of that size go to cuBLAS: on an H200 this Triton
+    kernel, promoting every FP8 instruction's sum, took 1.8x cuBLAS bf16's time at 4,096 rows (Llama-3-8B's
+    gate/up: 2,133 against 1,211 us; benchmarks/results/quant-tuning-h200-667d7bb.json)."""
     if not use_triton(x_q):
         return scaled_mm_ref(x_q, x_scale, w_q, w_scale, out_dtype, bias, block)
+    if config is None and block is None and x_q.shape[0] > MAX_GEMV_ROWS and takes_library_mm(x_q, w_q, out_dtype):
+        return library_scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype, bias)
     m, k = x_q.shape
     n = w_q.shape[0]
     assert w_q.shape[1] == k and x_q.stride(-1) == 1 and w_q.stride(-1) == 1

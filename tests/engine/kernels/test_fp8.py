@@ -6,7 +6,7 @@ import torch
 from engine.kernels.fp8 import (FP8, dequantize_weight_fp8, per_token_group_quant_fp8, per_token_group_quant_fp8_ref,
                                 per_token_quant_fp8, per_token_quant_fp8_ref, quantize_fp8, static_quant_fp8)
 from engine.kernels.quant_tile_configs import TileConfig
-from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
+from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref, takes_library_mm
 
 
 @pytest.mark.parametrize("m, k", [(1, 64), (5, 200), (3, 17)])
@@ -94,3 +94,21 @@ def test_scaled_mm_block_wise(device, m, n, k, block):
 def test_quantize_fp8_is_the_dequantized_value_rounded(device):
     x = torch.tensor([0.1, 1.0, 3.3], device=device)
     assert quantize_fp8(x, torch.tensor(1.0)).float().tolist() == pytest.approx([0.1015625, 1.0, 3.25])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="torch._scaled_mm's row-wise FP8 GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("per_token", [True, False])
+def test_many_rows_take_torch_scaled_mm_on_hopper(per_token):
+    """More than MAX_GEMV_ROWS rows with bf16 out: torch._scaled_mm, within bf16 rounding of the reference, as
+    the Triton kernel."""
+    torch.manual_seed(4)
+    x_q, w_q = random_fp8(64, 256, device="cuda"), random_fp8(96, 256, device="cuda")
+    x_scale = torch.rand(64 if per_token else 1, 1, device="cuda") + 0.1
+    w_scale, bias = torch.rand(96, device="cuda") / 100, torch.randn(96, device="cuda").bfloat16()
+    assert takes_library_mm(x_q, w_q, torch.bfloat16)
+    ref = scaled_mm_ref(x_q, x_scale, w_q, w_scale, torch.bfloat16, bias)
+    triton_out = scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16, bias, config=TileConfig(64, 64, 128))
+    for out in (scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16, bias), triton_out):
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
