@@ -5,6 +5,8 @@
 # ../shared/tools/vllm-anchor/run.sh --model-dir $MODEL --workloads W1,W3 (carried with MOE=1).
 # Device tool: carry a folder of the pydantic wheels (WHEELS, default .whl), then:
 #   STRATA_COMMIT=<commit> OUT=$OUT bash benchmarks/gpu_moe.sh
+# LAYERS=48 MODEL=/dev/shm/qwen3-30b-a3b-48l: the whole model, kept in memory where the disk (64 GB) cannot hold
+# it; WORKLOADS="W1 W2 W3".
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
@@ -16,5 +18,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   --out "$MODEL" 2>&1 | tail -1
 python3 benchmarks/moe_tuning.py --seconds-per-count "${TUNE_SECONDS:-12}" --out-dir "$OUT"
 cp engine/kernels/configs/*.json "$OUT/" 2>/dev/null || true
-python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT"
+python3 benchmarks/throughput.py --model "$MODEL" --workloads ${WORKLOADS:-W1 W3} --hf-baseline 0 --out-dir "$OUT"
 python3 benchmarks/moe.py --model "$MODEL" --out-dir "$OUT"

@@ -68,6 +68,31 @@ def fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _moe_sum_kernel(x_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over k of x[t, k], in fp32, rounded once (as torch's sum over that dimension)."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(x_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_sum(x: torch.Tensor) -> torch.Tensor:
+    """x [T, top_k, H] contiguous -> [T, H]: each token's weighted expert outputs added up (vLLM's moe_sum). One
+    launch; torch's reduction took 5 us at one token of Qwen3-30B-A3B on an H100."""
+    if not use_triton(x):
+        return x.sum(dim=1)
+    num_tokens, top_k, hidden = x.shape
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    if num_tokens:
+        block = min(1024, triton.next_power_of_2(hidden))
+        _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](x, out, hidden, TOP_K=top_k, BLOCK=block)
+    return out
+
+
 def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weights: torch.Tensor | None,
                             sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                             num_tokens_post_padded: torch.Tensor, mul_routed_weight: bool, top_k: int,
@@ -112,7 +137,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     down = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     invoke_fused_moe_kernel(act, w2, down, topk_weights.float().contiguous(), sorted_ids, expert_ids, post_pad,
                             True, 1, config)
-    return down.view(num_tokens, top_k, -1).sum(dim=1)
+    return moe_sum(down.view(num_tokens, top_k, -1))
 
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

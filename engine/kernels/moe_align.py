@@ -9,7 +9,7 @@ padded to a multiple of `block_size`, so that every GEMM block of rows belongs t
   num_tokens_post_pad [1]: the padded length actually used.
 The sizes depend on T only, never on the routing, so the kernels run inside a CUDA graph. Three launches, with
 no atomics (so the order is deterministic): per-chunk counts, one program for the offsets, then each chunk's
-pairs placed in parallel.
+pairs placed in parallel; up to CHUNK pairs (decode of a few tokens), the one program does all three.
 """
 import torch
 
@@ -31,17 +31,23 @@ def _count_kernel(ids_ptr, numel, table_ptr, BINS: tl.constexpr, CHUNK: tl.const
 
 @triton.jit
 def _offsets_kernel(table_ptr, num_chunks, num_experts, expert_map_ptr, sorted_ptr, expert_ids_ptr, post_pad_ptr,
-                    numel, num_blocks, BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BINS: tl.constexpr,
-                    ROWS: tl.constexpr, LANES: tl.constexpr):
+                    numel, num_blocks, ids_ptr, BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BINS: tl.constexpr,
+                    ROWS: tl.constexpr, LANES: tl.constexpr, ONE_CHUNK: tl.constexpr, CHUNK: tl.constexpr):
     """One program: each expert's padded range, the blocks' experts, the padding slots, and table[chunk, e]
-    turned into the first slot of that chunk's pairs of expert e."""
+    turned into the first slot of that chunk's pairs of expert e. ONE_CHUNK (at most CHUNK pairs: a few tokens'
+    decode): the counting and the placing too, so the whole alignment is this one launch."""
     bins = tl.arange(0, BINS)
     rows = tl.arange(0, ROWS)
-    counts = tl.zeros([BINS], dtype=tl.int32)
-    for c0 in range(0, num_chunks, ROWS):
-        r = c0 + rows
-        counts += tl.sum(tl.load(table_ptr + r[:, None] * BINS + bins[None, :], mask=(r < num_chunks)[:, None],
-                                 other=0), axis=0)
+    if ONE_CHUNK:
+        lane = tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + lane, mask=lane < numel, other=-1)
+        counts = tl.sum((e[:, None] == bins[None, :]).to(tl.int32), axis=0)
+    else:
+        counts = tl.zeros([BINS], dtype=tl.int32)
+        for c0 in range(0, num_chunks, ROWS):
+            r = c0 + rows
+            counts += tl.sum(tl.load(table_ptr + r[:, None] * BINS + bins[None, :], mask=(r < num_chunks)[:, None],
+                                     other=0), axis=0)
     padded = tl.where(bins < num_experts, (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE, 0)
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
@@ -52,14 +58,17 @@ def _offsets_kernel(table_ptr, num_chunks, num_experts, expert_map_ptr, sorted_p
     tl.store(sorted_ptr + (starts + counts)[:, None] + pad[None, :], numel,
              mask=pad[None, :] < (padded - counts)[:, None])
 
-    running = starts
-    for c0 in range(0, num_chunks, ROWS):
-        r = c0 + rows
-        mask = (r < num_chunks)[:, None]
-        ptrs = table_ptr + r[:, None] * BINS + bins[None, :]
-        part = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, running[None, :] + tl.cumsum(part, axis=0) - part, mask=mask)
-        running += tl.sum(part, axis=0)
+    if ONE_CHUNK:
+        _place(e, lane, lane < numel, num_experts, starts, sorted_ptr, bins)
+    else:
+        running = starts
+        for c0 in range(0, num_chunks, ROWS):
+            r = c0 + rows
+            mask = (r < num_chunks)[:, None]
+            ptrs = table_ptr + r[:, None] * BINS + bins[None, :]
+            part = tl.load(ptrs, mask=mask, other=0)
+            tl.store(ptrs, running[None, :] + tl.cumsum(part, axis=0) - part, mask=mask)
+            running += tl.sum(part, axis=0)
 
     lane = tl.arange(0, LANES)
     for b0 in range(0, num_blocks, LANES):
@@ -80,9 +89,15 @@ def _place_kernel(ids_ptr, numel, num_experts, table_ptr, sorted_ptr, BINS: tl.c
     lane = tl.arange(0, CHUNK)
     offs = chunk * CHUNK + lane
     e = tl.load(ids_ptr + offs, mask=offs < numel, other=-1)
-    valid = (offs < numel) & (e >= 0) & (e < num_experts)
     bins = tl.arange(0, BINS)
-    firsts = tl.load(table_ptr + chunk * BINS + bins)
+    _place(e, offs, offs < numel, num_experts, tl.load(table_ptr + chunk * BINS + bins), sorted_ptr, bins)
+
+
+@triton.jit
+def _place(e, offs, in_range, num_experts, firsts, sorted_ptr, bins):
+    """Pairs `offs` (routed to experts `e`) to their slots: firsts[e] plus the pairs of e before each."""
+    lane = tl.arange(0, e.shape[0])
+    valid = in_range & (e >= 0) & (e < num_experts)
     base = tl.sum(tl.where(e[:, None] == bins[None, :], firsts[None, :], 0), axis=1)
     rank = tl.sum(((e[:, None] == e[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
     tl.store(sorted_ptr + base + rank, offs, mask=valid)
@@ -108,12 +123,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     bins, num_chunks = next_pow2(num_experts), triton.cdiv(numel, CHUNK)
     table = torch.empty(max(num_chunks, 1), bins, dtype=torch.int32, device=dev)
     flat = topk_ids.reshape(-1)
-    if num_chunks:
+    one_chunk = num_chunks <= 1
+    if not one_chunk:
         _count_kernel[(num_chunks,)](flat, numel, table, BINS=bins, CHUNK=CHUNK)
     _offsets_kernel[(1,)](table, num_chunks, num_experts, expert_map if expert_map is not None else flat,
-                          sorted_ids, expert_ids, post_pad, numel, num_blocks, BLOCK_SIZE=block_size,
-                          HAS_MAP=expert_map is not None, BINS=bins, ROWS=TABLE_ROWS, LANES=64, num_warps=8)
-    if num_chunks:
+                          sorted_ids, expert_ids, post_pad, numel, num_blocks, flat, BLOCK_SIZE=block_size,
+                          HAS_MAP=expert_map is not None, BINS=bins, ROWS=TABLE_ROWS, LANES=64, ONE_CHUNK=one_chunk,
+                          CHUNK=CHUNK, num_warps=8)
+    if not one_chunk:
         _place_kernel[(num_chunks,)](flat, numel, num_experts, table, sorted_ids, BINS=bins, CHUNK=CHUNK,
                                      num_warps=8)
     return sorted_ids, expert_ids, post_pad

@@ -19,7 +19,9 @@ COMPILE = textwrap.dedent(r"""
     from engine.kernels.activation import _act_and_mul_quant_kernel
     from engine.kernels.fp8 import _quant_fp8_kernel
     from engine.kernels.gemv import _gemv_kernel
+    from engine.kernels.fused_moe import _moe_sum_kernel
     from engine.kernels.int4 import _int4_mm_kernel
+    from engine.kernels.moe_align import _offsets_kernel, _place_kernel
     from engine.kernels.reshape_and_cache import _reshape_and_cache_kernel
     from engine.kernels.rms_norm import _rms_norm_kernel
     from engine.kernels.rotary import _rotary_kernel
@@ -84,6 +86,17 @@ COMPILE = textwrap.dedent(r"""
             "out_ptr": "*bf16"}, dict(GROUP=128, AWQ=awq, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
                                       BLOCK_N=64 if dot else 16, BLOCK_K=64 if dot else 128, DOT=dot,
                                       PRECISION="tf32"))
+    cases["RMSNorm added into the residual (Gemma's post-norms)"] = (_rms_norm_kernel, {
+        "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16", "scale_ptr": "*fp32"},
+        dict(ADD_RESIDUAL=False, QUANT_FP8=False, BLOCK=4096, ADD_AFTER=True))
+    for one_chunk in (False, True):
+        cases[f"MoE alignment offsets, one_chunk={one_chunk}"] = (_offsets_kernel, {
+            "table_ptr": "*i32", "expert_map_ptr": "*i32", "sorted_ptr": "*i32", "expert_ids_ptr": "*i32",
+            "post_pad_ptr": "*i32", "ids_ptr": "*i32"},
+            dict(BLOCK_SIZE=16, HAS_MAP=False, BINS=128, ROWS=16, LANES=64, ONE_CHUNK=one_chunk, CHUNK=128))
+    cases["MoE alignment placing"] = (_place_kernel, {"ids_ptr": "*i32", "table_ptr": "*i32", "sorted_ptr": "*i32"},
+                                      dict(BINS=128, CHUNK=128))
+    cases["MoE top-k sum"] = (_moe_sum_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(TOP_K=8, BLOCK=1024))
     failed = []
     for name, (kernel, pointers, constexprs) in cases.items():
         try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.fused_moe import fused_experts, fused_experts_ref, moe_config
+from engine.kernels.fused_moe import fused_experts, fused_experts_ref, moe_config, moe_sum
 from engine.kernels.moe_align import moe_align_block_size, moe_align_block_size_ref
 from engine.kernels.moe_router import topk_route, topk_route_ref
 
@@ -44,7 +44,7 @@ def routed_ids(num_tokens, num_experts, top_k, case, device):
     return ids.to(torch.int32).to(device)
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_size", [(1, 5, 1, 16), (45, 7, 2, 16),
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_size", [(1, 5, 1, 16), (45, 7, 2, 16), (16, 128, 8, 16),
                                                                        (130, 9, 3, 64), (300, 16, 2, 64)])
 @pytest.mark.parametrize("case", ["random", "idle_experts", "one_expert_takes_all"])
 def test_align_matches_reference(device, num_tokens, num_experts, top_k, block_size, case):
@@ -180,3 +180,11 @@ def test_routed_experts_match_reference(device):
     out = fused_experts(x, w13, w2, *topk_route(logits, 2, True))
     torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, *topk_route_ref(logits, 2, True)),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_tokens,top_k,hidden", [(1, 8, 2048), (3, 1, 100), (5, 3, 1500)])
+def test_moe_sum_adds_each_tokens_rows_in_fp32(device, num_tokens, top_k, hidden):
+    """One rounding of the fp32 sum, as torch's sum; a hidden size past one block and a ragged last block."""
+    torch.manual_seed(5)
+    x = torch.randn(num_tokens, top_k, hidden, device=device).bfloat16()
+    torch.testing.assert_close(moe_sum(x), x.float().sum(dim=1).bfloat16(), atol=0, rtol=2 ** -7)
