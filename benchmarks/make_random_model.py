@@ -1,7 +1,10 @@
 """Write a random-weight checkpoint of a real model's shape (safetensors + a word-level tokenizer over its whole
-vocabulary), for benchmarks.
+vocabulary), for benchmarks. With --format, each shard's linear weights are quantized (quantize_checkpoint.py's
+formats) before it is written, so a model whose 16-bit copy would not fit on the disk (Llama-3-70B's 141 GB) is
+written at its quantized size only.
 
     python benchmarks/make_random_model.py --shape llama3-8b --out /tmp/llama3-8b-random
+    python benchmarks/make_random_model.py --shape llama3-70b --format fp8-dynamic --out /root/llama3-70b-fp8
 """
 from __future__ import annotations
 
@@ -9,9 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
+import sys
+
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.quantize_checkpoint import FORMATS, is_linear_weight, quantization_config, quantize_linear  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -76,7 +85,7 @@ def tensors_of_layer(i: int, s: dict, extra_norms: tuple[str, ...] = ()) -> dict
 
 
 def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if torch.cuda.is_available() else "cpu",
-         layers: int | None = None, tokenizer: Path | None = None):
+         layers: int | None = None, tokenizer: Path | None = None, fmt: str | None = None, group: int = 128):
     s = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     if tokenizer is not None:  # a real tokenizer (structured outputs need tokens such as `{`): its vocabulary size
         from transformers import AutoTokenizer
@@ -100,11 +109,16 @@ def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if to
                 tensors[key] = torch.full(shp, family["norm_weight"], dtype=dtype)
             else:  # scaled so activations stay O(1) through the layers
                 t = torch.randn(shp, generator=gen, device=device, dtype=torch.float32) * (shp[1] ** -0.5)
+                if fmt and is_linear_weight(key):
+                    tensors.update({k: v.cpu() for k, v in quantize_linear(fmt, key, t.to(dtype), group)[0].items()})
+                    continue
                 tensors[key] = t.to(dtype).cpu()
-            weight_map[key] = name
+        weight_map.update(dict.fromkeys(tensors, name))
         save_file(tensors, str(out / name), metadata={"format": "pt"})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = dict(**family["config"], torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, **s)
+    if fmt:
+        config["quantization_config"] = quantization_config(fmt, group)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         real.save_pretrained(out)
@@ -135,5 +149,7 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape's (qwen3-30b-a3b's 48 take 61 GB)")
     ap.add_argument("--tokenizer", type=Path, help="a real tokenizer's directory instead of the word-level one; the "
                                                    "vocabulary takes its size")
+    ap.add_argument("--format", choices=FORMATS, help="quantize the linear weights as quantize_checkpoint.py does")
+    ap.add_argument("--group", type=int, default=128, help="input features to a scale (INT4 formats)")
     args = ap.parse_args()
-    print(make(args.shape, args.out, layers=args.layers, tokenizer=args.tokenizer))
+    print(make(args.shape, args.out, layers=args.layers, tokenizer=args.tokenizer, fmt=args.format, group=args.group))
