@@ -10,6 +10,13 @@
 #             rank under $OUT/traces-tp<N>
 #   decode_profile  benchmarks/experiments/tp_decode_profile.py: one batch-1 step as a CUDA graph per rank, TP=1 and TP=2,
 #             kernel by kernel (VARIANTS: its --variants)
+# Issue 26 (mixture of experts and FP8 on two GPUs), the Qwen3-30B-A3B-shaped random bf16 model (61 GB, built in
+# /dev/shm: MOE_MODEL) and a Llama-3-70B-shaped FP8 W8A8 one (70 GB, written quantized: FP8_MODEL):
+#   moe_tp2, moe_ep2  offline engine, TP=2 / EP=2: W1 and W3
+#   moe_replicas      two independent TP=1 engines sharing W3
+#   moe_layouts       TP=2, EP=2 and two TP=1 replicas through the whole Ray Serve stack: W1, W3 and W3 at a
+#                     Poisson RATE (TTFT/TPOT p50/p99; benchmarks/two_gpu_layouts.py)
+#   fp8_70b           offline engine, TP=2: W1 and W3, and batch-1 decode against the weights roofline
 # Device tool: carry [".whl"] (../shared/tools/device-bundle.sh: Ray, Serve, pydantic), then
 #   STAGES="smoke tp1 tp2" bash benchmarks/gpu_parallel.sh        # default: smoke tp1 tp2 pp2 replicas serving
 # Each stage's full log goes to $OUT/<stage>$TAG.log; JSON results to $OUT (default benchmarks/results).
@@ -50,6 +57,21 @@ for tp in 1 2; do
 done
 stage decode_profile python3 benchmarks/experiments/tp_decode_profile.py --model "$MODEL" --tp 1 2 --out-dir "$OUT" \
   ${VARIANTS:+--variants $VARIANTS}
+MOE_MODEL=${MOE_MODEL:-/dev/shm/qwen3-30b-a3b}
+FP8_MODEL=${FP8_MODEL:-/root/llama3-70b-fp8}
+moe_model() { [ -f "$MOE_MODEL/config.json" ] || python3 benchmarks/make_random_model.py --shape qwen3-30b-a3b \
+  --out "$MOE_MODEL" > /dev/null 2>&1; }
+[[ " ${STAGES:-} " == *" moe_"* ]] && moe_model
+stage moe_tp2 python3 benchmarks/throughput.py --model "$MOE_MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --tp 2
+stage moe_ep2 python3 benchmarks/throughput.py --model "$MOE_MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" --tp 2 --ep
+stage moe_replicas python3 benchmarks/replicas.py --model "$MOE_MODEL" --replicas 2 --workload W3 --out-dir "$OUT"
+stage moe_layouts python3 benchmarks/two_gpu_layouts.py --model "$MOE_MODEL" --layouts tp2 ep2 replicas2 \
+  --request-rate "${RATE:-8}" --out-dir "$OUT"
+if [[ " ${STAGES:-} " == *" fp8_70b "* ]] && [ ! -f "$FP8_MODEL/config.json" ]; then
+  python3 benchmarks/make_random_model.py --shape llama3-70b --format fp8-dynamic --out "$FP8_MODEL" > /dev/null 2>&1
+fi
+stage fp8_70b python3 benchmarks/throughput.py --model "$FP8_MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" \
+  --tp 2 --decode-roofline --decode-batch 1
 stage serving python3 benchmarks/serving_overhead.py --model "$MODEL" --device cuda --dataset W3 --num-prompts 0 \
   --max-concurrency "$CONCURRENCY" --max-num-seqs 256 --warmup 8 --out-dir "$OUT"
 exit 0

@@ -195,6 +195,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    ap.add_argument("--enable-expert-parallel", "--ep", action="store_true",
+                    help="a mixture-of-experts model's experts whole on ranks, not split across them")
     ap.add_argument("--pipeline-layer-split", type=int, nargs="+", default=None,
                     help="layers per stage (default: the engine's weight-balanced split)")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
@@ -224,6 +226,7 @@ def main(argv=None) -> dict:
                           attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           pipeline_parallel_size=args.pipeline_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel,
                           pipeline_layer_split=args.pipeline_layer_split,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     setup = ModelSetup.from_config(config)
