@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import paged_setup  # noqa: E402
+from benchmarks.kernel_bench import paged_setup  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
 
 L2_DEFEAT_BYTES = 256 << 20

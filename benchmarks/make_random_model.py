@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quantize_checkpoint import FORMATS, is_linear_weight, quantization_config, quantize_linear  # noqa: E402
 

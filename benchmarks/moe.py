@@ -17,7 +17,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.kernels import bench_ms, copy_bandwidth, matmul_tflops  # noqa: E402
+from benchmarks.kernel_bench import bench_ms, copy_bandwidth, matmul_tflops  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
 from benchmarks.throughput import decode_roofline  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.kernels import bench_ms  # noqa: E402
+from benchmarks.kernel_bench import bench_ms  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernel_tuning import GEMV_SHAPES, L2_DEFEAT_BYTES, graph_ms  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402

@@ -28,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-# The repo root instead of benchmarks/, whose kernels.py would shadow the `kernels` package transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import write_result  # noqa: E402
 from benchmarks.serving import (InProcessBackend, OpenAIBackend, Request, make_dataset, model_vocab,  # noqa: E402

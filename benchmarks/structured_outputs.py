@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/ (kernels.py shadows a package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCHEMAS = {
     "forecast": {"type": "object", "properties": {"city": {"type": "string"}, "celsius": {"type": "integer"},

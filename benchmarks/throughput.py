@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -242,6 +243,9 @@ def main(argv=None) -> dict:
             print(f"{name}: transformers {baselines[name]['output_tok_s']:.1f} output tok/s on {n} prompts", flush=True)
         _free_cuda()
 
+    log = logging.getLogger("strata")  # the engine's own lines (GPU memory and KV cache sizing) on stderr
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     llm = LLM(**config.model_dump())
     start_s = time.perf_counter() - t0
@@ -258,6 +262,7 @@ def main(argv=None) -> dict:
                     max_num_batched_tokens_resolved=setup.max_num_batched_tokens,
                     max_num_seqs_resolved=setup.max_num_seqs,
                     kv_blocks=llm.engine.kv.pool.num_blocks, block_size=config.block_size, kernels=kernels,
+                    kv_cache_gib=llm.engine.kv.pool.num_blocks * llm.engine.executor.kv_block_bytes() / 2 ** 30,
                     cuda_graphs=graphs, async_scheduling_resolved=llm.engine.async_scheduling,
                     one_shot_all_reduce=shard.get("one_shot_all_reduce"),
                     layer_ranges=getattr(llm.engine.executor, "layer_ranges", None))
@@ -285,7 +290,7 @@ def main(argv=None) -> dict:
         print(line, flush=True)
         path = write_result("throughput", settings, figures, args.out_dir, path)  # rewritten after each workload
     if args.decode_roofline:
-        from benchmarks.kernels import copy_bandwidth
+        from benchmarks.kernel_bench import copy_bandwidth
 
         for batch in args.decode_batch:
             ctx = args.decode_context

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: its kernels.py would shadow a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import local_serve  # noqa: E402
 from benchmarks.report import write_result  # noqa: E402

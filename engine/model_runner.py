@@ -115,6 +115,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
         lens, left = [], num_tokens
         while left > 0:
             lens.append(min(left, self.max_model_len))
@@ -133,7 +134,13 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = max(total - free - torch.cuda.memory_reserved(self.device), 0)
-        return int(total * gpu_memory_utilization) - peak - outside_torch
+        budget = int(total * gpu_memory_utilization) - peak - outside_torch
+        gib = 2 ** -30
+        logger.info("GPU memory: %.2f GiB x %.2f = %.2f GiB; weights and buffers %.2f GiB, a %d-token step's peak "
+                    "%.2f GiB more, outside torch %.2f GiB; left for the KV cache %.2f GiB", total * gib,
+                    gpu_memory_utilization, total * gpu_memory_utilization * gib, before * gib, num_tokens,
+                    (peak - before) * gib, outside_torch * gib, budget * gib)
+        return budget
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []

@@ -1,7 +1,7 @@
 """Kernel benchmarks on CUDA: decode attention bandwidth, causal prefill attention TFLOP/s, and the device's own
 copy bandwidth and bf16 matmul rate as the yardsticks. Writes JSON under benchmarks/results/.
 
-    python benchmarks/kernels.py
+    python benchmarks/kernel_bench.py
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (the kernels' CPU correctness runs in make test)")
+        raise SystemExit("benchmarks/kernel_bench.py needs a CUDA GPU (the kernels' CPU correctness runs in make test)")
     bw = copy_bandwidth()
     figures = {"copy_bandwidth_bytes_per_s": bw, "matmul_bf16_tflops": matmul_tflops()}
     dec = decode_attention()
