@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import row_warps, tl, triton, use_triton
+from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, store_per_token_fp8, to_fp8
 
 ONE_PASS_MAX = 16384  # the widest row the FP8 activation keeps in registers (14336 for Llama-3-8B)
-from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, store_per_token_fp8, to_fp8
 
 
 @triton.jit
@@ -100,7 +100,6 @@ def act_and_mul_quant_fp8(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[tor
                                                  GELU_TANH=gelu_tanh, ONE_PASS=one_pass,
                                                  num_warps=row_warps(block))
     return q, scale
-
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
