@@ -47,7 +47,7 @@ class ModelRunner:
             torch.set_num_threads(cpu_threads)
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.kv_cache_dtype = torch.float8_e4m3fn if kv_cache_dtype.startswith("fp8") else dtype
-        self.max_model_len = max_model_len
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.hf_config = hf_config
         torch.manual_seed(seed)
         if tp is not None:
@@ -109,9 +109,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, gpu_memory_utilization: float = 0.9) -> int | None:
-        """Run a forward pass as large as one step can be; return the bytes this device can give the KV cache:
-        its share of memory (`gpu_memory_utilization`) less the step's peak, other allocations and other
-        processes. None on CPU (no device memory to measure)."""
+        """Run a forward pass as large as one step can be, and the logits of as many rows as the largest decode
+        step has; return the bytes this device can give the KV cache: its share of memory
+        (`gpu_memory_utilization`) less the step's peak, other allocations and other processes. None on CPU (no
+        device memory to measure)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -126,8 +127,8 @@ class ModelRunner:
         intermediate = () if self.model.is_first else torch.zeros(  # stands in for the previous stage's output
             2, len(ids), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         hidden, _ = self._forward(ids, positions, meta, *intermediate)
-        if self.model.is_last:
-            self.model.logits(hidden[meta.query_start_loc[1:] - 1])
+        if self.model.is_last:  # as many rows of logits as the largest decode step samples
+            self.model.logits(hidden[:min(len(ids), self.max_num_seqs)])
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize(self.device)

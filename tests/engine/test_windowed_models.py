@@ -64,3 +64,27 @@ def test_phi3_longrope_short_factors_within_the_original_context(tiny_model_dir,
     long = LLM(str(path))  # max_model_len 512: the long factors, which transformers takes past 128 tokens only
     assert long.generate(PROMPTS[:1], PARAMS, use_tqdm=False)[0].prompt_logprobs[1:] != \
         llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)[0].prompt_logprobs[1:]
+
+
+def test_the_profiling_step_leaves_triton_attention_out():
+    """Before the KV cache exists (ModelRunner.profile's step) the Triton path's attention is an output buffer
+    only: the torch path's soft-capped scores, whole fp32 matrices, would be counted in the step's peak and taken
+    from the KV cache (about 8 GiB for Gemma-2-9B at 8,192 tokens), which the Triton kernels never need."""
+    from engine.layers.attention import Attention
+
+    attn = Attention(4, 2, 16, 0.25, sliding_window=8, softcap=5.0)
+    attn.use_triton = True
+    q, k, v = torch.randn(300, 4, 16), torch.randn(300, 2, 16), torch.randn(300, 2, 16)
+    out = attn(q, k, v, None)
+    assert out.shape == q.shape and not out.any()
+    attn.use_triton = False  # the torch path computes it (the CPU product, and the oracle)
+    assert attn(q, k, v, _fresh_prompt_metadata(300)).abs().sum() > 0
+
+
+def _fresh_prompt_metadata(n: int):
+    from engine.layers.attention import AttentionMetadata
+
+    return AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                             seq_lens=torch.tensor([n], dtype=torch.int32),
+                             block_tables=torch.zeros(1, 0, dtype=torch.int32), max_query_len=n, max_seq_len=n,
+                             query_lens_cpu=[n], seq_lens_cpu=[n])
