@@ -59,6 +59,33 @@ def layer_alone(moe, tokens: int, copy_bps: float, tflops: float) -> dict:
             "bytes_per_s": bytes_read / (ms / 1e3), "tflops": flops / (ms / 1e3) / 1e12}
 
 
+GEMV_TILES = [(4, 1024, 4, 2), (4, 512, 4, 2), (8, 512, 4, 2), (8, 1024, 8, 2), (2, 1024, 4, 2), (16, 256, 4, 3)]
+
+
+def experts_alone(moe, tokens: int, copy_bps: float) -> dict:
+    """The expert kernels alone at a few tokens: the grouped GEMM against the matrix-vector kernels, these with
+    each of GEMV_TILES for both of their kernels; each as a fraction of copy bandwidth over the routed experts."""
+    from engine.kernels.fused_moe import fused_experts, moe_config
+    from engine.kernels.moe_gemv import MoeGemvConfig, fused_experts_gemv
+
+    w13, w2 = moe.w13_weight, moe.w2_weight
+    x = torch.randn(tokens, moe.hidden, dtype=w13.dtype, device=w13.device)
+    weights, ids = torch.rand(tokens, moe.top_k, device=x.device), torch.stack(
+        [torch.randperm(moe.num_local, device=x.device)[:moe.top_k] for _ in range(tokens)]).int()
+    per_expert = sum(p[0].numel() * p.element_size() for p in (w13, w2))
+    bytes_read = expected_experts(moe.num_local, moe.top_k, tokens) * per_expert
+    config = moe_config(tokens, moe.num_local, moe.top_k, (moe.num_local, moe.inter_part),
+                        torch.cuda.get_device_name(x.device))
+    timings = {"grouped_gemm": bench_ms(lambda: fused_experts(x, w13, w2, weights, ids, config=config), iters=100)}
+    for tile in GEMV_TILES:
+        configs = (MoeGemvConfig(*tile), MoeGemvConfig(*tile))
+        timings[f"gemv_{'_'.join(map(str, tile))}"] = bench_ms(
+            lambda: fused_experts_gemv(x, w13, w2, weights, ids, configs=configs), iters=100)
+    timings["gemv_default"] = bench_ms(lambda: fused_experts_gemv(x, w13, w2, weights, ids), iters=100)
+    return {"tokens": tokens, "bytes": int(bytes_read), "ms": timings,
+            "fraction_of_copy_bandwidth": {k: bytes_read / copy_bps * 1e3 / ms for k, ms in timings.items()}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -86,6 +113,12 @@ def main(argv=None) -> dict:
         res = figures[f"layer_{tokens}_tokens"] = layer_alone(moe, tokens, copy_bps, tflops)
         print(f"fused-MoE layer, {tokens} tokens: {res['ms']:.3f} ms, {100 * res['fraction_of_bound']:.0f}% of the "
               f"{res['bound']} bound ({res['bytes_per_s'] / 1e12:.2f} TB/s, {res['tflops']:.0f} TFLOP/s)", flush=True)
+    for tokens in (1, 2, 4, 8):
+        res = figures[f"experts_{tokens}_tokens"] = experts_alone(moe, tokens, copy_bps)
+        best = min(res["ms"], key=res["ms"].get)
+        print(f"experts alone, {tokens} tokens: grouped GEMM {1e3 * res['ms']['grouped_gemm']:.1f} us, "
+              f"matrix-vector {1e3 * res['ms']['gemv_default']:.1f} us (best {best}: {1e3 * res['ms'][best]:.1f} us, "
+              f"{100 * res['fraction_of_copy_bandwidth'][best]:.0f}% of copy bandwidth)", flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = write_result("moe", settings, figures, args.out_dir)
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""Fused MoE experts: a grouped GEMM over the token-to-expert alignment (vLLM's fused_moe_kernel).
+"""Fused MoE experts: a grouped GEMM over the token-to-expert alignment (vLLM's fused_moe_kernel) for prefill and
+larger batches, the matrix-vector kernels of moe_gemv.py for a few tokens.
 
 fused_experts runs gate/up for every (token, expert) pair, SiLU-and-mul, then down weighted by the router, and
 sums each token's top_k rows. Its buffers are sized by T and top_k only (no host sync), so it is captured in
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ._triton import interpreting, tl, triton, use_triton
 from .activation import silu_and_mul
 from .moe_align import moe_align_block_size
+from .moe_gemv import MAX_TOKENS as GEMV_MAX_TOKENS, fused_experts_gemv
 from .moe_tile_configs import moe_config
 
 
@@ -123,10 +125,13 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                   config: dict | None = None) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H] (gate rows then up rows), w2 [E_local, H, I], topk_weights/ids [T, top_k]
     (global expert ids; `expert_map`: global -> local, -1 elsewhere) -> [T, H], this rank's experts' sum.
-    `config`: tile sizes (default: moe_config's)."""
+    Up to GEMV_MAX_TOKENS tokens take the matrix-vector kernels (moe_gemv.py) unless `config` is given: the
+    grouped GEMM's tile sizes (default: moe_config's)."""
     if not use_triton(x):
         return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
     num_tokens, top_k = topk_ids.shape
+    if config is None and num_tokens <= GEMV_MAX_TOKENS:
+        return fused_experts_gemv(x, w13, w2, topk_weights, topk_ids, expert_map)
     num_experts = expert_map.shape[0] if expert_map is not None else w13.shape[0]
     config = config or moe_config(num_tokens, num_experts, top_k, (w2.shape[0], w2.shape[2]),
                                   _device_name(x.device))

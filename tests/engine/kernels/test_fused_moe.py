@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.fused_moe import fused_experts, fused_experts_ref, moe_config, moe_sum
+from engine.kernels.moe_gemv import MoeGemvConfig, fused_experts_gemv
 from engine.kernels.moe_align import moe_align_block_size, moe_align_block_size_ref
 from engine.kernels.moe_router import topk_route, topk_route_ref
 
@@ -98,46 +99,91 @@ def expert_weights(num_experts, hidden, inter, dtype, device, seed=0):
     return w13.to(device, dtype), w2.to(device, dtype)
 
 
+def run_experts(path, x, w13, w2, weights, ids, expert_map=None):
+    """The grouped GEMM (tiles given, so it runs at any size) or the few-token matrix-vector kernels."""
+    if path == "gemv":
+        return fused_experts_gemv(x, w13, w2, weights, ids, expert_map)
+    num_experts = expert_map.shape[0] if expert_map is not None else w13.shape[0]
+    return fused_experts(x, w13, w2, weights, ids, expert_map, config=moe_config(len(x), num_experts, ids.shape[1]))
+
+
+PATHS = ["grouped_gemm", "gemv"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,case", [
-    (1, 5, 1, "random"), (3, 7, 2, "idle_experts"), (64, 8, 2, "one_expert_takes_all"), (300, 9, 3, "random")])
-def test_fused_experts_match_reference(device, num_tokens, num_experts, top_k, case):
+    (1, 5, 1, "random"), (3, 7, 2, "idle_experts"), (4, 6, 3, "one_expert_takes_all"),
+    (64, 8, 2, "one_expert_takes_all"), (300, 9, 3, "random")])
+def test_fused_experts_match_reference(device, path, num_tokens, num_experts, top_k, case):
     """Sizes on both sides of the decode/prefill tile switch; hidden 80 and intermediate 48 leave partial tiles."""
+    if path == "gemv" and num_tokens == 300:
+        pytest.skip("the matrix-vector kernels are for a few tokens (64 covers the same code in the interpreter)")
     hidden, inter = 80, 48
     w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1)).to(device)
     ids = routed_ids(num_tokens, num_experts, top_k, case, device)
     weights = torch.rand(num_tokens, top_k, generator=torch.Generator().manual_seed(2)).to(device)
-    out = fused_experts(x, w13, w2, weights, ids)
+    out = run_experts(path, x, w13, w2, weights, ids)
     torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_experts_of_one_rank_sum_to_all_experts(device):
+def test_few_tokens_take_the_matrix_vector_kernels_and_more_the_grouped_gemm(device):
+    """fused_experts' own choice, checked by the results each path gives bit for bit."""
+    w13, w2 = expert_weights(6, 64, 32, torch.bfloat16, device)
+    for num_tokens, expected in ((1, "gemv"), (4, "gemv"), (5, "grouped_gemm")):
+        x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(num_tokens)).to(device, torch.bfloat16)
+        ids = routed_ids(num_tokens, 6, 2, "random", device)
+        weights = torch.rand(num_tokens, 2, generator=torch.Generator().manual_seed(8)).to(device)
+        assert torch.equal(fused_experts(x, w13, w2, weights, ids), run_experts(expected, x, w13, w2, weights, ids))
+
+
+def test_matrix_vector_kernels_over_several_k_tiles_with_a_ragged_last_one(device):
+    """hidden 80 in K tiles of 32 (the last half empty), intermediate 48 in tiles of 16; output rows in blocks of
+    8 that do not divide 80 or 48 evenly either way."""
+    w13, w2 = expert_weights(7, 80, 48, torch.float32, device)
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(9)).to(device)
+    ids = routed_ids(3, 7, 3, "random", device)
+    weights = torch.rand(3, 3, generator=torch.Generator().manual_seed(10)).to(device)
+    configs = (MoeGemvConfig(8, 32, 4, 1), MoeGemvConfig(8, 16, 4, 1))
+    out = fused_experts_gemv(x, w13, w2, weights, ids, configs=configs)
+    torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_experts_of_one_rank_sum_to_all_experts(device, path):
     """Expert parallelism: each rank's experts (the others -1 in its map) give a part; the parts sum to the whole."""
     num_experts, hidden, inter = 5, 64, 32
+    num_tokens = 4 if path == "gemv" else 20
     w13, w2 = expert_weights(num_experts, hidden, inter, torch.float32, device)
-    x = torch.randn(20, hidden, generator=torch.Generator().manual_seed(3)).to(device)
-    ids = routed_ids(20, num_experts, 2, "random", device)
-    weights = torch.rand(20, 2, generator=torch.Generator().manual_seed(4)).to(device)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(3)).to(device)
+    ids = routed_ids(num_tokens, num_experts, 2, "random", device)
+    weights = torch.rand(num_tokens, 2, generator=torch.Generator().manual_seed(4)).to(device)
     parts = []
     for local in (range(0, 3), range(3, 5)):
         expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
         expert_map[list(local)] = torch.arange(len(local), dtype=torch.int32)
         expert_map = expert_map.to(device)
-        part = fused_experts(x, w13[local.start: local.stop], w2[local.start: local.stop], weights, ids, expert_map)
-        ref = fused_experts_ref(x, w13[local.start: local.stop], w2[local.start: local.stop], weights, ids, expert_map)
+        rank_w13, rank_w2 = w13[local.start: local.stop], w2[local.start: local.stop]
+        part = run_experts(path, x, rank_w13, rank_w2, weights, ids, expert_map)
+        ref = fused_experts_ref(x, rank_w13, rank_w2, weights, ids, expert_map)
         torch.testing.assert_close(part, ref, atol=1e-4, rtol=1e-4)
         parts.append(part)
     torch.testing.assert_close(parts[0] + parts[1], fused_experts_ref(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_experts_in_bfloat16(device):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_experts_in_bfloat16(device, path):
+    num_tokens = 4 if path == "gemv" else 40
     w13, w2 = expert_weights(6, 64, 32, torch.bfloat16, device)
-    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
-    ids = routed_ids(40, 6, 2, "random", device)
-    weights = torch.rand(40, 2, generator=torch.Generator().manual_seed(6)).to(device)
-    out = fused_experts(x, w13, w2, weights, ids)
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    ids = routed_ids(num_tokens, 6, 2, "random", device)
+    weights = torch.rand(num_tokens, 2, generator=torch.Generator().manual_seed(6)).to(device)
+    out = run_experts(path, x, w13, w2, weights, ids)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), fused_experts_ref(x, w13, w2, weights, ids).float(), atol=3e-2, rtol=3e-2)
+    if path == "gemv":  # rounded where the grouped path rounds: at most a bfloat16 ulp apart
+        other = run_experts("grouped_gemm", x, w13, w2, weights, ids)
+        torch.testing.assert_close(out.float(), other.float(), atol=1e-2, rtol=2 ** -7)
 
 
 def test_reference_is_the_weighted_sum_of_each_tokens_experts():
