@@ -13,6 +13,7 @@ case after --seconds-per-case (the current choice and the fastest so far are kep
 
     python benchmarks/quant_tuning.py                        # FP8 and INT4, Llama-3-8B shapes, TP=1
     python benchmarks/quant_tuning.py --dtypes fp8_w8a8 --shapes gate_up down --rows 1 16 256
+    python benchmarks/quant_tuning.py --dtypes bf16 --rows 1 --model /root/gemma2-9b   # 16-bit batch-1 gemv tiles
 """
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ DECODE_FUSIONS = {"qkv": {"norm": True}, "gate_up": {"norm": True, "gated": True
                   "down": {"residual": True}}  # what models/llama.py decode_one folds into each projection
 
 
+SHAPES_BY_NAME = dict(GEMV_SHAPES)
+
+
+def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
+    """(N, K) of a checkpoint's projections at TP=1, named "qkv@<folder>" etc. (DECODE_FUSIONS by the name's
+    first part; the LM head has none)."""
+    cfg = json.loads((model / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    shapes = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
+              "lm_head": (cfg["vocab_size"], hidden)}
+    if "intermediate_size" in cfg and not cfg.get("num_experts") and not cfg.get("num_local_experts"):
+        shapes.update(gate_up=(2 * cfg["intermediate_size"], hidden), down=(hidden, cfg["intermediate_size"]))
+    return {f"{name}@{model.name}": shape for name, shape in shapes.items()}
+
+
 def candidates(m: int, dtype: str):
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
 
@@ -46,6 +65,8 @@ def candidates(m: int, dtype: str):
         # (32.7 us at 16 rows against 41.4 us for the best matrix-vector tile at one)
         grid = itertools.chain(itertools.product([1], [16, 8, 32], [2048, 1024], [4, 8], [2, 3]),
                                itertools.product([16], [128, 64], [256, 128], [4, 8], [3, 4]))
+    elif m == 1 and dtype == "bf16":  # the folded 16-bit gemv (H100-tuned defaults in gemv_config)
+        grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4])
     elif m == 1:  # the folded INT4 gemv
         grid = itertools.product([1], [8, 16, 4, 32], [1024, 2048, 512], [4, 8], [2, 3])
     elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
@@ -68,19 +89,21 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
     if dtype == "fp8_w8a8":
         ws = [(torch.randn(n, k, device="cuda") * 4).to(FP8) for _ in range(copies)]
         w_scale = torch.rand(n, device="cuda") / 100
+    elif dtype == "bf16":
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5 for _ in range(copies)]
     else:
         ws = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
               for _ in range(copies)]
         scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 100
 
     def decode_gemv(x: torch.Tensor):
-        fusion = DECODE_FUSIONS[name]
+        fusion = DECODE_FUSIONS.get(name.split("@")[0], {})
         norm = (torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5) if fusion.get("norm") else None
         gated = fusion.get("gated", False)
         residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
         out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
 
-        quant = dict(weight_scale=scales, int4_group=GROUP)
+        quant = dict(weight_scale=scales, int4_group=GROUP) if dtype == "int4_w4a16" else {}
 
         def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
             return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out, **quant)
@@ -102,10 +125,10 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
 
 
 def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
-    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, tile_config
+    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config, tuned_tile
 
-    n, k = GEMV_SHAPES[name]
-    weight_bytes = n * k * (1 if dtype == "fp8_w8a8" else 0.5)
+    n, k = SHAPES_BY_NAME[name]
+    weight_bytes = n * k * {"fp8_w8a8": 1, "bf16": 2}.get(dtype, 0.5)
     copies = max(2, -(-L2_DEFEAT_BYTES // int(weight_bytes)))
     calls_for = make_case(dtype, name, n, k, copies)
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(max(2, copies // 2))]
@@ -115,6 +138,11 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         cublas = graph_ms([lambda w=w: F.linear(x, w) for w in bf16])
         current = tile_config(m, n, k, dtype, torch.device("cuda"))
+        if dtype == "bf16":
+            from engine.kernels.gemv import gemv_config
+            fusion = DECODE_FUSIONS.get(name.split("@")[0], {})
+            current = tuned_tile(m, n, k, dtype, torch.device("cuda")) or TileConfig(
+                1, *gemv_config(1, fusion.get("norm", False), fusion.get("gated", False)))
         tried, started = [], time.perf_counter()
         for cfg in [current] + [c for c in candidates(m, dtype) if c != current]:
             if tried and time.perf_counter() - started > (gemv_seconds if m == 1 else seconds):
@@ -151,8 +179,11 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", nargs="+", choices=["fp8_w8a8", "int4_w4a16"], default=["fp8_w8a8", "int4_w4a16"])
+    ap.add_argument("--dtypes", nargs="+", choices=["fp8_w8a8", "int4_w4a16", "bf16"],
+                    default=["fp8_w8a8", "int4_w4a16"])
     ap.add_argument("--shapes", nargs="+", choices=list(GEMV_SHAPES), default=SHAPES)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a checkpoint folder: tune its projections' shapes (qkv, o, gate_up, down, lm_head) instead")
     ap.add_argument("--rows", type=int, nargs="+", default=ROWS)
     ap.add_argument("--seconds-per-case", type=float, default=6.0)
     ap.add_argument("--gemv-seconds", type=float, default=30.0, help="for one row (batch-1 decode), which W1 is")
@@ -164,10 +195,14 @@ def main(argv=None) -> dict:
     from engine.kernels.quant_tile_configs import CONFIG_DIR, config_file_name
 
     torch.manual_seed(0)
+    shapes = args.shapes
+    if args.model:
+        SHAPES_BY_NAME.update(model_shapes(args.model))
+        shapes = [name for name in SHAPES_BY_NAME if name.endswith(f"@{args.model.name}")]
     figures = {}
-    for dtype, name in itertools.product(args.dtypes, args.shapes):
+    for dtype, name in itertools.product(args.dtypes, shapes):
         best, timings = tune(dtype, name, args.rows, args.seconds_per_case, args.gemv_seconds)
-        n, k = GEMV_SHAPES[name]
+        n, k = SHAPES_BY_NAME[name]
         out = Path(args.config_dir or CONFIG_DIR) / config_file_name(n, k, dtype, torch.cuda.get_device_name())
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(best, indent=4) + "\n")

@@ -19,7 +19,7 @@ import torch
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import FP8
 from .int4 import _unpack_nibbles, dequantize_packed_ref, nibbles_as_float
-from .quant_tile_configs import tile_config
+from .quant_tile_configs import tile_config, tuned_tile
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
 
 MAX_ROWS = 8  # x stays in registers
@@ -218,6 +218,9 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
         tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
         config = GemvConfig(*tile[1:]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
+    elif config is None and m == 1 and weight.dtype == torch.bfloat16 and weight.is_cuda:  # a tuned file, if any
+        tile = tuned_tile(m, weight.shape[0], k, "bf16", weight.device)
+        config = GemvConfig(*tile[1:]) if tile is not None else None
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     if int4_group:  # whole groups a K tile
         block_k = max(block_k, int4_group) // int4_group * int4_group

@@ -1,6 +1,7 @@
-"""Tile sizes of the quantized matmuls (FP8 `scaled_mm`, INT4 `int4_mm`) per weight shape and GPU, in vLLM's format.
+"""Tile sizes of the quantized matmuls (FP8 `scaled_mm`, INT4 `int4_mm`) and of the 16-bit matrix-vector kernel
+(gemv.py, batch-1 decode) per weight shape and GPU, in vLLM's format.
 
-A tuned file `configs/N={N},K={K},device_name={GPU},dtype={fp8_w8a8|int4_w4a16}[,block_shape=[bn,bk]].json` (the
+A tuned file `configs/N={N},K={K},device_name={GPU},dtype={fp8_w8a8|int4_w4a16|bf16}[,block_shape=[bn,bk]].json` (the
 names of vLLM's block-FP8 files) maps a row count M to BLOCK_SIZE_M/N/K, num_warps and num_stages; the entry
 nearest M is used. `benchmarks/quant_tuning.py` writes them on the GPU they are for. Without one, the defaults
 below apply.
@@ -76,8 +77,15 @@ def tile_config(m: int, n: int, k: int, dtype: str, device: torch.device,
                 block: tuple[int, int] | None = None) -> TileConfig:
     """The tuned entry nearest `m` (of the same form: matrix-vector up to MAX_GEMV_ROWS rows, tensor-core tiles
     above) for this weight shape on this GPU, else the default."""
+    return tuned_tile(m, n, k, dtype, device, block) or default_config(m, k, dtype)
+
+
+def tuned_tile(m: int, n: int, k: int, dtype: str, device: torch.device,
+               block: tuple[int, int] | None = None) -> TileConfig | None:
+    """The tuned entry nearest `m`, of the same form, or None without a file for this shape and GPU. dtype "bf16":
+    the 16-bit matrix-vector kernel's tiles (gemv.py; its own defaults apply without a file)."""
     tuned = tuned_configs(n, k, dtype, _device_name(device.index or 0), block) if device.type == "cuda" else None
-    return nearest_entry(tuned, m) or default_config(m, k, dtype)
+    return nearest_entry(tuned, m)
 
 
 def nearest_entry(tuned: dict[int, TileConfig] | None, m: int) -> TileConfig | None:
