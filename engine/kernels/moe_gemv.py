@@ -90,15 +90,11 @@ def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_p
     tl.store(out_ptr + token * out_stride + rows[None, :], total.to(dtype), mask=row_mask[None, :])
 
 
-def moe_gemv_config(k: int) -> MoeGemvConfig:
-    """Four weight rows a program, as gemv.py's plain tiles, with a K tile that divides K where a power of two
-    does (Qwen3-30B-A3B: the gate/up K is 2048, the down K 768)."""
-    block_k = 1024
-    while block_k > 64 and k % block_k:
-        block_k //= 2
-    if k % block_k:
-        block_k = min(1024, triton.next_power_of_2(k))
-    return MoeGemvConfig(4, block_k, 4, 2)
+def moe_gemv_config(k: int, num_tokens: int = 1) -> MoeGemvConfig:
+    """A K tile of up to 1024 (masked where K is not a multiple), two weight rows a program at one token (more
+    programs for the few experts' rows) and four above: the fastest of benchmarks/moe.py's sweep on an H200 for
+    Qwen3-30B-A3B (1 token: 43.1 us against 56.2 with four rows and 256-wide down tiles; 4 tokens 101.7 us)."""
+    return MoeGemvConfig(2 if num_tokens == 1 else 4, min(1024, triton.next_power_of_2(k)), 4, 2)
 
 
 def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -115,7 +111,8 @@ def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     ids = topk_ids.contiguous()
     weights = topk_weights.float().contiguous()
     emap = expert_map if expert_map is not None else ids  # unused pointer without a map
-    gate_up_config, down_config = configs or (moe_gemv_config(w13.shape[2]), moe_gemv_config(inter))
+    gate_up_config, down_config = configs or (moe_gemv_config(w13.shape[2], num_tokens),
+                                              moe_gemv_config(inter, num_tokens))
     act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = gate_up_config
     _moe_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, block_n))](
