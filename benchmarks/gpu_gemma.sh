@@ -4,7 +4,7 @@
 # ../shared/tools/vllm-anchor/run.sh --model-dir $MODEL --workloads W1,W3.
 # Device tool: carry a folder of the pydantic wheels (WHEELS, default .whl), then:
 #   STRATA_COMMIT=<commit> OUT=$OUT bash benchmarks/gpu_gemma.sh
-# PROFILE=1: also decode steps at batch 1 and 256 (512 tokens of context) against the bytes they move, with a
+# WORKLOADS="W1" (default "W1 W3"). PROFILE=1: also decode steps at batch 1 and 256 (512 tokens of context) against the bytes they move, with a
 # profile of where the GPU time goes. TUNE=1: first the 16-bit batch-1 gemv tiles for the checkpoint's shapes on
 # this GPU (benchmarks/quant_tuning.py --dtypes bf16; TUNE_GEMV_SECONDS a shape), used by the runs that follow and
 # copied to $OUT/configs to commit.
@@ -19,5 +19,5 @@ if [ -n "${TUNE:-}" ]; then
     --out-dir "$OUT" 2>&1 | grep -v "^  "
   mkdir -p "$OUT/configs" && cp engine/kernels/configs/*dtype=bf16.json "$OUT/configs/"
 fi
-python3 benchmarks/throughput.py --model "$MODEL" --workloads W1 W3 --hf-baseline 0 --out-dir "$OUT" \
+python3 benchmarks/throughput.py --model "$MODEL" --workloads ${WORKLOADS:-W1 W3} --hf-baseline 0 --out-dir "$OUT" \
   ${PROFILE:+--decode-roofline --profile --decode-batch 1 256 --decode-context 512}

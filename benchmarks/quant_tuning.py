@@ -1,11 +1,13 @@
 """Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
 writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
 
-One row of INT4 (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the
-shape's RMSNorm, SiLU-and-mul or residual add folded in); FP8 (x quantized once before it) and other row counts
-time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with Triton's default accumulation
-(`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs, and through torch._scaled_mm
-(`torch_scaled_mm_ms`), which the engine takes at those row counts. For each shape and row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
+One row of INT4 or 16-bit weights (batch-1 decode) times the matrix-vector kernel the decode layers call
+(kernels/gemv.py, with the shape's RMSNorm, SiLU-and-mul or residual add folded in; for 16-bit weights also with
+the RMSNorm as a kernel of its own before it, and a tuned entry records which was faster); FP8 (x quantized once
+before it) and other row counts time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with
+Triton's default accumulation (`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs,
+and through torch._scaled_mm (`torch_scaled_mm_ms`), which the engine takes at those row counts. For each shape and
+row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
 shape is timed as the yardstick, and the weights' bytes over the time give TB/s. Stops trying candidates for a
@@ -40,6 +42,7 @@ DECODE_FUSIONS = {"qkv": {"norm": True}, "gate_up": {"norm": True, "gated": True
 
 
 SHAPES_BY_NAME = dict(GEMV_SHAPES)
+NORM_DTYPE = [torch.bfloat16]  # Gemma keeps its norm weights (1 + w) in float32: --model sets that
 
 
 def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
@@ -47,6 +50,8 @@ def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
     first part; the LM head has none)."""
     cfg = json.loads((model / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
+    if cfg.get("model_type", "").startswith("gemma"):
+        NORM_DTYPE[0] = torch.float32
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
     kv_heads = cfg.get("num_key_value_heads", heads)
@@ -57,7 +62,7 @@ def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
     return {f"{name}@{model.name}": shape for name, shape in shapes.items()}
 
 
-def candidates(m: int, dtype: str):
+def candidates(m: int, dtype: str, norm: bool = False):
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
 
     if m == 1 and dtype == "fp8_w8a8":  # rows of weights a program, K tile, warps, stages; likeliest first
@@ -65,8 +70,9 @@ def candidates(m: int, dtype: str):
         # (32.7 us at 16 rows against 41.4 us for the best matrix-vector tile at one)
         grid = itertools.chain(itertools.product([1], [16, 8, 32], [2048, 1024], [4, 8], [2, 3]),
                                itertools.product([16], [128, 64], [256, 128], [4, 8], [3, 4]))
-    elif m == 1 and dtype == "bf16":  # the folded 16-bit gemv (H100-tuned defaults in gemv_config)
-        grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4])
+    elif m == 1 and dtype == "bf16":  # the 16-bit gemv, with a shape's RMSNorm folded in or run before it
+        grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4], [True, False] if norm
+                                 else [True])
     elif m == 1:  # the folded INT4 gemv
         grid = itertools.product([1], [8, 16, 4, 32], [1024, 2048, 512], [4, 8], [2, 3])
     elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
@@ -84,6 +90,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
     from engine.kernels.fp8 import FP8, per_token_quant_fp8
     from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
     from engine.kernels.int4 import int4_mm, int4_mm_ref
+    from engine.kernels.rms_norm import rms_norm
     from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
 
     if dtype == "fp8_w8a8":
@@ -98,7 +105,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
 
     def decode_gemv(x: torch.Tensor):
         fusion = DECODE_FUSIONS.get(name.split("@")[0], {})
-        norm = (torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5) if fusion.get("norm") else None
+        norm = (torch.rand(k, dtype=NORM_DTYPE[0], device="cuda") + 0.5, 1e-5) if fusion.get("norm") else None
         gated = fusion.get("gated", False)
         residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
         out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
@@ -106,7 +113,11 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
         quant = dict(weight_scale=scales, int4_group=GROUP) if dtype == "int4_w4a16" else {}
 
         def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
-            return gemv(x, w, None, GemvConfig(*cfg[1:]), gated=gated, norm=norm, residual=residual, out=out, **quant)
+            if norm and not cfg.fold_norm:  # as gemv does with such a tuned entry
+                return gemv(rms_norm(x, *norm), w, None, GemvConfig(*cfg[1:5]), gated=gated, residual=residual,
+                            out=out)
+            return gemv(x, w, None, GemvConfig(*cfg[1:5]), gated=gated, norm=norm, residual=residual, out=out,
+                        **quant)
         return [lambda cfg, w=w: call(cfg, w) for w in ws], gemv_ref(x, ws[0], None, gated, norm, residual, **quant)
 
     def calls_for(m: int):
@@ -144,7 +155,8 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
             current = tuned_tile(m, n, k, dtype, torch.device("cuda")) or TileConfig(
                 1, *gemv_config(1, fusion.get("norm", False), fusion.get("gated", False)))
         tried, started = [], time.perf_counter()
-        for cfg in [current] + [c for c in candidates(m, dtype) if c != current]:
+        has_norm = DECODE_FUSIONS.get(name.split("@")[0], {}).get("norm", False)
+        for cfg in [current] + [c for c in candidates(m, dtype, has_norm) if c != current]:
             if tried and time.perf_counter() - started > (gemv_seconds if m == 1 else seconds):
                 break
             try:

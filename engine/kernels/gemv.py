@@ -21,6 +21,7 @@ from .fp8 import FP8
 from .int4 import _unpack_nibbles, dequantize_packed_ref, nibbles_as_float
 from .quant_tile_configs import tile_config, tuned_tile
 from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
+from .rms_norm import rms_norm
 
 MAX_ROWS = 8  # x stays in registers
 
@@ -195,6 +196,12 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if config is None and m == 1 and weight.dtype == torch.bfloat16 and weight.is_cuda:  # a tuned file, if any
+        tile = tuned_tile(m, weight.shape[0], k, "bf16", weight.device)
+        if tile is not None:
+            config = GemvConfig(*tile[1:5])
+            if norm is not None and not tile.fold_norm and x_site is None:  # the norm as a kernel of its own
+                x, norm = rms_norm(x, *norm), None
     assert m <= MAX_ROWS and weight.shape[1] * (8 if int4_group else 1) == k and weight.stride(-1) == 1
     assert (weight.dtype == FP8 or int4_group > 0) == (weight_scale is not None)
     assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1)
@@ -217,10 +224,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if config is None and weight_scale is not None:  # quant_tile_configs' matrix-vector entry for M rows
         dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
         tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
-        config = GemvConfig(*tile[1:]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
-    elif config is None and m == 1 and weight.dtype == torch.bfloat16 and weight.is_cuda:  # a tuned file, if any
-        tile = tuned_tile(m, weight.shape[0], k, "bf16", weight.device)
-        config = GemvConfig(*tile[1:]) if tile is not None else None
+        config = GemvConfig(*tile[1:5]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     if int4_group:  # whole groups a K tile
         block_k = max(block_k, int4_group) // int4_group * int4_group

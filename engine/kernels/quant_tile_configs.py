@@ -27,15 +27,17 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    fold_norm: bool = True  # 16-bit gemv after an RMSNorm: False where a separate norm kernel first was faster
 
     def as_vllm(self) -> dict:
-        return dict(BLOCK_SIZE_M=self.block_m, BLOCK_SIZE_N=self.block_n, BLOCK_SIZE_K=self.block_k,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+        entry = dict(BLOCK_SIZE_M=self.block_m, BLOCK_SIZE_N=self.block_n, BLOCK_SIZE_K=self.block_k,
+                     num_warps=self.num_warps, num_stages=self.num_stages)
+        return entry if self.fold_norm else dict(entry, fold_norm=False)
 
     @classmethod
     def from_vllm(cls, entry: dict) -> TileConfig:
         return cls(entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"], entry["BLOCK_SIZE_K"], entry.get("num_warps", 4),
-                   entry.get("num_stages", 3))
+                   entry.get("num_stages", 3), entry.get("fold_norm", True))
 
 
 def config_file_name(n: int, k: int, dtype: str, device_name: str, block: tuple[int, int] | None = None) -> str:

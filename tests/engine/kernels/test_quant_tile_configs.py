@@ -35,3 +35,12 @@ def test_the_nearest_entry_of_the_same_form():
     assert nearest_entry(tuned, 100) == tuned[16] and nearest_entry(tuned, 200) == tuned[256]
     assert nearest_entry({1: tuned[1]}, 32) is None and nearest_entry(None, 1) is None
     assert default_config(32, 4096, "fp8_w8a8").block_m == 64 and default_config(4, 4096, "fp8_w8a8").block_m == 4
+
+
+def test_an_entry_that_runs_the_norm_apart_keeps_that_through_the_file_format():
+    """A 16-bit gemv entry may say the RMSNorm before it runs as a kernel of its own (fold_norm false); entries
+    without the key, vLLM's among them, fold it in."""
+    apart = TileConfig(1, 8, 2048, 4, 3, fold_norm=False)
+    assert apart.as_vllm()["fold_norm"] is False and TileConfig.from_vllm(apart.as_vllm()) == apart
+    folded = TileConfig(1, 8, 2048, 4, 3)
+    assert "fold_norm" not in folded.as_vllm() and TileConfig.from_vllm(folded.as_vllm()).fold_norm
