@@ -193,7 +193,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", nargs="+", choices=["fp8_w8a8", "int4_w4a16", "bf16"],
                     default=["fp8_w8a8", "int4_w4a16"])
-    ap.add_argument("--shapes", nargs="+", choices=list(GEMV_SHAPES), default=SHAPES)
+    ap.add_argument("--shapes", nargs="+", choices=list(GEMV_SHAPES), default=None,
+                    help=f"default {' '.join(SHAPES)}; with --model, which of its projections (default all)")
     ap.add_argument("--model", type=Path, default=None,
                     help="a checkpoint folder: tune its projections' shapes (qkv, o, gate_up, down, lm_head) instead")
     ap.add_argument("--rows", type=int, nargs="+", default=ROWS)
@@ -207,10 +208,11 @@ def main(argv=None) -> dict:
     from engine.kernels.quant_tile_configs import CONFIG_DIR, config_file_name
 
     torch.manual_seed(0)
-    shapes = args.shapes
+    shapes = args.shapes or SHAPES
     if args.model:
         SHAPES_BY_NAME.update(model_shapes(args.model))
-        shapes = [name for name in SHAPES_BY_NAME if name.endswith(f"@{args.model.name}")]
+        shapes = [name for name in SHAPES_BY_NAME if name.endswith(f"@{args.model.name}")
+                  and (args.shapes is None or name.split("@")[0] in args.shapes)]
     figures = {}
     for dtype, name in itertools.product(args.dtypes, shapes):
         best, timings = tune(dtype, name, args.rows, args.seconds_per_case, args.gemv_seconds)
