@@ -128,7 +128,7 @@ def int4_mm(x: torch.Tensor, packing: str, tensors: tuple[torch.Tensor, ...], gr
     if m == 0:
         return out
     dot = m > MAX_GEMV_ROWS
-    block_m, block_n, block_k, num_warps, num_stages = config or tile_config(m, n, k, "int4_w4a16", x.device)
+    block_m, block_n, block_k, num_warps, num_stages = (config or tile_config(m, n, k, "int4_w4a16", x.device))[:5]
     block_m = max(block_m, 16) if dot else next_pow2(m)
     block_n = max(8, block_n // 8 * 8)  # whole int32s of AWQ's packing along N (a tuned one-row entry is gemv's)
     while group % block_k and group != k:  # a K tile inside one group (group == K: a single group)

@@ -105,7 +105,8 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, num_warps, num_stages = config or tile_config(m, n, k, "fp8_w8a8", x_q.device, block)
+    block_m, block_n, block_k, num_warps, num_stages = (config or tile_config(m, n, k, "fp8_w8a8", x_q.device,
+                                                                          block))[:5]
     dot = m > MAX_GEMV_ROWS or block_m >= 16  # a tuned entry may give a few rows tensor-core tiles
     block_m = max(block_m, 16) if dot else next_pow2(m)  # 16: the smallest tl.dot tile
     x_scale, w_scale = x_scale.float(), w_scale.float()

@@ -49,8 +49,9 @@ def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]],
         assert lp_triton == pytest.approx(lp_torch, abs=1e-3)
 
 
-# Interpreted, Llama alone: the kernels Qwen3 and MoE add (q/k norm, fused experts) have interpreted tests of their own
-@pytest.mark.parametrize("kind", ["llama"] + ["qwen3", "qwen2_moe"] * ON_GPU)
+# Qwen3: its q/k norms folded into the rotary kernel; Qwen2-MoE: decode steps of up to 4 tokens take the few-token
+# expert kernels, the prefill the grouped GEMM
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2_moe"])
 def test_triton_path_matches_torch_path(kind, tiny_model_dir):
     prompts = [[5, 9, 200, 17, 3], list(range(40, 77)), [300 + i for i in range(19)]]
     assert_triton_equals_torch(SCRIPT, tiny_model_dir(kind), prompts)

@@ -74,3 +74,46 @@ def test_fused_kv_cache_write(device, dtype, num_heads, num_kv_heads, head_dim, 
     torch.testing.assert_close(key_cache, key_ref, equal_nan=True, **tol)
     torch.testing.assert_close(value_cache, value_ref, equal_nan=True, **tol)
     assert key_cache.isnan().sum() == key_ref.isnan().sum() == (num_blocks * block_size - 7) * num_kv_heads * head_dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("write_kv", [False, True])
+def test_qk_norm_folded_in_equals_the_norms_then_rotary(device, dtype, is_neox, write_kv):
+    """Qwen3's per-head q/k RMSNorm inside the rotary kernel: as rms_norm on q and on k (each with its own weight),
+    then rotary, then the cache write; GQA 3 (6 q heads, 2 kv heads) and padding tokens."""
+    from engine.kernels.rms_norm import rms_norm_ref
+
+    torch.manual_seed(1)
+    num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks = 7, 6, 2, 64, 4, 4
+    cache = cos_sin_cache(64, head_dim).to(device)
+    positions = torch.randint(0, 64, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device) * 3
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q_weight = (torch.rand(head_dim, device=device) + 0.5).to(dtype)
+    k_weight = (torch.rand(head_dim, device=device) + 0.5).to(dtype)
+    q_ref, k_ref = rotary_embedding_ref(positions, rms_norm_ref(q, q_weight, 1e-6), rms_norm_ref(k, k_weight, 1e-6),
+                                        cache, head_dim, is_neox)
+    kv_write = None
+    if write_kv:
+        slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+        slots[3] = -1
+        key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        value_cache, key_ref, value_ref = key_cache.clone(), key_cache.clone(), key_cache.clone()
+        reshape_and_cache_ref(k_ref, v.clone(), key_ref, value_ref, slots)
+        kv_write = (v, key_cache, value_cache, slots)
+    rotary_embedding(positions, q, k, cache, head_dim, is_neox, kv_write, qk_norm=(q_weight, k_weight, 1e-6))
+    tol = dict(atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    if write_kv:
+        torch.testing.assert_close(key_cache, key_ref, **tol)
+        torch.testing.assert_close(value_cache, value_ref, **tol)
+
+
+def test_qk_norm_needs_whole_head_rotary(device):
+    q, k = torch.randn(2, 4, 64, device=device), torch.randn(2, 2, 64, device=device)
+    weight = torch.ones(64, device=device)
+    with pytest.raises(AssertionError, match="whole-head"):
+        rotary_embedding(torch.arange(2, device=device), q, k, cos_sin_cache(8, 32).to(device), 64,
+                         qk_norm=(weight, weight, 1e-6))
