@@ -67,8 +67,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
 @triton.jit
 def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_ptr, H, I, act_stride, w_stride_e,
                      w_stride_n, out_stride, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """out[token, n] = sum over the token's local experts e of weight * (act[pair] . down[e, n]), w [E, H, I]."""
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """out[token, n] = sum over the token's local experts e of weight * (act[pair] . down[e, n]), w [E, H, I].
+    ADD_RESIDUAL: out[token, n] += that sum, rounded first as the unfused add would take it."""
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < H
@@ -87,7 +88,10 @@ def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_p
                 acc += _dot_rows(act, _load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
             weight = tl.load(weights_ptr + pair).to(tl.float32)
             total += (acc * weight).to(dtype).to(tl.float32)
-    tl.store(out_ptr + token * out_stride + rows[None, :], total.to(dtype), mask=row_mask[None, :])
+    out_ptrs = out_ptr + token * out_stride + rows[None, :]
+    if ADD_RESIDUAL:
+        total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=row_mask[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptrs, total.to(dtype), mask=row_mask[None, :])
 
 
 def moe_gemv_config(k: int, num_tokens: int = 1) -> MoeGemvConfig:
@@ -99,13 +103,16 @@ def moe_gemv_config(k: int, num_tokens: int = 1) -> MoeGemvConfig:
 
 def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                       configs: tuple[MoeGemvConfig, MoeGemvConfig] | None = None) -> torch.Tensor:
+                       configs: tuple[MoeGemvConfig, MoeGemvConfig] | None = None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """fused_experts' contract (x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights/ids [T, top_k])
-    on the Triton path, for T up to MAX_TOKENS or so. `configs`: the gate/up and down kernels' tiles."""
+    on the Triton path, for T up to MAX_TOKENS or so. `configs`: the gate/up and down kernels' tiles.
+    residual [T, H] (contiguous rows): the result is added to it in place, and it is returned."""
     num_tokens, top_k = topk_ids.shape
     hidden, inter = w2.shape[1], w2.shape[2]
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    assert residual is None or (residual.shape == (num_tokens, hidden) and residual.stride(-1) == 1)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if residual is None else residual
     if num_tokens == 0:
         return out
     ids = topk_ids.contiguous()
@@ -123,5 +130,5 @@ def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     _moe_down_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
         act, w2, ids, weights, emap, out, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=top_k, HAS_MAP=expert_map is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        ADD_RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
     return out

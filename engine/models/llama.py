@@ -104,11 +104,14 @@ class LlamaDecoderLayer(nn.Module):
         """One token through a single-stage model on the Triton path (LlamaForCausalLM.takes_decode_one): `h` is
         the residual stream. Each RMSNorm runs inside the matrix-vector kernel after it and each residual add
         inside the one before it, so a layer is four of those, rotary, attention and, under tensor parallelism,
-        the two all-reduces: no norm or add kernels. `sites`: the ReduceSites the o and down projections
+        the two all-reduces: no norm or add kernels. A sparse MoE block instead takes its norm as a kernel and adds
+        its experts' sum to `h` in its last kernel. `sites`: the ReduceSites the o and down projections
         all-reduce through inside their kernels (None: a separate all-reduce); `h` may be the previous one."""
         attn, mlp, ln, post_ln = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         qkv = gemv(h, bias=attn.qkv_proj.bias, norm=(ln.weight, ln.eps), **gemv_weights(attn.qkv_proj))
         h = _add_projection(attn.o_proj, attn.attend(positions, qkv, meta), h, sites[0])
+        if type(mlp) is not LlamaMLP:  # a sparse MoE block (one GPU): its norm, then it adds itself to h
+            return mlp.add_to(post_ln(h), h)
         act = gemv(h, bias=mlp.gate_up_proj.bias, gated=True, norm=(post_ln.weight, post_ln.eps),
                    **gemv_weights(mlp.gate_up_proj))
         return _add_projection(mlp.down_proj, act, h, sites[1])
@@ -150,9 +153,11 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if self.is_first else None
         self.layers = nn.ModuleDict({str(i): self.make_layer(i, cfg, arch, tp, dtype, max_len)
                                      for i in range(*self.layer_range)})
-        # decode_one fuses Llama's own attention and MLP; other layers (MoE blocks) take the unfused path
-        self.llama_layers = all(type(layer.mlp) is LlamaMLP and type(layer.self_attn) is LlamaAttention
-                                for layer in self.layers.values())
+        # decode_one fuses Llama's own attention and MLP, or on one GPU a sparse MoE block that adds itself to the
+        # residual (add_to); other layers take the unfused path
+        self.llama_layers = all(type(layer.self_attn) is LlamaAttention and (
+            type(layer.mlp) is LlamaMLP or (tp.size == 1 and hasattr(layer.mlp, "add_to")))
+            for layer in self.layers.values())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
         self.lm_head = None
         if self.is_last:

@@ -33,6 +33,12 @@ class SparseMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += self(x), in place (the batch-1 decode layer, LlamaDecoderLayer.decode_one)."""
+        if self.shared_expert is not None:
+            residual += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return self.experts.add_to(x, self.gate(x), residual)
+
 
 class MoeForCausalLM(LlamaForCausalLM):
     """A Llama-shaped decoder whose sparse layers hold a SparseMoeBlock. Subclasses say which layers are sparse

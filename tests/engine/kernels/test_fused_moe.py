@@ -234,3 +234,19 @@ def test_moe_sum_adds_each_tokens_rows_in_fp32(device, num_tokens, top_k, hidden
     torch.manual_seed(5)
     x = torch.randn(num_tokens, top_k, hidden, device=device).bfloat16()
     torch.testing.assert_close(moe_sum(x), x.float().sum(dim=1).bfloat16(), atol=0, rtol=2 ** -7)
+
+
+def test_matrix_vector_kernels_add_the_sum_to_a_residual_in_place(device):
+    """The batch-1 decode layer's form: residual += the experts' sum (rounded first, as the separate add would take
+    it), written in place; with expert parallelism's map too (other ranks' experts add nothing)."""
+    w13, w2 = expert_weights(6, 64, 32, torch.bfloat16, device)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(11)).to(device, torch.bfloat16)
+    ids = routed_ids(2, 6, 3, "random", device)
+    weights = torch.rand(2, 3, generator=torch.Generator().manual_seed(12)).to(device)
+    for expert_map in (None, torch.tensor([0, 1, 2, -1, -1, -1], dtype=torch.int32, device=device)):
+        rank_w13, rank_w2 = (w13, w2) if expert_map is None else (w13[:3], w2[:3])
+        residual = torch.randn(2, 64, generator=torch.Generator().manual_seed(13)).to(device, torch.bfloat16)
+        expected = (residual.float() + fused_experts_gemv(x, rank_w13, rank_w2, weights, ids, expert_map).float())
+        out = fused_experts_gemv(x, rank_w13, rank_w2, weights, ids, expert_map, residual=residual)
+        assert out.data_ptr() == residual.data_ptr()
+        torch.testing.assert_close(out.float(), expected, atol=1e-6, rtol=2 ** -7)  # one rounding of the add
