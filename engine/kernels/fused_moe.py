@@ -122,16 +122,18 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H] (gate rows then up rows), w2 [E_local, H, I], topk_weights/ids [T, top_k]
     (global expert ids; `expert_map`: global -> local, -1 elsewhere) -> [T, H], this rank's experts' sum.
     Up to GEMV_MAX_TOKENS tokens take the matrix-vector kernels (moe_gemv.py) unless `config` is given: the
-    grouped GEMM's tile sizes (default: moe_config's)."""
+    grouped GEMM's tile sizes (default: moe_config's). residual [T, H]: the sum is added to it in place (by the last
+    matrix-vector kernel where those run) and it is returned."""
     if not use_triton(x):
-        return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
+        out = fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
+        return out if residual is None else residual.add_(out)
     num_tokens, top_k = topk_ids.shape
     if config is None and num_tokens <= GEMV_MAX_TOKENS:
-        return fused_experts_gemv(x, w13, w2, topk_weights, topk_ids, expert_map)
+        return fused_experts_gemv(x, w13, w2, topk_weights, topk_ids, expert_map, residual=residual)
     num_experts = expert_map.shape[0] if expert_map is not None else w13.shape[0]
     config = config or moe_config(num_tokens, num_experts, top_k, (w2.shape[0], w2.shape[2]),
                                   _device_name(x.device))
@@ -142,7 +144,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     down = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     invoke_fused_moe_kernel(act, w2, down, topk_weights.float().contiguous(), sorted_ids, expert_ids, post_pad,
                             True, 1, config)
-    return moe_sum(down.view(num_tokens, top_k, -1))
+    out = moe_sum(down.view(num_tokens, top_k, -1))
+    return out if residual is None else residual.add_(out)
 
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from engine.kernels import fused_experts, fused_experts_ref, topk_route, topk_route_ref
-from engine.kernels.moe_gemv import MAX_TOKENS as GEMV_MAX_TOKENS, fused_experts_gemv
 from engine.layers.quantization import linear_method_for_new_layer
 from engine.parallel_state import TPGroup
 
@@ -93,11 +92,10 @@ class FusedMoE(nn.Module):
     def add_to(self, x: torch.Tensor, router_logits: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += self(x, router_logits), in place. On one GPU with a few tokens the add is the last step of
         the few-token down kernel rather than a kernel of its own."""
-        if self.use_triton and self.tp.size == 1 and x.shape[0] <= GEMV_MAX_TOKENS:
-            weights, ids = topk_route(router_logits, self.top_k, self.renormalize, self.scoring)
-            return fused_experts_gemv(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map,
-                                      residual=residual)
-        return residual.add_(self(x, router_logits))
+        if not self.use_triton or self.tp.size > 1:  # the sum is complete only after the all-reduce
+            return residual.add_(self(x, router_logits))
+        weights, ids = topk_route(router_logits, self.top_k, self.renormalize, self.scoring)
+        return fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map, residual=residual)
 
 
 class ReplicatedLinear(nn.Module):
