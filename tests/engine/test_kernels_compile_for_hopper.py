@@ -22,6 +22,7 @@ COMPILE = textwrap.dedent(r"""
     from engine.kernels.fused_moe import _moe_sum_kernel
     from engine.kernels.int4 import _int4_mm_kernel
     from engine.kernels.moe_align import _offsets_kernel, _place_kernel
+    from engine.kernels.moe_gemv import _moe_down_kernel, _moe_gate_up_kernel
     from engine.kernels.reshape_and_cache import _reshape_and_cache_kernel
     from engine.kernels.rms_norm import _rms_norm_kernel
     from engine.kernels.rotary import _rotary_kernel
@@ -36,11 +37,13 @@ COMPILE = textwrap.dedent(r"""
 
     cases = {}
     for cache in ("bf16", "fp8e4nv"):
-        cases[f"rotary into a {cache} cache"] = (_rotary_kernel, {
-            "positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "cache_ptr": "*bf16", "v_ptr": "*bf16",
-            "key_cache_ptr": f"*{cache}", "value_cache_ptr": f"*{cache}", "slot_mapping_ptr": "*i64"},
-            dict(IS_NEOX=True, ROT_HALF=64, HALF_P2=64, Q_HEADS_P2=32, K_HEADS_P2=8, DIM_P2=128, WRITE_KV=True,
-                 FP8_CACHE=cache == "fp8e4nv"))
+        for qk_norm in (False, True):
+            cases[f"rotary into a {cache} cache, qk_norm={qk_norm}"] = (_rotary_kernel, {
+                "positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "cache_ptr": "*bf16", "v_ptr": "*bf16",
+                "key_cache_ptr": f"*{cache}", "value_cache_ptr": f"*{cache}", "slot_mapping_ptr": "*i64",
+                "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16"},
+                dict(IS_NEOX=True, ROT_HALF=64, HALF_P2=64, Q_HEADS_P2=32, K_HEADS_P2=8, DIM_P2=128, WRITE_KV=True,
+                     FP8_CACHE=cache == "fp8e4nv", QK_NORM=qk_norm))
         cases[f"reshape_and_cache into a {cache} cache"] = (_reshape_and_cache_kernel, {
             "key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": f"*{cache}", "value_cache_ptr": f"*{cache}",
             "slot_mapping_ptr": "*i64"}, dict(HEADS_P2=8, DIM_P2=128, FP8_CACHE=cache == "fp8e4nv"))
@@ -97,6 +100,12 @@ COMPILE = textwrap.dedent(r"""
     cases["MoE alignment placing"] = (_place_kernel, {"ids_ptr": "*i32", "table_ptr": "*i32", "sorted_ptr": "*i32"},
                                       dict(BINS=128, CHUNK=128))
     cases["MoE top-k sum"] = (_moe_sum_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(TOP_K=8, BLOCK=1024))
+    cases["few-token MoE gate/up"] = (_moe_gate_up_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "expert_map_ptr": "*i32", "act_ptr": "*bf16"},
+        dict(TOP_K=8, HAS_MAP=True, BLOCK_N=2, BLOCK_K=1024, EVEN_K=True))
+    cases["few-token MoE down, residual added"] = (_moe_down_kernel, {
+        "act_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "weights_ptr": "*fp32", "expert_map_ptr": "*i32",
+        "out_ptr": "*bf16"}, dict(TOP_K=8, HAS_MAP=True, BLOCK_N=2, BLOCK_K=1024, EVEN_K=False, ADD_RESIDUAL=True))
     failed = []
     for name, (kernel, pointers, constexprs) in cases.items():
         try:
