@@ -42,21 +42,16 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.use_triton = False
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                kv_write: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; returns them rotated (in place on the Triton path, which also stores keys
-        and values in the KV cache given kv_write = (v, key_cache, value_cache, slot_mapping))."""
-        return self.normalize_and_rotate(positions, q, k, kv_write)
-
     @property
     def folds_qk_norm(self) -> bool:
         """Whether the Triton kernel can RMS-normalize q and k's heads on the way (whole-head rotary)."""
         return self.use_triton and self.cos_sin_cache.shape[1] == self.head_dim
 
-    def normalize_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             kv_write: tuple | None = None,
-                             qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None):
-        """forward, with qk_norm = (q_weight, k_weight, eps) folded in where folds_qk_norm says so."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_write: tuple | None = None,
+                qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; returns them rotated (in place on the Triton path, which also stores keys
+        and values in the KV cache given kv_write = (v, key_cache, value_cache, slot_mapping), and normalizes the
+        heads first given qk_norm = (q_weight, k_weight, eps) where folds_qk_norm says it can)."""
         if self.use_triton:
             return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, kv_write=kv_write,
                                     qk_norm=qk_norm)

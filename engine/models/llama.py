@@ -44,13 +44,12 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kv_write = self.attn.kv_write(v, meta)  # the rotary kernel stores k/v in the cache on the way
+        qk_norm = None
         if self.qk_norm and self.rotary.folds_qk_norm and self.q_norm.eps == self.k_norm.eps:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-            q, k = self.rotary.normalize_and_rotate(positions, q, k, kv_write, qk_norm)
-        else:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k, kv_write)
+        elif self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k, kv_write, qk_norm)
         return self.attn(q, k, v, meta, kv_written=kv_write is not None).flatten(1)
 
 
