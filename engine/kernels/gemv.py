@@ -5,9 +5,9 @@ qkv 2.34 TB/s, the LM head 2.39). Here each program streams BLOCK_N whole weight
 registers: the weights are read once, coalesced, with no split-K reduction pass (LM head 3.11 TB/s; all of one
 decode step's matmuls 5.5 ms against cuBLAS's 5.8). It handles a few rows of x too, but from M = 2 cuBLAS wins.
 
-FP8 weight-only layers (e4m3, one scale per output channel, x in the model dtype) take the same kernel, and so
-do INT4 weights packed along K (compressed-tensors pack-quantized, symmetric, int4.py), unpacked and scaled per group
-in registers. Norm, gate and residual fold in as for 16-bit weights. W8A8 layers do not: quantizing x inside every
+FP8 weight-only layers (e4m3, one scale per output channel, x in the model dtype) take the same kernel; INT4
+weights packed along K (compressed-tensors pack-quantized) take gemv_int4.py's, with the same folds and arguments.
+Norm, gate and residual fold in as for 16-bit weights. W8A8 layers do not: quantizing x inside every
 program repeated the quantization N / BLOCK_N times (two passes over x and an IEEE division an element), which made
 the kernel bound by that arithmetic rather than by the weights; they take the fused RMSNorm-quantize kernel and
 scaled_mm's matrix-vector form instead, x quantized once.
@@ -18,9 +18,11 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import FP8
-from .int4 import _unpack_nibbles, dequantize_packed_ref, nibbles_as_float
+from .gemv_int4 import launch_int4_gemv
+from .gemv_parts import dot_rows, finish_rows, load_rows, load_vector, load_x
+from .int4 import dequantize_packed_ref
 from .quant_tile_configs import tile_config, tuned_tile
-from .reduce_site import ReduceSite, load_part_sum, push_part, wait_for_parts
+from .reduce_site import ReduceSite, wait_for_parts
 from .rms_norm import rms_norm
 
 MAX_ROWS = 8  # x stays in registers
@@ -33,66 +35,13 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-@triton.jit
-def _load_rows(row_ptr, k, K, row_mask, EVEN_K: tl.constexpr):
-    """Columns k of the rows at row_ptr (one pointer per row), zeros past K and for masked rows."""
-    if EVEN_K:
-        mask = row_mask[:, None]
-    else:
-        mask = row_mask[:, None] & (k[None, :] < K)
-    return tl.load(row_ptr + k[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_vector(ptr, k, K, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        return tl.load(ptr + k)
-    return tl.load(ptr + k, mask=k < K, other=0.0)
-
-
-@triton.jit
-def _load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K: tl.constexpr, NORM: tl.constexpr,
-            X_PARTS: tl.constexpr):
-    """Columns k of x's rows: its rows at x_row, or the sum of a ReduceSite's parts; float32 where it is normalized."""
-    if X_PARTS > 0:
-        x = load_part_sum(x_ptr, x_stride, k[None, :], (k < K)[None, :], X_PARTS)
-    else:
-        x = _load_rows(x_row, k, K, m_mask, EVEN_K)
-    return x.to(tl.float32) if NORM else x
-
-
-@triton.jit
-def _load_weight(row_ptr, scale_row_ptr, k0, cols, K, row_mask, EVEN_K: tl.constexpr, INT4_GROUP: tl.constexpr):
-    """Columns k0 + cols of the weight rows: as stored, or (INT4) unpacked and multiplied by their groups' scales,
-    in float32."""
-    if INT4_GROUP == 0:  # (an if/else: compiled Triton would type the code after an early return too)
-        w = _load_rows(row_ptr, k0 + cols, K, row_mask, EVEN_K)
-    else:
-        BLOCK_K: tl.constexpr = cols.shape[0]
-        packed_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        packed = tl.load(row_ptr + packed_k[None, :], mask=row_mask[:, None] & (packed_k < K // 8)[None, :],
-                         other=0)
-        q = nibbles_as_float(_unpack_nibbles(packed, False)) - 8388616.0  # stored + 8
-        groups = k0 // INT4_GROUP + tl.arange(0, BLOCK_K // INT4_GROUP)
-        scales = tl.load(scale_row_ptr + groups[None, :],
-                         mask=row_mask[:, None] & (groups < K // INT4_GROUP)[None, :], other=0.0).to(tl.float32)
-        q = tl.reshape(q, (q.shape[0], BLOCK_K // INT4_GROUP, INT4_GROUP)) * scales[:, :, None]
-        w = tl.reshape(q, (q.shape[0], BLOCK_K))
-    return w
-
-
-@triton.jit
-def _dot_rows(x, w):
-    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-
-
 @triton.jit(do_not_specialize=["M", "rank"])
 def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride,
-                 w_scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
+                 out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, INT4_GROUP: tl.constexpr, GELU_TANH: tl.constexpr):
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
     GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
@@ -101,8 +50,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
     every rank instead of stored at out_ptr (which is the site's parts here).
-    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. INT4_GROUP > 0: w_ptr holds int32s of
-    eight 4-bit values along K, w_scale_ptr a scale per row and group (BLOCK_K a multiple of the group)."""
+    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row."""
     pid = tl.program_id(0)
     if X_PARTS > 0:
         wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
@@ -113,20 +61,18 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     cols = tl.arange(0, BLOCK_K)
     w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
     up_row = w_row + N * w_stride
-    w_scale_row = w_scale_ptr + rows_n.to(tl.int64)[:, None] * w_scale_stride  # INT4: each row's group scales
     x_row = x_ptr + rows_m[:, None] * x_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
     for k0 in range(0, K, BLOCK_K):
-        x = _load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
+        x = load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
         if NORM:
             sum_sq += x * x
-            x = x * _load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
-        acc += _dot_rows(x, _load_weight(w_row, w_scale_row, k0, cols, K, n_mask, EVEN_K, INT4_GROUP))
+            x = x * load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
+        acc += dot_rows(x, load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
         if GATED:
-            acc_up += _dot_rows(x, _load_weight(up_row, w_scale_row + N * w_scale_stride, k0, cols, K, n_mask, EVEN_K,
-                                                INT4_GROUP))
+            acc_up += dot_rows(x, load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
@@ -135,28 +81,9 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
         acc = acc * tl.load(w_scale_ptr + rows_n, mask=n_mask, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(w_scale_ptr + N + rows_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_ptr + N + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if GATED and GELU_TANH:  # as activation._gated_row
-        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)) * acc_up
-    elif GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if ADD_RESIDUAL:
-        if RESIDUAL_PARTS > 0:
-            acc += load_part_sum(residual_ptr, residual_stride, rows_n[None, :], out_mask,
-                                 RESIDUAL_PARTS).to(tl.float32)
-        else:
-            acc += tl.load(residual_ptr + rows_m[:, None] * residual_stride + rows_n[None, :], mask=out_mask,
-                           other=0.0).to(tl.float32)
-    if PUSH > 0:
-        push_part(acc.to(out_ptr.dtype.element_ty), rows_n[None, :], out_mask, out_stride, peer_parts_ptr,
-                  peer_counts_ptr, ticket_ptr, rank, PUSH)
-    else:
-        tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
+    finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
+                out_stride, peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, HAS_BIAS, GATED, GELU_TANH, ADD_RESIDUAL,
+                RESIDUAL_PARTS, PUSH)
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -226,20 +153,22 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
         config = GemvConfig(*tile[1:5]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
-    if int4_group:  # whole groups a K tile
-        block_k = max(block_k, int4_group) // int4_group * int4_group
-        assert block_k & (block_k - 1) == 0, f"INT4 group {int4_group}: the K tile {block_k} is not a power of two"
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
+    x_parts, residual_parts = x_site.world if x_site else 0, residual_site.world if residual_site else 0
+    if int4_group:
+        launch_int4_gemv(x_rows, weight, weight_scale, int4_group, bias, out, norm, added, m, n, k, waits, pushes,
+                         x_parts, residual_parts, push.world if push else 0, block_n, block_k, num_warps, num_stages,
+                         gated, residual is not None, gelu_tanh)
+        return push if push is not None else out
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x_rows, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
-        norm[0] if norm else weight, added, m, n, k, x_rows.stride(0), weight.stride(0),
-        weight_scale.stride(0) if int4_group else 0, out.stride(0), added.stride(0), norm[1] if norm else 0.0,
-        *waits, *pushes, HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        X_PARTS=x_site.world if x_site else 0, RESIDUAL_PARTS=residual_site.world if residual_site else 0,
-        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None and not int4_group, INT4_GROUP=int4_group,
-        GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages)
+        norm[0] if norm else weight, added, m, n, k, x_rows.stride(0), weight.stride(0), out.stride(0),
+        added.stride(0), norm[1] if norm else 0.0, *waits, *pushes, HAS_BIAS=bias is not None,
+        BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
+        NORM=norm is not None, ADD_RESIDUAL=residual is not None, X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts,
+        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps,
+        num_stages=num_stages)
     return push if push is not None else out
 
 

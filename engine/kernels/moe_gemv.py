@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ._triton import tl, triton
-from .gemv import _dot_rows, _load_rows, _load_vector
+from .gemv_parts import dot_rows, load_rows, load_vector
 
 MAX_TOKENS = 4  # above this the grouped GEMM, which reads an expert shared by several tokens once, takes over
 
@@ -54,9 +54,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
         gate = tl.zeros([1, BLOCK_N], tl.float32)
         up = tl.zeros([1, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_vector(x_row, k0 + cols, K, EVEN_K)[None, :]
-            gate += _dot_rows(x, _load_rows(gate_row, k0 + cols, K, row_mask, EVEN_K))
-            up += _dot_rows(x, _load_rows(up_row, k0 + cols, K, row_mask, EVEN_K))
+            x = load_vector(x_row, k0 + cols, K, EVEN_K)[None, :]
+            gate += dot_rows(x, load_rows(gate_row, k0 + cols, K, row_mask, EVEN_K))
+            up += dot_rows(x, load_rows(up_row, k0 + cols, K, row_mask, EVEN_K))
         dtype = act_ptr.dtype.element_ty
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
@@ -84,8 +84,8 @@ def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_p
             act_row = act_ptr + pair * act_stride
             acc = tl.zeros([1, BLOCK_N], tl.float32)
             for k0 in range(0, I, BLOCK_K):
-                act = _load_vector(act_row, k0 + cols, I, EVEN_K)[None, :]
-                acc += _dot_rows(act, _load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
+                act = load_vector(act_row, k0 + cols, I, EVEN_K)[None, :]
+                acc += dot_rows(act, load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
             weight = tl.load(weights_ptr + pair).to(tl.float32)
             total += (acc * weight).to(dtype).to(tl.float32)
     out_ptrs = out_ptr + token * out_stride + rows[None, :]

@@ -19,6 +19,7 @@ COMPILE = textwrap.dedent(r"""
     from engine.kernels.activation import _act_and_mul_quant_kernel
     from engine.kernels.fp8 import _quant_fp8_kernel
     from engine.kernels.gemv import _gemv_kernel
+    from engine.kernels.gemv_int4 import _int4_gemv_kernel
     from engine.kernels.fused_moe import _moe_sum_kernel
     from engine.kernels.int4 import _int4_mm_kernel
     from engine.kernels.moe_align import _offsets_kernel, _place_kernel
@@ -74,15 +75,14 @@ COMPILE = textwrap.dedent(r"""
             "norm_w_ptr": "*bf16", "residual_ptr": "*bf16", "x_count_ptr": "*i32", "previous_count_ptr": "*i32",
             "peer_parts_ptr": "*i64", "peer_counts_ptr": "*i64", "ticket_ptr": "*i32"},
             dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, GATED=norm, NORM=norm,
-                 ADD_RESIDUAL=not norm, X_PARTS=0, RESIDUAL_PARTS=0, PUSH=0, W_SCALE=True, INT4_GROUP=0,
-                 GELU_TANH=norm))
-    cases["INT4 gemv, gated with norm"] = (_gemv_kernel, {
-        "x_ptr": "*bf16", "w_ptr": "*i32", "w_scale_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-        "norm_w_ptr": "*bf16", "residual_ptr": "*bf16", "x_count_ptr": "*i32", "previous_count_ptr": "*i32",
-        "peer_parts_ptr": "*i64", "peer_counts_ptr": "*i64", "ticket_ptr": "*i32"},
-        dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True, GATED=True, NORM=True,
-             ADD_RESIDUAL=False, X_PARTS=0, RESIDUAL_PARTS=0, PUSH=0, W_SCALE=False, INT4_GROUP=128,
-             GELU_TANH=False))
+                 ADD_RESIDUAL=not norm, X_PARTS=0, RESIDUAL_PARTS=0, PUSH=0, W_SCALE=True, GELU_TANH=norm))
+    for norm, parts in ((True, 0), (False, 0), (True, 2)):
+        cases[f"INT4 gemv, gated with norm={norm}, ReduceSite parts={parts}"] = (_int4_gemv_kernel, {
+            "x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+            "norm_w_ptr": "*bf16", "residual_ptr": "*bf16", "x_count_ptr": "*i32", "previous_count_ptr": "*i32",
+            "peer_parts_ptr": "*i64", "peer_counts_ptr": "*i64", "ticket_ptr": "*i32"},
+            dict(GROUP=128, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_K=norm, GATED=norm, NORM=norm,
+                 ADD_RESIDUAL=not norm, X_PARTS=parts, RESIDUAL_PARTS=0, PUSH=parts, GELU_TANH=False))
     for awq, dot in itertools.product((False, True), (False, True)):
         cases[f"INT4 matmul, awq={awq} dot={dot}"] = (_int4_mm_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*i32", "scales_ptr": "*bf16", "bias_ptr": "*bf16",

@@ -83,3 +83,41 @@ def test_int4_gemv_folds_norm_gate_and_residual_in_bf16(device):
     expected = residual.float() + x.float() @ w.t()
     gemv(x, packed, None, None, residual=residual, weight_scale=scales, int4_group=64)
     torch.testing.assert_close(residual.float(), expected, atol=0.1, rtol=2e-2)
+
+
+def test_int4_gemv_takes_each_row_of_x_and_gelu_gate(device):
+    """Several rows of x (a program per row and weight tile), Gemma's GELU gate and a bias, with a K tile wider than
+    a group and nibbles of every value 0-15 (int4_tensors draws them uniformly)."""
+    torch.manual_seed(5)
+    k, n, group = 512, 2 * 20, 128
+    x = torch.randn(3, k, device=device) / 8
+    packed, scales = _int4_weight(n, k, group, device)
+    bias = torch.randn(n, device=device)
+    out = gemv(x, packed, bias, GemvConfig(8, 256, 4, 2), gated=True, weight_scale=scales, int4_group=group,
+               gelu_tanh=True)
+    expected = gemv_ref(x, dequantize_packed_ref(packed, scales, group), bias, gated=True, gelu_tanh=True)
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_int4_gemv_pushes_to_and_reads_from_a_reduce_site(device):
+    """Tensor-parallel decode with INT4 weights: two ranks push their partial products (rank 0 adding the residual),
+    and a normalized INT4 projection reads their sum as x."""
+    from tests.engine.kernels.test_gemv import _reduce_sites
+
+    torch.manual_seed(6)
+    world, n, k, group = 2, 64, 256, 64
+    sites = _reduce_sites(world, n, device, torch.float32)
+    xs = [torch.randn(1, k, device=device) for _ in range(world)]
+    weights = [_int4_weight(n, k, group, device) for _ in range(world)]
+    residual = torch.randn(1, n, device=device)
+    for r in range(world):
+        gemv(xs[r], weights[r][0], None, GemvConfig(8, 128, 4, 2), residual=residual if r == 0 else None,
+             push=sites[r], weight_scale=weights[r][1], int4_group=group)
+    parts = [gemv_ref(x, dequantize_packed_ref(w, s, group)) for x, (w, s) in zip(xs, weights)]
+    total = residual + parts[0] + parts[1]
+    torch.testing.assert_close(sites[1].sum(), total, atol=1e-3, rtol=1e-4)
+    packed, scales = _int4_weight(24, n, group, device)
+    norm = (torch.rand(n, device=device) + 0.5, 1e-5)
+    y = gemv(sites[0], packed, None, GemvConfig(8, 64, 4, 2), norm=norm, weight_scale=scales, int4_group=group)
+    expected = gemv_ref(total, dequantize_packed_ref(packed, scales, group), norm=norm)
+    torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)
