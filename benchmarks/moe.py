@@ -3,7 +3,8 @@ layer alone at 1, 64 and 4,096 tokens as a fraction of the bound that limits it 
 
 The decode roofline counts what a step must read: every non-expert weight except the input embedding table (one
 row per token), the experts the step's tokens route to (at batch 1, top_k of them per layer), and the KV cache.
-The yardsticks are measured here: a device-to-device copy's bandwidth and an 8192^3 bf16 matmul's rate.
+The yardsticks are measured here: a device-to-device copy's bandwidth and an 8192^3 bf16 matmul's rate. Eight more
+batch-1 decode steps are profiled (GPU kernels by total time, in the JSON under decode_batch1; --no-profile skips).
 
     python benchmarks/moe.py --model /root/qwen3-30b-a3b-random
 """
@@ -92,6 +93,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
     ap.add_argument("--decode-context", type=int, default=256)
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of 8 batch-1 decode steps (kernels by "
+                    "GPU time, written with the figures)")
     args = ap.parse_args(argv)
     from engine import LLM
 
@@ -102,7 +105,7 @@ def main(argv=None) -> dict:
     moe = moe_layers(model)[0]
     figures = {"copy_bytes_per_s": copy_bps, "matmul_tflops": tflops,
                "experts": moe.num_experts, "top_k": moe.top_k, "hidden": moe.hidden, "intermediate": moe.inter_part}
-    decode = decode_roofline(llm, 1, args.decode_context, 64, copy_bps)
+    decode = decode_roofline(llm, 1, args.decode_context, 64, copy_bps, profile=not args.no_profile)
     step_bytes = decode_step_bytes(model, 1) + decode["kv_bytes"]
     decode.update(weight_bytes_read=step_bytes - decode["kv_bytes"], roofline_ms=step_bytes / copy_bps * 1e3)
     decode["fraction_of_roofline"] = decode["roofline_ms"] / decode["ms_per_step"]
