@@ -69,7 +69,7 @@ def candidates(m: int, dtype: str, norm: bool = False):
         # then tensor-core tiles, 15 of their 16 rows padding: an H200 read gate/up's FP8 weights faster so
         # (32.7 us at 16 rows against 41.4 us for the best matrix-vector tile at one); narrow N tiles give the
         # narrow layers (o, down: N 4,096) more programs than SMs
-        grid = itertools.chain(itertools.product([1], [16, 8, 32], [2048, 1024], [4, 8], [2, 3]),
+        grid = itertools.chain(itertools.product([1], [16, 8, 32], [1024, 2048, 512], [8, 4], [2, 3]),
                                itertools.product([16], [128, 64, 32, 16], [256, 128], [4, 8], [3, 4]))
     elif m == 1 and dtype == "bf16":  # the 16-bit gemv, with a shape's RMSNorm folded in or run before it
         grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4], [True, False] if norm

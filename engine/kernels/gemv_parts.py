@@ -38,6 +38,14 @@ def dot_rows(x, w):
 
 
 @triton.jit
+def add_products(acc, x, w):
+    """acc [BLOCK_N, BLOCK_K] + w [BLOCK_N, BLOCK_K] * x [1, BLOCK_K], in float32. For one row of x: summed along
+    K once after the loop (tl.sum(acc, 1)), not every K tile as dot_rows does, which keeps the warp shuffles of
+    that sum out of the loop (Hopper SASS of scaled_mm's FP8 one-row form: 1.3-2 shuffles a weight byte)."""
+    return acc + w.to(tl.float32) * x.to(tl.float32)
+
+
+@triton.jit
 def finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
                 out_stride, peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, HAS_BIAS: tl.constexpr,
                 GATED: tl.constexpr, GELU_TANH: tl.constexpr, ADD_RESIDUAL: tl.constexpr,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ._triton import tl, triton
-from .gemv_parts import dot_rows, load_rows, load_vector
+from .gemv_parts import add_products, load_rows, load_vector
 
 MAX_TOKENS = 4  # above this the grouped GEMM, which reads an expert shared by several tokens once, takes over
 
@@ -51,15 +51,15 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
         gate_row = w_ptr + expert * w_stride_e + rows.to(tl.int64)[:, None] * w_stride_n
         up_row = gate_row + I * w_stride_n
         x_row = x_ptr + (pair // TOP_K) * x_stride
-        gate = tl.zeros([1, BLOCK_N], tl.float32)
-        up = tl.zeros([1, BLOCK_N], tl.float32)
+        gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = load_vector(x_row, k0 + cols, K, EVEN_K)[None, :]
-            gate += dot_rows(x, load_rows(gate_row, k0 + cols, K, row_mask, EVEN_K))
-            up += dot_rows(x, load_rows(up_row, k0 + cols, K, row_mask, EVEN_K))
+            gate = add_products(gate, x, load_rows(gate_row, k0 + cols, K, row_mask, EVEN_K))
+            up = add_products(up, x, load_rows(up_row, k0 + cols, K, row_mask, EVEN_K))
         dtype = act_ptr.dtype.element_ty
-        gate = gate.to(dtype).to(tl.float32)
-        up = up.to(dtype).to(tl.float32)
+        gate = tl.sum(gate, 1)[None, :].to(dtype).to(tl.float32)
+        up = tl.sum(up, 1)[None, :].to(dtype).to(tl.float32)
         act = gate * tl.sigmoid(gate) * up
         tl.store(act_ptr + pair * act_stride + rows[None, :], act.to(dtype), mask=row_mask[None, :])
 
@@ -82,12 +82,12 @@ def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_p
         if expert >= 0:
             w_row = w_ptr + expert * w_stride_e + rows.to(tl.int64)[:, None] * w_stride_n
             act_row = act_ptr + pair * act_stride
-            acc = tl.zeros([1, BLOCK_N], tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
             for k0 in range(0, I, BLOCK_K):
                 act = load_vector(act_row, k0 + cols, I, EVEN_K)[None, :]
-                acc += dot_rows(act, load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
+                acc = add_products(acc, act, load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
             weight = tl.load(weights_ptr + pair).to(tl.float32)
-            total += (acc * weight).to(dtype).to(tl.float32)
+            total += (tl.sum(acc, 1)[None, :] * weight).to(dtype).to(tl.float32)
     out_ptrs = out_ptr + token * out_stride + rows[None, :]
     if ADD_RESIDUAL:
         total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=row_mask[None, :], other=0.0).to(tl.float32)

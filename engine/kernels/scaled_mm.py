@@ -11,6 +11,7 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import scaled_mm_ref
+from .gemv_parts import add_products
 from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 
@@ -41,6 +42,8 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
     b_row = b_ptr + cols.to(tl.int64)[:, None] * b_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ONE_ROW: tl.constexpr = BLOCK_M == 1 and not DOT and not BLOCK_WISE
+    row_products = tl.zeros([BLOCK_N, BLOCK_K if ONE_ROW else 1], tl.float32)  # ONE_ROW: summed after the loop
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None], other=0.0)
@@ -49,14 +52,19 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
             k_mask = (k0 + ks) < K
             a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        part = product(a, b, DOT, PRECISE)
-        if BLOCK_WISE:  # BLOCK_K is the scale block's width: one x scale per row, one w scale per column here
+        if ONE_ROW:
+            row_products = add_products(row_products, a, b)
+        elif BLOCK_WISE:
+            part = product(a, b, DOT, PRECISE)  # BLOCK_K is the scale block's width: one x scale per row, one
+            # w scale per column here
             a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
             b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
                               other=0.0)
             acc += part * a_scale[:, None] * b_scale[None, :]
         else:
-            acc += part
+            acc += product(a, b, DOT, PRECISE)
+    if ONE_ROW:
+        acc = tl.sum(row_products, 1)[None, :]
     if not BLOCK_WISE:
         a_scale = tl.load(a_scale_ptr + rows * a_scale_stride, mask=m_mask, other=0.0)  # stride 0: per tensor
         acc *= a_scale[:, None] * tl.load(b_scale_ptr + cols, mask=n_mask, other=0.0)[None, :]
