@@ -19,7 +19,7 @@ import torch
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import FP8
 from .gemv_int4 import launch_int4_gemv
-from .gemv_parts import dot_rows, finish_rows, load_rows, load_vector, load_x
+from .gemv_parts import add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
 from .int4 import dequantize_packed_ref
 from .quant_tile_configs import tile_config, tuned_tile
 from .reduce_site import ReduceSite, wait_for_parts
@@ -39,7 +39,7 @@ class GemvConfig(NamedTuple):
 def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride, w_stride,
                  out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
                  PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
@@ -58,21 +58,34 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     n_mask = rows_n < N
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
-    cols = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, ACC_K)
     w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
     up_row = w_row + N * w_stride
     x_row = x_ptr + rows_m[:, None] * x_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once after the loop, not per tile
+    ONE_ROW: tl.constexpr = BLOCK_M == 1
+    products = tl.zeros([BLOCK_N, ACC_K if ONE_ROW else 1], tl.float32)  # ONE_ROW: summed along K after the loop
+    products_up = tl.zeros([BLOCK_N, ACC_K if ONE_ROW else 1], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M, ACC_K], tl.float32)  # reduced once after the loop, not per tile
     for k0 in range(0, K, BLOCK_K):
-        x = load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, NORM, X_PARTS)
-        if NORM:
-            sum_sq += x * x
-            x = x * load_vector(norm_w_ptr, k0 + cols, K, EVEN_K).to(tl.float32)[None, :]
-        acc += dot_rows(x, load_rows(w_row, k0 + cols, K, n_mask, EVEN_K))
-        if GATED:
-            acc_up += dot_rows(x, load_rows(up_row, k0 + cols, K, n_mask, EVEN_K))
+        for part in tl.static_range(BLOCK_K // ACC_K):  # a K tile in parts of ACC_K columns, the loads all issued
+            k = k0 + part * ACC_K + cols
+            x = load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K, NORM, X_PARTS)
+            if NORM:
+                sum_sq += x * x
+                x = x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)[None, :]
+            if ONE_ROW:
+                products = add_products(products, x, load_rows(w_row, k, K, n_mask, EVEN_K))
+                if GATED:
+                    products_up = add_products(products_up, x, load_rows(up_row, k, K, n_mask, EVEN_K))
+            else:
+                acc += dot_rows(x, load_rows(w_row, k, K, n_mask, EVEN_K))
+                if GATED:
+                    acc_up += dot_rows(x, load_rows(up_row, k, K, n_mask, EVEN_K))
+    if ONE_ROW:
+        acc = tl.sum(products, 1)[None, :]
+        acc_up = tl.sum(products_up, 1)[None, :]
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
@@ -84,6 +97,14 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
                 out_stride, peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, HAS_BIAS, GATED, GELU_TANH, ADD_RESIDUAL,
                 RESIDUAL_PARTS, PUSH)
+
+
+def accumulator_width(block_n: int, block_k: int, num_warps: int, gated: bool) -> int:
+    """Columns of the one-row kernel's [BLOCK_N, ACC_K] float32 accumulators (the products, summed along K after
+    the loop): about 32 registers a thread each, so that wide K tiles of many rows do not spill; a K tile is
+    multiplied in BLOCK_K / ACC_K parts."""
+    width = 32 * 32 * num_warps // (block_n * (2 if gated else 1))
+    return max(16, min(block_k, 1 << (width.bit_length() - 1)))
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -165,8 +186,9 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         x_rows, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
         norm[0] if norm else weight, added, m, n, k, x_rows.stride(0), weight.stride(0), out.stride(0),
         added.stride(0), norm[1] if norm else 0.0, *waits, *pushes, HAS_BIAS=bias is not None,
-        BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
-        NORM=norm is not None, ADD_RESIDUAL=residual is not None, X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts,
+        BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        ACC_K=accumulator_width(block_n, block_k, num_warps, gated) if m == 1 else block_k,
+        EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None, X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts,
         PUSH=push.world if push else 0, W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps,
         num_stages=num_stages)
     return push if push is not None else out

@@ -74,7 +74,7 @@ COMPILE = textwrap.dedent(r"""
             "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
             "norm_w_ptr": "*bf16", "residual_ptr": "*bf16", "x_count_ptr": "*i32", "previous_count_ptr": "*i32",
             "peer_parts_ptr": "*i64", "peer_counts_ptr": "*i64", "ticket_ptr": "*i32"},
-            dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, GATED=norm, NORM=norm,
+            dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, ACC_K=512, EVEN_K=True, GATED=norm, NORM=norm,
                  ADD_RESIDUAL=not norm, X_PARTS=0, RESIDUAL_PARTS=0, PUSH=0, W_SCALE=True, GELU_TANH=norm))
     for norm, parts in ((True, 0), (False, 0), (True, 2)):
         cases[f"INT4 gemv, gated with norm={norm}, ReduceSite parts={parts}"] = (_int4_gemv_kernel, {
