@@ -19,11 +19,14 @@ from ._triton import tl, triton
 from .gemv_parts import finish_rows
 from .reduce_site import load_part_sum, wait_for_parts
 
+MAGIC = 0x4B000000  # 2^23 as float32 bits; a kernel argument, not a literal, so that it sits in a register and the
+# mask-and-OR of each nibble compiles to one LOP3 (a literal made Triton 3.6 emit two: one immediate an instruction)
+
 
 @triton.jit
-def _plane(packed, SHIFT: tl.constexpr, PRE_SHIFT: tl.constexpr):
-    """(q - 8) * 2^SHIFT for the nibble q at bits [PRE_SHIFT + SHIFT, + 4) of each int32 (see the module doc)."""
-    bits = ((packed >> PRE_SHIFT) & (0xF << SHIFT)) | 0x4B000000
+def _plane(packed, magic, SHIFT: tl.constexpr):
+    """(q - 8) * 2^SHIFT for the nibble q at bits [SHIFT, SHIFT + 4) of each int32 (see the module doc)."""
+    bits = (packed & (0xF << SHIFT)) | magic
     return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
 
 
@@ -41,18 +44,19 @@ def _split8(x):
 
 
 @triton.jit
-def _plane_sums(packed, x):
+def _plane_sums(packed, x, magic):
     """packed int32 [R, C], x float32 [C, 8] (the K values of each int32's nibbles) -> [R, C]: each int32's sum
     of (q - 8) * x."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-    total = _plane(packed, 0, 0) * x0[None, :]
-    total += _plane(packed, 4, 0) * (x1 * 0.0625)[None, :]
-    total += _plane(packed, 8, 0) * (x2 * 0.00390625)[None, :]
-    total += _plane(packed, 12, 0) * (x3 * 0.000244140625)[None, :]
-    total += _plane(packed, 16, 0) * (x4 * 1.52587890625e-05)[None, :]
-    total += _plane(packed, 8, 12) * (x5 * 0.00390625)[None, :]
-    total += _plane(packed, 12, 12) * (x6 * 0.000244140625)[None, :]
-    total += _plane(packed, 16, 12) * (x7 * 1.52587890625e-05)[None, :]
+    high = packed >> 12  # nibbles 5-7 where a float's mantissa holds them
+    total = _plane(packed, magic, 0) * x0[None, :]
+    total += _plane(packed, magic, 4) * (x1 * 0.0625)[None, :]
+    total += _plane(packed, magic, 8) * (x2 * 0.00390625)[None, :]
+    total += _plane(packed, magic, 12) * (x3 * 0.000244140625)[None, :]
+    total += _plane(packed, magic, 16) * (x4 * 1.52587890625e-05)[None, :]
+    total += _plane(high, magic, 8) * (x5 * 0.00390625)[None, :]
+    total += _plane(high, magic, 12) * (x6 * 0.000244140625)[None, :]
+    total += _plane(high, magic, 16) * (x7 * 1.52587890625e-05)[None, :]
     return total
 
 
@@ -66,7 +70,8 @@ def _load_tile(ptrs, mask, EVEN_K: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "rank"])
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride,
                       w_stride, scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr,
-                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, GROUP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                       NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr):
@@ -102,11 +107,11 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
         groups = (k0 + 8 * ints) // GROUP
         packed = tl.load(w_row + packed_k[None, :], mask=w_mask, other=0)
         scales = tl.load(s_row + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        acc += _plane_sums(packed, x) * scales
+        acc += _plane_sums(packed, x, magic) * scales
         if GATED:
             packed = tl.load(w_row + up_offset + packed_k[None, :], mask=w_mask, other=0)
             scales = tl.load(s_row + up_s_offset + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            acc_up += _plane_sums(packed, x) * scales
+            acc_up += _plane_sums(packed, x, magic) * scales
     out = tl.sum(acc, 1)[None, :]
     out_up = tl.sum(acc_up, 1)[None, :]
     if NORM:
@@ -128,7 +133,7 @@ def launch_int4_gemv(x_rows: torch.Tensor, weight: torch.Tensor, weight_scale: t
     _int4_gemv_kernel[(triton.cdiv(n, block_n), m)](
         x_rows, weight, weight_scale, bias if bias is not None else weight, out, norm[0] if norm else weight, added,
         m, n, k, x_rows.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), added.stride(0),
-        norm[1] if norm else 0.0, *waits, *pushes, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        norm[1] if norm else 0.0, *waits, *pushes, MAGIC, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=add_residual,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push_world, GELU_TANH=gelu_tanh, num_warps=num_warps,
         num_stages=num_stages)
