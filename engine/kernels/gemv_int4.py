@@ -17,10 +17,8 @@ import torch
 
 from ._triton import tl, triton
 from .gemv_parts import finish_rows
+from .int4 import MAGIC, split8
 from .reduce_site import load_part_sum, wait_for_parts
-
-MAGIC = 0x4B000000  # 2^23 as float32 bits; a kernel argument, not a literal, so that it sits in a register and the
-# mask-and-OR of each nibble compiles to one LOP3 (a literal made Triton 3.6 emit two: one immediate an instruction)
 
 
 @triton.jit
@@ -31,23 +29,10 @@ def _plane(packed, magic, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _split8(x):
-    """[C, 8] -> eight [C]: its columns."""
-    a, b = tl.split(tl.reshape(x, (x.shape[0], 4, 2)))
-    a0, a1 = tl.split(tl.reshape(a, (x.shape[0], 2, 2)))
-    b0, b1 = tl.split(tl.reshape(b, (x.shape[0], 2, 2)))
-    x0, x4 = tl.split(a0)
-    x2, x6 = tl.split(a1)
-    x1, x5 = tl.split(b0)
-    x3, x7 = tl.split(b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _plane_sums(packed, x, magic):
     """packed int32 [R, C], x float32 [C, 8] (the K values of each int32's nibbles) -> [R, C]: each int32's sum
     of (q - 8) * x."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+    x0, x1, x2, x3, x4, x5, x6, x7 = split8(x)
     high = packed >> 12  # nibbles 5-7 where a float's mantissa holds them
     total = _plane(packed, magic, 0) * x0[None, :]
     total += _plane(packed, magic, 4) * (x1 * 0.0625)[None, :]

@@ -21,7 +21,7 @@ COMPILE = textwrap.dedent(r"""
     from engine.kernels.gemv import _gemv_kernel
     from engine.kernels.gemv_int4 import _int4_gemv_kernel
     from engine.kernels.fused_moe import _moe_sum_kernel
-    from engine.kernels.int4 import _int4_mm_kernel
+    from engine.kernels.int4 import _int4_mm_kernel, _int4_mm_planes_kernel
     from engine.kernels.moe_align import _offsets_kernel, _place_kernel
     from engine.kernels.moe_gemv import _moe_down_kernel, _moe_gate_up_kernel
     from engine.kernels.reshape_and_cache import _reshape_and_cache_kernel
@@ -89,6 +89,9 @@ COMPILE = textwrap.dedent(r"""
             "out_ptr": "*bf16"}, dict(GROUP=128, AWQ=awq, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
                                       BLOCK_N=64 if dot else 16, BLOCK_K=64 if dot else 128, DOT=dot,
                                       PRECISION="tf32"))
+    cases["INT4 matmul, compressed-tensors, a dot a nibble"] = (_int4_mm_planes_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*i32", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"},
+        dict(GROUP=128, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, EVEN_K=False, PRECISION="tf32"))
     cases["RMSNorm added into the residual (Gemma's post-norms)"] = (_rms_norm_kernel, {
         "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16", "scale_ptr": "*fp32"},
         dict(ADD_RESIDUAL=False, QUANT_FP8=False, BLOCK=4096, ADD_AFTER=True))

@@ -40,7 +40,11 @@ def int4_tensors(packing, n, k, group, device):
                                                    (19, 72, 96, 32, TileConfig(32, 64, 16)),  # ragged M and N
                                                    (24, 64, 256, 128, TileConfig(16, 32, 64)),  # tiles in a group
                                                    (17, 48, 256, 64, TileConfig(16, 32, 128)),  # K tile cut to 64
-                                                   (9, 40, 72, 72, TileConfig(16, 16, 64))])  # one group, ragged K
+                                                   (9, 40, 72, 72, TileConfig(16, 16, 64)),  # one group, ragged K
+                                                   (33, 40, 384, 128, TileConfig(32, 32, 128)),  # compressed-
+                                                   # tensors: a dot a nibble, ragged M and N, three K tiles
+                                                   (20, 48, 320, 64, TileConfig(16, 16, 256))])  # K tiles across
+                                                   # groups, the last one ragged
 def test_int4_mm_matches_reference(device, packing, m, n, k, group, tiles):
     x = torch.randn(m, k, device=device)
     tensors = int4_tensors(packing, n, k, group, device)
