@@ -19,7 +19,7 @@ import torch
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import FP8
 from .gemv_int4 import launch_int4_gemv
-from .gemv_parts import add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
+from .gemv_parts import accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
 from .int4 import dequantize_packed_ref
 from .quant_tile_configs import tile_config, tuned_tile
 from .reduce_site import ReduceSite, wait_for_parts
@@ -97,14 +97,6 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
                 out_stride, peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, HAS_BIAS, GATED, GELU_TANH, ADD_RESIDUAL,
                 RESIDUAL_PARTS, PUSH)
-
-
-def accumulator_width(block_n: int, block_k: int, num_warps: int, gated: bool) -> int:
-    """Columns of the one-row kernel's [BLOCK_N, ACC_K] float32 accumulators (the products, summed along K after
-    the loop): about 32 registers a thread each, so that wide K tiles of many rows do not spill; a K tile is
-    multiplied in BLOCK_K / ACC_K parts."""
-    width = 32 * 32 * num_warps // (block_n * (2 if gated else 1))
-    return max(16, min(block_k, 1 << (width.bit_length() - 1)))
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:

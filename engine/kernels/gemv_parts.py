@@ -74,3 +74,11 @@ def finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residu
     else:
         tl.store(out_ptr + rows_m[:, None] * out_stride + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
+
+
+def accumulator_width(block_n: int, block_k: int, num_warps: int, gated: bool) -> int:
+    """Columns of the one-row kernel's [BLOCK_N, ACC_K] float32 accumulators (the products, summed along K after
+    the loop): about 32 registers a thread each, so that wide K tiles of many rows do not spill; a K tile is
+    multiplied in BLOCK_K / ACC_K parts."""
+    width = 32 * 32 * num_warps // (block_n * (2 if gated else 1))
+    return max(16, min(block_k, 1 << (width.bit_length() - 1)))

@@ -11,7 +11,7 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import scaled_mm_ref
-from .gemv_parts import add_products
+from .gemv_parts import accumulator_width, add_products
 from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 
@@ -30,39 +30,47 @@ def product(a, b, DOT: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _load_tiles(a_row, b_row, k, K, m_mask, n_mask, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return (tl.load(a_row + k[None, :], mask=m_mask[:, None], other=0.0),
+                tl.load(b_row + k[None, :], mask=n_mask[:, None], other=0.0))
+    k_mask = k < K
+    return (tl.load(a_row + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0),
+            tl.load(b_row + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0))
+
+
+@triton.jit
 def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, a_stride, b_stride,
                       out_stride, a_scale_stride, b_scale_stride, GROUP_N: tl.constexpr, BLOCK_WISE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
+                      ACC_K: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
+    """ACC_K: with one row of x (the matrix-vector form), the width of the products' accumulator, a K tile taken in
+    BLOCK_K / ACC_K parts (gemv_parts.accumulator_width); BLOCK_K otherwise."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rows < M, cols < N
-    ks = tl.arange(0, BLOCK_K)
+    ks = tl.arange(0, ACC_K)
     a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
     b_row = b_ptr + cols.to(tl.int64)[:, None] * b_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ONE_ROW: tl.constexpr = BLOCK_M == 1 and not DOT and not BLOCK_WISE
-    row_products = tl.zeros([BLOCK_N, BLOCK_K if ONE_ROW else 1], tl.float32)  # ONE_ROW: summed after the loop
+    row_products = tl.zeros([BLOCK_N, ACC_K if ONE_ROW else 1], tl.float32)  # ONE_ROW: summed after the loop
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None], other=0.0)
-            b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + ks) < K
-            a = tl.load(a_row + (k0 + ks)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_row + (k0 + ks)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if ONE_ROW:
-            row_products = add_products(row_products, a, b)
-        elif BLOCK_WISE:
-            part = product(a, b, DOT, PRECISE)  # BLOCK_K is the scale block's width: one x scale per row, one
-            # w scale per column here
-            a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
-            b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
-                              other=0.0)
-            acc += part * a_scale[:, None] * b_scale[None, :]
+            for part in tl.static_range(BLOCK_K // ACC_K):
+                a, b = _load_tiles(a_row, b_row, k0 + part * ACC_K + ks, K, m_mask, n_mask, EVEN_K)
+                row_products = add_products(row_products, a, b)
         else:
-            acc += product(a, b, DOT, PRECISE)
+            a, b = _load_tiles(a_row, b_row, k0 + ks, K, m_mask, n_mask, EVEN_K)
+            part = product(a, b, DOT, PRECISE)
+            if BLOCK_WISE:  # BLOCK_K is the scale block's width: one x scale per row, one w scale per column here
+                a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
+                b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
+                                  other=0.0)
+                acc += part * a_scale[:, None] * b_scale[None, :]
+            else:
+                acc += part
     if ONE_ROW:
         acc = tl.sum(row_products, 1)[None, :]
     if not BLOCK_WISE:
@@ -124,10 +132,13 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         group_n, block_k = block
         assert block_k >= 16 and block_k & (block_k - 1) == 0, f"block-wise K width {block_k}: a power of two >= 16"
         a_scale_stride, b_scale_stride = x_scale.stride(0), w_scale.stride(0)
+    one_row = block_m == 1 and not dot and block is None
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _scaled_mm_kernel[grid](x_q, w_q, out, x_scale, w_scale, bias if bias is not None else out, m, n, k,
                             x_q.stride(0), w_q.stride(0), out.stride(0), a_scale_stride, b_scale_stride,
                             GROUP_N=group_n, BLOCK_WISE=block is not None, HAS_BIAS=bias is not None,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, EVEN_K=k % block_k == 0,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                            ACC_K=accumulator_width(block_n, block_k, num_warps, False) if one_row else block_k,
+                            DOT=dot, EVEN_K=k % block_k == 0,
                             PRECISE=precise, num_warps=num_warps, num_stages=num_stages)
     return out

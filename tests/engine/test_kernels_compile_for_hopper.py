@@ -56,12 +56,16 @@ COMPILE = textwrap.dedent(r"""
             "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32",
             "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
             dict(GROUP_N=128 if block_wise else 1, BLOCK_WISE=block_wise, HAS_BIAS=True, BLOCK_M=64 if dot else 4,
-                 BLOCK_N=64 if dot else 16, BLOCK_K=128 if block_wise else 64 if dot else 256, DOT=dot,
-                 EVEN_K=not block_wise, PRECISE=True))
+                 BLOCK_N=64 if dot else 16, BLOCK_K=128 if block_wise else 64 if dot else 256,
+                 ACC_K=128 if block_wise else 64 if dot else 256, DOT=dot, EVEN_K=not block_wise, PRECISE=True))
+    cases["FP8 scaled_mm, one row, K tiles in parts"] = (_scaled_mm_kernel, {
+        "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+        "bias_ptr": "*bf16"}, dict(GROUP_N=1, BLOCK_WISE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024,
+                                   ACC_K=512, DOT=False, EVEN_K=True, PRECISE=True))
     cases["FP8 scaled_mm, Triton's default accumulation"] = (_scaled_mm_kernel, {
         "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
         "bias_ptr": "*bf16"}, dict(GROUP_N=1, BLOCK_WISE=False, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128,
-                                   DOT=True, EVEN_K=True, PRECISE=False))
+                                   ACC_K=128, DOT=True, EVEN_K=True, PRECISE=False))
     cases["RMSNorm into FP8 rows, residual added"] = (_rms_norm_kernel, {
         "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
         dict(ADD_RESIDUAL=True, QUANT_FP8=True, BLOCK=4096))

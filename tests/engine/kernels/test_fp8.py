@@ -67,7 +67,8 @@ def test_one_row_is_right_in_either_form(device):
     x_q, w_q = random_fp8(1, 256, device=device), random_fp8(70, 256, device=device)
     x_scale, w_scale = torch.rand(1, 1, device=device) + 0.1, torch.rand(70, device=device) / 100
     ref = scaled_mm_ref(x_q, x_scale, w_q, w_scale, torch.float32)
-    for config in (TileConfig(16, 32, 64), TileConfig(1, 16, 128)):
+    for config in (TileConfig(16, 32, 64), TileConfig(1, 16, 128), TileConfig(1, 32, 256, 4)):  # the last: K tiles
+        # in two parts (scaled_mm's accumulator is 128 wide there)
         out = scaled_mm(x_q, x_scale, w_q, w_scale, torch.float32, config=config)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 

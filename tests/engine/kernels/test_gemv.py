@@ -12,7 +12,8 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k,config", [(37, 200, GemvConfig(16, 64, 4, 2)),  # ragged N and K
                                         (64, 256, GemvConfig(8, 128, 4, 3)),  # K a multiple of the block
-                                        (20, 96, None)])  # the default config, one partial K block
+                                        (20, 96, None),  # the default config, one partial K block
+                                        (70, 600, GemvConfig(32, 256, 4, 2))])  # one row: K tiles in two parts
 def test_gemv_matches_reference(device, dtype, m, n, k, config):
     torch.manual_seed(0)
     x = torch.randn(m, k, device=device).to(dtype)
