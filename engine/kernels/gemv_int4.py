@@ -3,10 +3,10 @@ pack-quantized weights: int32 [N, K / 8] holding eight 4-bit values along K (val
 and scales [N, K / GROUP]. gemv.gemv validates the arguments and calls launch_int4_gemv; the folds (RMSNorm before,
 SiLU/GELU gate, bias, residual, ReduceSites) are the 16-bit kernel's.
 
-Each program streams BLOCK_N weight rows for one row of x and keeps a tile three-dimensional, [rows, int32s, 8
-nibbles]: an int32's eight values stay in the thread that loaded it, beside the eight x values they multiply, with
-no reshape (which moves values between threads, and bound the kernel this replaces at 0.7-0.8 TB/s on an H200).
-A nibble becomes a float with no int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed
+Each program streams BLOCK_N weight rows for one row of x. A weight tile stays as loaded, [rows, int32s], and x's
+tile is loaded as [int32s, 8] and split into eight nibble planes: nibble i of every int32 meets x column 8c + i,
+so nothing is unpacked or reshaped along K (a reshape moves values between threads; with it, the kernel this
+replaces needed twice the instructions a weight and read 0.7-0.8 TB/s on an H200). A nibble becomes a float with no int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed
 into the mantissa of 2^23, it reads 2^23 + q * 2^s, and subtracting 2^23 + 8 * 2^s leaves (q - 8) * 2^s exactly,
 with x scaled by 2^-s instead (exact too). A float's 23 mantissa bits hold nibbles 0-4 in place; nibbles 5-7 are
 shifted down 12 bits first. The groups' scales multiply each int32's partial sum, not each value.
@@ -56,9 +56,8 @@ def _load_tile(ptrs, mask, EVEN_K: tl.constexpr):
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride,
                       w_stride, scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr,
                       peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, GROUP: tl.constexpr,
-                      HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                      NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr):
     """Program (i, m): weight rows [i * BLOCK_N, (i + 1) * BLOCK_N) against row m of x. The flags are gemv.py's."""
     pid, row = tl.program_id(0), tl.program_id(1)
