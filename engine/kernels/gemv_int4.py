@@ -4,19 +4,20 @@ and scales [N, K / GROUP]. gemv.gemv validates the arguments and calls launch_in
 SiLU/GELU gate, bias, residual, ReduceSites) are the 16-bit kernel's.
 
 Each program streams BLOCK_N weight rows for one row of x. A weight tile stays as loaded, [rows, int32s], and x's
-tile is loaded as [int32s, 8] and split into eight nibble planes: nibble i of every int32 meets x column 8c + i,
-so nothing is unpacked or reshaped along K (a reshape moves values between threads; with it, the kernel this
-replaces needed twice the instructions a weight and read 0.7-0.8 TB/s on an H200). A nibble becomes a float with no int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed
-into the mantissa of 2^23, it reads 2^23 + q * 2^s, and subtracting 2^23 + 8 * 2^s leaves (q - 8) * 2^s exactly,
-with x scaled by 2^-s instead (exact too). A float's 23 mantissa bits hold nibbles 0-4 in place; nibbles 5-7 are
-shifted down 12 bits first. The groups' scales multiply each int32's partial sum, not each value.
+tile is loaded as [int32s, 8] and split into eight nibble planes: nibble i of every int32 meets x column 8c + i, so
+nothing is unpacked or reshaped along K (a reshape moves values between threads; with it, the kernel this replaces
+needed twice the instructions a weight and read 0.7-0.8 TB/s on an H200). A nibble becomes a float with no
+int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed into the mantissa of 2^23, it reads
+2^23 + q * 2^s, and subtracting 2^23 + 8 * 2^s leaves (q - 8) * 2^s exactly, with x scaled by 2^-s instead (exact
+too). A float's 23 mantissa bits hold nibbles 0-4 in place; nibbles 5-7 are shifted down 12 bits first. The groups'
+scales multiply each int32's partial sum, not each value.
 """
 from __future__ import annotations
 
 import torch
 
 from ._triton import tl, triton
-from .gemv_parts import finish_rows
+from .gemv_parts import finish_rows, load_vector
 from .int4 import MAGIC, split8
 from .reduce_site import load_part_sum, wait_for_parts
 
@@ -43,13 +44,6 @@ def _plane_sums(packed, x, magic):
     total += _plane(high, magic, 12) * (x6 * 0.000244140625)[None, :]
     total += _plane(high, magic, 16) * (x7 * 1.52587890625e-05)[None, :]
     return total
-
-
-@triton.jit
-def _load_tile(ptrs, mask, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit(do_not_specialize=["M", "rank"])
@@ -84,10 +78,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
         if X_PARTS > 0:
             x = load_part_sum(x_ptr, x_stride, k, x_mask, X_PARTS).to(tl.float32)
         else:
-            x = _load_tile(x_ptr + row * x_stride + k, x_mask, EVEN_K).to(tl.float32)
+            x = load_vector(x_ptr + row * x_stride, k, K, EVEN_K).to(tl.float32)
         if NORM:
             sum_sq += x * x
-            x = x * _load_tile(norm_w_ptr + k, x_mask, EVEN_K).to(tl.float32)
+            x = x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)
         groups = (k0 + 8 * ints) // GROUP
         packed = tl.load(w_row + packed_k[None, :], mask=w_mask, other=0)
         scales = tl.load(s_row + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)

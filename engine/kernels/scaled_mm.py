@@ -11,7 +11,7 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 from .fp8 import scaled_mm_ref
-from .gemv_parts import accumulator_width, add_products
+from .gemv_parts import accumulator_width, add_products, load_rows
 from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
 
 
@@ -27,16 +27,6 @@ def product(a, b, DOT: tl.constexpr, PRECISE: tl.constexpr):
             return tl.dot(a, tl.trans(b), max_num_imprecise_acc=0)
         return tl.dot(a, tl.trans(b))
     return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
-
-
-@triton.jit
-def _load_tiles(a_row, b_row, k, K, m_mask, n_mask, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        return (tl.load(a_row + k[None, :], mask=m_mask[:, None], other=0.0),
-                tl.load(b_row + k[None, :], mask=n_mask[:, None], other=0.0))
-    k_mask = k < K
-    return (tl.load(a_row + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0),
-            tl.load(b_row + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0))
 
 
 @triton.jit
@@ -59,11 +49,12 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     for k0 in range(0, K, BLOCK_K):
         if ONE_ROW:
             for part in tl.static_range(BLOCK_K // ACC_K):
-                a, b = _load_tiles(a_row, b_row, k0 + part * ACC_K + ks, K, m_mask, n_mask, EVEN_K)
-                row_products = add_products(row_products, a, b)
+                k = k0 + part * ACC_K + ks
+                row_products = add_products(row_products, load_rows(a_row, k, K, m_mask, EVEN_K),
+                                            load_rows(b_row, k, K, n_mask, EVEN_K))
         else:
-            a, b = _load_tiles(a_row, b_row, k0 + ks, K, m_mask, n_mask, EVEN_K)
-            part = product(a, b, DOT, PRECISE)
+            part = product(load_rows(a_row, k0 + ks, K, m_mask, EVEN_K), load_rows(b_row, k0 + ks, K, n_mask, EVEN_K),
+                           DOT, PRECISE)
             if BLOCK_WISE:  # BLOCK_K is the scale block's width: one x scale per row, one w scale per column here
                 a_scale = tl.load(a_scale_ptr + rows * a_scale_stride + k0 // BLOCK_K, mask=m_mask, other=0.0)
                 b_scale = tl.load(b_scale_ptr + (cols // GROUP_N) * b_scale_stride + k0 // BLOCK_K, mask=n_mask,
