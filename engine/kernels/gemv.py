@@ -40,8 +40,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr, peer_parts_ptr, peer_counts_ptr,
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                 NORM: tl.constexpr,
-                 ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
+                 NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
                  PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
     GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
@@ -182,9 +181,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         BLOCK_M=max(next_pow2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         ACC_K=accumulator_width(block_n, block_k, num_warps, gated) if m == 1 else block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts,
-        PUSH=push.world if push else 0, W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps,
-        num_stages=num_stages)
+        X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push.world if push else 0,
+        W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages)
     return push if push is not None else out
 
 
