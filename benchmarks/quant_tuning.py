@@ -6,7 +6,8 @@ One row of INT4 or 16-bit weights (batch-1 decode) times the matrix-vector kerne
 the RMSNorm as a kernel of its own before it, and a tuned entry records which was faster); FP8 (x quantized once
 before it) and other row counts time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with
 Triton's default accumulation (`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs,
-and through torch._scaled_mm (`torch_scaled_mm_ms`), which the engine takes at those row counts. For each shape and
+and through torch._scaled_mm (`torch_scaled_mm_ms`), which the engine takes at those row counts, also with its
+fast accumulation (`torch_scaled_mm_fast_ms`). For each shape and
 row count, every candidate runs in a CUDA graph over enough weight copies to defeat the L2
 cache (benchmarks/kernel_tuning.py's graph_ms) after a check against the torch reference; the engine's current
 choice is always timed first, so a tuned entry is never slower than it as measured here. cuBLAS bf16 on the same
@@ -92,7 +93,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
     from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
     from engine.kernels.int4 import int4_mm, int4_mm_ref
     from engine.kernels.rms_norm import rms_norm
-    from engine.kernels.scaled_mm import scaled_mm, scaled_mm_ref
+    from engine.kernels.scaled_mm import library_scaled_mm, scaled_mm, scaled_mm_ref
 
     if dtype == "fp8_w8a8":
         ws = [(torch.randn(n, k, device="cuda") * 4).to(FP8) for _ in range(copies)]
@@ -128,8 +129,12 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
         if dtype == "fp8_w8a8":
             x_q, x_scale = per_token_quant_fp8(x)
             ref = scaled_mm_ref(x_q, x_scale, ws[0], w_scale, torch.bfloat16)
-            return [lambda cfg, w=w, precise=True: scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, config=cfg,
-                                                             precise=precise) for w in ws], ref
+
+            def fp8_call(cfg, w, precise=True):  # no config and not precise: torch._scaled_mm's fast accumulation
+                if cfg is None and not precise:
+                    return library_scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, fast_accum=True)
+                return scaled_mm(x_q, x_scale, w, w_scale, torch.bfloat16, config=cfg, precise=precise)
+            return [lambda cfg, w=w, precise=True: fp8_call(cfg, w, precise) for w in ws], ref
         ref = int4_mm_ref(x, "pack", (ws[0], scales), GROUP)
         return [lambda cfg, w=w: int4_mm(x, "pack", (w, scales), GROUP, config=cfg) for w in ws], ref
 
@@ -174,6 +179,9 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         if dtype == "fp8_w8a8" and m > MAX_GEMV_ROWS:
             fast_acc["torch_scaled_mm_ms"] = graph_ms([lambda c=c: c(None) for c in calls])  # no tiles: the library
             fast_acc["torch_scaled_mm_error"] = (calls[0](None).float() - ref.float()).abs().max().item()
+            fast_acc["torch_scaled_mm_fast_ms"] = graph_ms([lambda c=c: c(None, precise=False) for c in calls])
+            fast_acc["torch_scaled_mm_fast_error"] = (calls[0](None, precise=False).float()
+                                                      - ref.float()).abs().max().item()
             fast_acc["fast_accumulation_ms"] = graph_ms([lambda c=c: c(fastest, precise=False) for c in calls])
             fast_out = calls[0](fastest, precise=False).float()
             fast_acc["fast_accumulation_error"] = (fast_out - ref.float()).abs().max().item()
@@ -186,7 +194,8 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
               f"({weight_bytes / fastest_ms / 1e9:.2f} TB/s; current {current_ms * 1e3:.1f} us; cuBLAS bf16 "
               f"{cublas * 1e3:.1f} us) of {len(tried)}"
               + (f"; fast accumulation {fast_acc['fast_accumulation_ms'] * 1e3:.1f} us, torch._scaled_mm "
-                 f"{fast_acc['torch_scaled_mm_ms'] * 1e3:.1f} us" if fast_acc else ""), flush=True)
+                 f"{fast_acc['torch_scaled_mm_ms'] * 1e3:.1f} us ({fast_acc['torch_scaled_mm_fast_ms'] * 1e3:.1f} "
+                 "fast)" if fast_acc else ""), flush=True)
     return best, timings
 
 

@@ -80,12 +80,14 @@ def takes_library_mm(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtyp
 
 
 def library_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                      out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+                      out_dtype: torch.dtype, bias: torch.Tensor | None = None, fast_accum: bool = False
+                      ) -> torch.Tensor:
     """Per-token (or per-tensor) x per-channel scales through torch._scaled_mm, its sums promoted to fp32 as it
-    goes (use_fast_accum=False)."""
+    goes unless fast_accum (what vLLM's CUTLASS FP8 kernels do on Hopper; benchmarks/quant_tuning.py times both)."""
     scale_a = x_scale.float().expand(x_q.shape[0], 1).contiguous()
     scale_b = w_scale.float().reshape(1, -1).expand(1, w_q.shape[0]).contiguous()
-    out = torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=False)
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
     return out if bias is None else out.add_(bias)
 
 
