@@ -229,7 +229,9 @@ def main(argv=None) -> dict:
         n, k = SHAPES_BY_NAME[name]
         out = Path(args.config_dir or CONFIG_DIR) / config_file_name(n, k, dtype, torch.cuda.get_device_name())
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(best, indent=4) + "\n")
+        earlier = json.loads(out.read_text()) if out.exists() else {}  # row counts not tuned now keep their entries
+        merged = dict(sorted({**earlier, **best}.items(), key=lambda item: int(item[0])))
+        out.write_text(json.dumps(merged, indent=4) + "\n")
         print(f"wrote {out}", flush=True)
         figures[f"{dtype}_{name}"] = {"n": n, "k": k, "per_row_count": timings}
     settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()}
