@@ -32,32 +32,47 @@ def run_engine(llm, prompts, out_lens) -> dict:
     from engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    # Time the driver spends blocked on the workers: near zero means the driver's own work (scheduling,
-    # detokenizing, building batches) limits the step rate, not the devices.
-    core, waited = llm.engine, [0.0]
-    wait = core.executor.wait
+    # Time the driver spends blocked on the workers (near zero means the driver's own work limits the step rate,
+    # not the devices), and in each part of that work (host_ms_per_step: scheduling, building the batch, turning
+    # it into tensors, launching the forward pass, detokenizing and bookkeeping in finish_step).
+    core = llm.engine
+    runner = getattr(core.executor, "runner", None)  # this process's model runner, with one device
+    parts = {"wait": (core.executor, "wait"), "schedule": (core.scheduler, "schedule"), "batch": (core, "_batch"),
+             "finish_step": (core, "_finish_step")}
+    if runner is not None:
+        parts.update(prepare=(runner, "_prepare"), forward_launch=(runner, "_forward"), sample=(runner, "sample"))
+    seconds_in = dict.fromkeys(parts, 0.0)
+    originals = {name: getattr(obj, attr) for name, (obj, attr) in parts.items()}
 
-    def timed_wait(handle):
-        t = time.perf_counter()
-        try:
-            return wait(handle)
-        finally:
-            waited[0] += time.perf_counter() - t
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds_in[name] += time.perf_counter() - t
+        return call
 
-    core.executor.wait, steps = timed_wait, core.steps
+    for name, (obj, attr) in parts.items():
+        setattr(obj, attr, timed(name, originals[name]))
+    steps = core.steps
     _sync()
     t0 = time.perf_counter()
     try:
         outs = llm.generate(prompts, params)
     finally:
-        core.executor.wait = wait
+        for name, (obj, attr) in parts.items():
+            setattr(obj, attr, originals[name])
     _sync()
     seconds = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), "every request must produce exactly its fixed output length"
+    n_steps = core.steps - steps
+    waited = seconds_in.pop("wait")
     return {"seconds": seconds, "output_tokens": produced, "output_tok_s": produced / seconds,
-            "total_tok_s": (produced + sum(map(len, prompts))) / seconds, "steps": core.steps - steps,
-            "driver_waiting_s": waited[0]}
+            "total_tok_s": (produced + sum(map(len, prompts))) / seconds, "steps": n_steps,
+            "driver_waiting_s": waited,
+            "host_ms_per_step": {k: round(1e3 * v / max(n_steps, 1), 3) for k, v in seconds_in.items()}}
 
 
 def warm_up(llm, prompts, vocab: int, n: int = 32) -> None:
@@ -288,6 +303,7 @@ def main(argv=None) -> dict:
         if "speedup_vs_transformers" in res:
             line += f" ({res['speedup_vs_transformers']:.2f}x transformers)"
         print(line, flush=True)
+        print(f"  host ms a step: {res['host_ms_per_step']}", flush=True)
         path = write_result("throughput", settings, figures, args.out_dir, path)  # rewritten after each workload
     if args.decode_roofline:
         from benchmarks.kernel_bench import copy_bandwidth

@@ -165,7 +165,10 @@ class KVCacheManager:
             return
         bs = self.block_size
         # Computed may run ahead of known tokens (a placeholder decoded before its token came back).
-        hashes = self._full_block_hashes(req, min(req.num_computed_tokens, req.num_tokens))
+        computed = min(req.num_computed_tokens, req.num_tokens)
+        if computed // bs <= req.num_published_blocks:  # most steps: no block filled since the last one
+            return
+        hashes = self._full_block_hashes(req, computed)
         for i in range(req.num_published_blocks, len(hashes)):
             self.pool.publish(req.block_ids[i], hashes[i], tuple(req.token_slice(i * bs, (i + 1) * bs)))
         req.num_published_blocks = len(hashes)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.cuda_graphs import DecodeGraphs
@@ -18,6 +19,7 @@ from engine.models.loader import load_model
 from engine.parallel_state import DeviceTokens, TPGroup
 from engine.sampler import Sampler, SamplerLaunch, SamplingState, to_device, top_logprobs
 from engine.step import PENDING_TOKEN, BatchInput, StepOutput
+from engine.step_inputs import step_arrays
 
 logger = logging.getLogger("strata")
 
@@ -157,43 +159,31 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------------------------
     def _prepare(self, batch: BatchInput):
-        bs = self.block_size
-        ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
-        for tokens, start, table in zip(batch.token_ids, batch.start_positions, batch.block_tables):
-            n = len(tokens)
-            ids.extend(tokens)
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos) if table else slots.extend([-1] * n)
-            q_lens.append(n)
-            seq_lens.append(start + n)
-        width = max((len(t) for t in batch.block_tables), default=0) or 1
-        tables = [x for t in batch.block_tables for x in t + [0] * (width - len(t))]
-        qsl = [0]
-        for n in q_lens:
-            qsl.append(qsl[-1] + n)
-        last = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]  # the rows that sample
+        a = step_arrays(batch, self.block_size)
+        qsl = a.query_start_loc
         # Later pipeline stages take hidden states, not tokens: their placeholders stay as they are.
-        pending = [(qsl[i + 1] - 1, rid) for i, (rid, tokens) in enumerate(zip(batch.req_ids, batch.token_ids))
-                   if tokens and tokens[-1] == PENDING_TOKEN] if self.model.is_first else []
-        rows = [self._sampled_rows[rid] for _, rid in pending]
+        ends = qsl[1:].astype(np.int64) - 1
+        pending_rows = np.flatnonzero((np.array(a.query_lens) > 0) & (a.ids[ends] == PENDING_TOKEN)) \
+            if self.model.is_first and len(a.ids) else np.zeros(0, dtype=np.int64)
+        rows = [self._sampled_rows[batch.req_ids[i]] for i in pending_rows.tolist()]
         sources = list(dict.fromkeys(tokens for tokens, _ in rows))  # usually one step's
         offsets = dict(zip(sources, itertools.accumulate((len(s.tensor) for s in sources), initial=0)))
-        dst, src = [row for row, _ in pending], [offsets[tokens] + j for tokens, j in rows]
+        dst, src = ends[pending_rows], np.array([offsets[tokens] + j for tokens, j in rows], dtype=np.int64)
         # Two host-to-device copies per step, not one per tensor: each costs tens of microseconds of host time.
-        longs = self._tensor(ids + positions + slots + last + dst + src, torch.long)
+        longs = self._tensor(np.concatenate([a.ids, a.positions, a.slots, a.last, dst, src]), torch.long)
         ids_t, positions_t, slots_t, last_t, dst_t, src_t = longs.split(
-            [len(ids), len(positions), len(slots), len(last), len(dst), len(src)])
-        ints = self._tensor(qsl + seq_lens + tables, torch.int32)
-        qsl_t, seq_lens_t, tables_t = ints.split([len(qsl), len(seq_lens), len(tables)])
+            [len(a.ids), len(a.positions), len(a.slots), len(a.last), len(dst), len(src)])
+        ints = self._tensor(np.concatenate([qsl, a.seq_lens, a.block_tables.reshape(-1)]), torch.int32)
+        qsl_t, seq_lens_t, tables_t = ints.split([len(qsl), len(a.seq_lens), a.block_tables.size])
+        seq_lens = a.seq_lens.tolist()
         meta = AttentionMetadata(
             slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t,
-            block_tables=tables_t.view(len(batch.block_tables), width),
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        if pending:  # tokens earlier steps sampled on the device that the host has not seen yet
+            block_tables=tables_t.view(a.block_tables.shape), max_query_len=max(a.query_lens),
+            max_seq_len=max(seq_lens), query_lens_cpu=a.query_lens, seq_lens_cpu=seq_lens)
+        if rows:  # tokens earlier steps sampled on the device that the host has not seen yet
             tokens = [s.get() for s in sources]
             ids_t[dst_t] = (tokens[0] if len(tokens) == 1 else torch.cat(tokens))[src_t]
-        return ids_t, positions_t, meta, qsl, last_t
+        return ids_t, positions_t, meta, qsl.tolist(), last_t
 
     def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)

@@ -170,8 +170,10 @@ def _plain_greedy(s: SamplingState) -> bool:
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
-    t = torch.tensor(data, dtype=dtype)
+    """A host list, or a numpy array of that dtype, on the device without waiting for the GPU (pinned memory,
+    asynchronous copy)."""
+    t = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+    assert t.dtype == dtype, f"{t.dtype} given for {dtype}"
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
