@@ -22,6 +22,9 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: list[int]) -> tuple[str, str | None]:
         """Feed new tokens; return (text to emit now, the stop string that ended the output or None)."""
+        if not self.stop:  # nothing to hold back or look for (the common case, once a token): no text kept
+            pieces = [piece for t in token_ids if (piece := self.stream.step(self.backend, t))]
+            return (pieces[0] if len(pieces) == 1 else "".join(pieces)), None
         checked = len(self.text)
         for t in token_ids:
             piece = self.stream.step(self.backend, t)

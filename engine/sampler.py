@@ -26,6 +26,10 @@ class SamplingState:
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
 
+    def __post_init__(self):
+        p = self.params  # fixed for the sequence's life: checked once, not every step
+        self.plain_params = (p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias)
+
 
 @dataclass
 class SamplerLaunch:
@@ -165,8 +169,7 @@ def _masks_stop_ids(s: SamplingState) -> bool:
 
 def _plain_greedy(s: SamplingState) -> bool:
     """Argmax of the raw logits is the whole answer: no logprobs, penalties or masked stop tokens."""
-    return (s.params.greedy and s.params.logprobs is None and not s.params.needs_penalties and not s.params.logit_bias
-            and not _masks_stop_ids(s))
+    return s.plain_params and not _masks_stop_ids(s)
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
