@@ -141,6 +141,15 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
     return calls_for
 
 
+def write_tiles(path: Path, best: dict) -> None:
+    """Write a shape's tuned entries (row count -> vLLM-format tile) into its config file; row counts not tuned
+    in this run keep the entries the file had."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    merged = dict(sorted({**earlier, **best}.items(), key=lambda item: int(item[0])))
+    path.write_text(json.dumps(merged, indent=4) + "\n")
+
+
 def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
     from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config, tuned_tile
 
@@ -228,10 +237,7 @@ def main(argv=None) -> dict:
         best, timings = tune(dtype, name, args.rows, args.seconds_per_case, args.gemv_seconds)
         n, k = SHAPES_BY_NAME[name]
         out = Path(args.config_dir or CONFIG_DIR) / config_file_name(n, k, dtype, torch.cuda.get_device_name())
-        out.parent.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(out.read_text()) if out.exists() else {}  # row counts not tuned now keep their entries
-        merged = dict(sorted({**earlier, **best}.items(), key=lambda item: int(item[0])))
-        out.write_text(json.dumps(merged, indent=4) + "\n")
+        write_tiles(out, best)
         print(f"wrote {out}", flush=True)
         figures[f"{dtype}_{name}"] = {"n": n, "k": k, "per_row_count": timings}
     settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()}
