@@ -17,6 +17,8 @@
 #        VARIANTS=none: only the summary
 #        PROFILE=1: each variant also times decode steps at batch 1 and 256 (512 tokens of context) against the
 #          bytes they move, with a profile of where the GPU time goes (throughput.py --decode-roofline --profile)
+#        PYSPY=path/to/py-spy: each run under py-spy (100 samples a second, raw collapsed stacks under $OUT:
+#          py-spy-<variant>.txt), the host-side profile of a run at full speed
 #        TESTS=1: first the quantized kernels' and models' GPU tests (needs pytest among the wheels)
 #        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096" (TUNE_SECONDS=3 a case, TUNE_GEMV_SECONDS=15 for
 #          one row): first benchmarks/quant_tuning.py, whose tile
@@ -97,7 +99,8 @@ for v in ${VARIANTS//,/ }; do
   fits $((${EST[engine]} + wl_est)) "$v on $WORKLOADS" || continue
   t=$SECONDS; rm -rf "$dir"
   # shellcheck disable=SC2086  # FLAGS and WORKLOADS split into words on purpose
-  if timeout -k 10 "$(left)" python3 -m benchmarks.throughput --model "$ckpt" --workloads ${WORKLOADS//,/ } \
+  spy=(); [ -n "${PYSPY:-}" ] && spy=("$PYSPY" record --format raw --rate 100 --nonblocking -o "$OUT/py-spy-$v.txt" --)
+  if timeout -k 10 "$(left)" "${spy[@]}" python3 -m benchmarks.throughput --model "$ckpt" --workloads ${WORKLOADS//,/ } \
        --hf-baseline 0 --out-dir "$dir" ${LIMIT:+--limit $LIMIT} ${FLAGS[$v]:-} \
        ${PROFILE:+--decode-roofline --profile --decode-batch 1 256 --decode-context 512} 2>"$OUT/stderr-$v.log"; then
     touch "$dir/done"; echo "$v: done in $((SECONDS - t)) s"
