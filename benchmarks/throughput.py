@@ -40,7 +40,8 @@ def run_engine(llm, prompts, out_lens) -> dict:
     parts = {"wait": (core.executor, "wait"), "schedule": (core.scheduler, "schedule"), "batch": (core, "_batch"),
              "finish_step": (core, "_finish_step")}
     if runner is not None:
-        parts.update(prepare=(runner, "_prepare"), forward_launch=(runner, "_forward"), sample=(runner, "sample"))
+        parts.update(prepare=(runner, "_prepare"), forward_launch=(runner, "_forward"),
+                     logits_launch=(runner.model, "logits"), sample=(runner, "sample"))
     seconds_in = dict.fromkeys(parts, 0.0)
     originals = {name: getattr(obj, attr) for name, (obj, attr) in parts.items()}
 
@@ -57,6 +58,7 @@ def run_engine(llm, prompts, out_lens) -> dict:
         setattr(obj, attr, timed(name, originals[name]))
     steps = core.steps
     _sync()
+    allocator_before = _allocator_counts()
     t0 = time.perf_counter()
     try:
         outs = llm.generate(prompts, params)
@@ -65,6 +67,7 @@ def run_engine(llm, prompts, out_lens) -> dict:
             setattr(obj, attr, originals[name])
     _sync()
     seconds = time.perf_counter() - t0
+    allocator = {k: v - allocator_before[k] for k, v in _allocator_counts().items()}
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), "every request must produce exactly its fixed output length"
     n_steps = core.steps - steps
@@ -72,7 +75,20 @@ def run_engine(llm, prompts, out_lens) -> dict:
     return {"seconds": seconds, "output_tokens": produced, "output_tok_s": produced / seconds,
             "total_tok_s": (produced + sum(map(len, prompts))) / seconds, "steps": n_steps,
             "driver_waiting_s": waited,
-            "host_ms_per_step": {k: round(1e3 * v / max(n_steps, 1), 3) for k, v in seconds_in.items()}}
+            "host_ms_per_step": {k: round(1e3 * v / max(n_steps, 1), 3) for k, v in seconds_in.items()},
+            **({"cuda_allocator": allocator} if allocator else {})}
+
+
+def _allocator_counts() -> dict:
+    """The CUDA caching allocator's cudaMalloc and cudaFree calls and its retries (a retry frees cached blocks,
+    which waits for the device): all should stay flat while a workload runs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                          "num_sync_all_streams")}
 
 
 def warm_up(llm, prompts, vocab: int, n: int = 32) -> None:
@@ -304,6 +320,8 @@ def main(argv=None) -> dict:
             line += f" ({res['speedup_vs_transformers']:.2f}x transformers)"
         print(line, flush=True)
         print(f"  host ms a step: {res['host_ms_per_step']}", flush=True)
+        if res.get("cuda_allocator"):
+            print(f"  CUDA allocator during the run: {res['cuda_allocator']}", flush=True)
         path = write_result("throughput", settings, figures, args.out_dir, path)  # rewritten after each workload
     if args.decode_roofline:
         from benchmarks.kernel_bench import copy_bandwidth

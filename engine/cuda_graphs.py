@@ -2,7 +2,9 @@
 
 A decode-only step of n sequences replays the graph of the smallest captured size >= n; the padding rows
 write no KV (slot -1) and attend over one cached slot, and their outputs are dropped. A pipeline stage after the
-first takes the previous stage's hidden states and residuals as inputs; one before the last returns both.
+first takes the previous stage's hidden states and residuals as inputs; one before the last returns both. The last
+stage's graphs compute the logits too: a decode step then launches no LM-head matmul of its own, whose shape (the
+number of sequences) would change nearly every step.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class DecodeGraphs:
         if not self.last:
             self.residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # last stage: each graph's logits, rewritten at each replay
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
@@ -53,11 +56,15 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(bs)
             inputs = () if self.first else (self.in_hidden[:bs], self.in_residual[:bs])
-            self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)  # warm-up: Triton compiles outside
+            hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)
+            if self.last:  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
+                self.model.logits(hidden)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)
                 self.hidden[:bs].copy_(hidden)
+                if self.last:
+                    self.logits[bs] = self.model.logits(hidden)
                 if not self.last:
                     self.residual[:bs].copy_(residual)
             pool = graph.pool()
@@ -70,7 +77,8 @@ class DecodeGraphs:
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """(hidden, residual) like the model; residual None on the last stage."""
+        """(hidden, residual, logits): residual None on the last stage, logits None on the others. The outputs are
+        the graph's own buffers: the next replay rewrites them."""
         n = positions.shape[0]
         bs = self.size_for(n)
         if self.first:
@@ -86,4 +94,6 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
         self.graphs[bs].replay()
-        return self.hidden[:n], None if self.last else self.residual[:n]
+        if self.last:
+            return self.hidden[:n], None, self.logits[bs][:n]
+        return self.hidden[:n], self.residual[:n], None

@@ -128,16 +128,19 @@ class ModelRunner:
         ids, positions, meta, _, _ = self._prepare(batch)
         intermediate = () if self.model.is_first else torch.zeros(  # stands in for the previous stage's output
             2, len(ids), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
-        hidden, _ = self._forward(ids, positions, meta, *intermediate)
+        hidden, _, _ = self._forward(ids, positions, meta, *intermediate)
+        graph_logits = 0
         if self.model.is_last:  # as many rows of logits as the largest decode step samples
-            self.model.logits(hidden[:min(len(ids), self.max_num_seqs)])
+            logits = self.model.logits(hidden[:min(len(ids), self.max_num_seqs)])
+            if self.graphs is not None:  # the decode graphs keep logits of their own, as many rows again
+                graph_logits = logits.numel() * logits.element_size()
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = max(total - free - torch.cuda.memory_reserved(self.device), 0)
-        budget = int(total * gpu_memory_utilization) - peak - outside_torch
+        budget = int(total * gpu_memory_utilization) - peak - outside_torch - graph_logits
         gib = 2 ** -30
         logger.info("GPU memory: %.2f GiB x %.2f = %.2f GiB; weights and buffers %.2f GiB, a %d-token step's peak "
                     "%.2f GiB more, outside torch %.2f GiB; left for the KV cache %.2f GiB", total * gib,
@@ -189,10 +192,12 @@ class ModelRunner:
         return to_device(data, dtype, self.device)
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
+        """(hidden, residual, logits of every row or None): a decode step replays a CUDA graph, which computes the
+        logits too (on the last stage); any other step runs the model as it is."""
         if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1
                 and self.graphs.size_for(len(meta.query_lens_cpu)) is not None):
             return self.graphs.run(ids, positions, meta, hidden, residual)
-        return self.model(ids, positions, meta, hidden, residual)
+        return *self.model(ids, positions, meta, hidden, residual), None
 
     def update_states(self, batch: BatchInput) -> None:
         for req_id in batch.finished_ids:
@@ -217,14 +222,18 @@ class ModelRunner:
         if not batch.req_ids:
             return LaunchedStep(batch)
         ids, positions, meta, qsl, last = self._prepare(batch)
-        hidden, residual = self._forward(ids, positions, meta, *(intermediate or ()))
+        hidden, residual, logits = self._forward(ids, positions, meta, *(intermediate or ()))
         if not self.model.is_last:
             return LaunchedStep(batch, to_next_stage=(hidden, residual))
         step = LaunchedStep(batch, [i for i, s in enumerate(batch.sample) if s], qsl=qsl)
         if any(self.states[r].params.prompt_logprobs is not None for r in batch.req_ids if r in self.states):
             step.hidden = hidden
         if step.rows:
-            step.logits = self.model.logits(hidden[last])
+            if logits is None or len(step.rows) < len(batch.req_ids):
+                logits = self.model.logits(hidden[last])
+            elif batch.bitmask_later:  # sampled after the next step's launch, whose replay rewrites the graph's own
+                logits = logits.clone()
+            step.logits = logits
             if not batch.bitmask_later:
                 self.sample(step, batch.token_bitmask)
         return step
