@@ -163,20 +163,36 @@ def decode_roofline(llm, batch: int, ctx: int, steps: int, copy_bytes_per_s: flo
 def _profile_steps(core, steps: int) -> list[dict]:
     """GPU kernels of `steps` engine steps by total time (printed, and the top 15 returned), plus the share
     of the wall time the GPU was busy."""
+    def run():
+        for _ in range(steps):
+            core.step()
+    return _kernel_table(run, f"{steps} steps")
+
+
+def _workload_kernels(llm, prompts, out_lens, vocab: int) -> list[dict]:
+    """The workload run again under torch.profiler (other token ids, so the prefix cache gives it nothing): where
+    its GPU time goes, the top 25 kernels."""
+    from engine import SamplingParams
+
+    shifted = [[(t + 1) % vocab for t in p] for p in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    return _kernel_table(lambda: llm.generate(shifted, params, use_tqdm=False), "the workload", top=25)
+
+
+def _kernel_table(run, what: str, top: int = 15) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            core.step()
+        run()
         _sync()
         wall_us = (time.perf_counter() - t0) * 1e6
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     busy = sum(e.device_time_total for e in events)
-    print(f"profile of {steps} steps: GPU busy {busy / 1e3:.2f} ms of {wall_us / 1e3:.2f} ms wall")
+    print(f"profile of {what}: GPU busy {busy / 1e3:.2f} ms of {wall_us / 1e3:.2f} ms wall")
     top = [{"kernel": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3,
-            "share_of_gpu_time": e.device_time_total / max(busy, 1)} for e in events[:15]]
+            "share_of_gpu_time": e.device_time_total / max(busy, 1)} for e in events[:top]]
     for k in top:
         print(f"  {100 * k['share_of_gpu_time']:5.1f}%  {k['ms']:8.2f} ms  {k['calls']:6d}  {k['kernel']}")
     return [{"gpu_busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3}] + top
@@ -240,6 +256,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--cprofile", action="store_true", help="print a host-side profile of 64 batch-1 decode steps")
     ap.add_argument("--profile", action="store_true", help="with --decode-roofline: profile 8 decode steps")
+    ap.add_argument("--kernel-summary", action="store_true",
+                    help="after each timed workload, run it again under torch.profiler: its GPU time by kernel")
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write a torch.profiler Chrome trace of W1 per rank to this directory (W1 then runs profiled)")
     ap.add_argument("--decode-roofline", action="store_true",
@@ -313,6 +331,8 @@ def main(argv=None) -> dict:
             res["transformers"] = baselines[name]
             res["speedup_vs_transformers"] = res["output_tok_s"] / baselines[name]["output_tok_s"]
         res.update(num_prompts=len(prompts), ids_folded_into_vocab=folded)
+        if args.kernel_summary:
+            res["kernels_profiled_run"] = _workload_kernels(llm, prompts, out_lens, vocab)
         figures[name] = res
         line = (f"{name}: {res['output_tok_s']:.1f} output tok/s over {len(prompts)} prompts ({res['steps']} steps, "
                 f"the driver waited on the devices {res['driver_waiting_s']:.1f} of {res['seconds']:.1f} s)")
