@@ -64,7 +64,7 @@ def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
 
 
 def candidates(m: int, dtype: str, norm: bool = False):
-    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig
+    from engine.kernels.quant_tile_configs import TileConfig, gemv_rows
 
     if m == 1 and dtype == "fp8_w8a8":  # rows of weights a program, K tile, warps, stages; likeliest first
         # then tensor-core tiles, 15 of their 16 rows padding: an H200 read gate/up's FP8 weights faster so
@@ -77,7 +77,7 @@ def candidates(m: int, dtype: str, norm: bool = False):
                                  else [True])
     elif m == 1:  # the folded INT4 gemv (gemv_int4.py): its SASS needs 5.6-6 instructions a weight at 8-32 rows
         grid = itertools.product([1], [16, 8, 32, 4], [1024, 512, 2048, 256], [4, 8], [2, 3, 4])
-    elif m <= MAX_GEMV_ROWS:  # BLOCK_M is M
+    elif m <= gemv_rows(dtype):  # BLOCK_M is M
         grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
     else:
         block_m = [16] if m <= 16 else [16, 32, 64] if m <= 64 else [64, 128]

@@ -19,6 +19,16 @@ from .moe_tile_configs import CONFIG_DIR
 from ._triton import next_pow2
 
 MAX_GEMV_ROWS = 8  # up to this many rows of x (batch-1 decode) take the matrix-vector form: no tensor-core tile
+# FP8 takes it for one row only. Its matrix-vector form of 2 to 8 rows sums a [rows, N, K] product every K tile:
+# in W3 on an H100, the last 18 decode steps (8 sequences or fewer left) spent 0.49 s in it, 27 ms a step, where
+# W1's one-row steps spend 3.3 ms in the one-row form. A 16-row tensor-core tile, 15 of its rows padding at one
+# row, read gate/up's FP8 weights at 3.7 TB/s on an H200.
+FP8_GEMV_ROWS = 1
+
+
+def gemv_rows(dtype: str) -> int:
+    """The most rows of x that take the matrix-vector form for this weight dtype."""
+    return FP8_GEMV_ROWS if dtype == "fp8_w8a8" else MAX_GEMV_ROWS
 
 
 class TileConfig(NamedTuple):
@@ -55,15 +65,15 @@ def tuned_configs(n: int, k: int, dtype: str, device_name: str,
 
 
 def default_config(m: int, k: int, dtype: str) -> TileConfig:
-    """FP8, tensor-core form: the fastest tiles of an H100 sweep on Llama-3-8B shapes (16 rows: 16x64x128, 8
-    warps, or 16x64x256 for K = 14336; 256 rows: 128x64x128, 8 warps, 4 stages; each 1.2-1.7x the 64x64x64
-    tiles). FP8's one-row form: 16 weight rows a program, so that x's conversion is shared by 16 rows, and 16 KB
-    of weights a K tile. INT4's one-row form: 16 rows by 1,024 values, the fewest instructions a weight value in its
-    SASS for Hopper (5.9, against 6.8 at 8 rows) without spilling. The other matrix-vector forms keep the tiles their
-    tests and first GPU runs used."""
-    if m <= MAX_GEMV_ROWS:
+    """FP8, tensor-core form: the fastest tiles of an H100 sweep on Llama-3-8B shapes (16 rows: 16x64x128, 8 warps,
+    or 16x64x256 for K = 14336; 256 rows: 128x64x128, 8 warps, 4 stages; each 1.2-1.7x the 64x64x64 tiles); 2 to 8
+    rows take the 16-row tiles. FP8's one-row form: 16 weight rows a program, so that x's conversion is shared by 16
+    rows, and 16 KB of weights a K tile. INT4's one-row form: 16 rows by 1,024 values, the fewest instructions a
+    weight value in its SASS for Hopper (5.9, against 6.8 at 8 rows) without spilling. The other matrix-vector forms
+    keep the tiles their tests and first GPU runs used."""
+    if m <= gemv_rows(dtype):
         if dtype == "fp8_w8a8":
-            return TileConfig(1, 16, 1024, 8, 2) if m == 1 else TileConfig(next_pow2(m), 8, 256)
+            return TileConfig(1, 16, 1024, 8, 2)
         return TileConfig(1, 16, 1024, 4, 2) if m == 1 else TileConfig(next_pow2(m), 16, 128)
     if dtype != "fp8_w8a8":
         return TileConfig(16 if m <= 16 else 64, 64, 64)
@@ -79,7 +89,7 @@ def _device_name(index: int) -> str:
 
 def tile_config(m: int, n: int, k: int, dtype: str, device: torch.device,
                 block: tuple[int, int] | None = None) -> TileConfig:
-    """The tuned entry nearest `m` (of the same form: matrix-vector up to MAX_GEMV_ROWS rows, tensor-core tiles
+    """The tuned entry nearest `m` (of the same form: matrix-vector up to gemv_rows(dtype) rows, tensor-core tiles
     above) for this weight shape on this GPU, else the default."""
     return tuned_tile(m, n, k, dtype, device, block) or default_config(m, k, dtype)
 
@@ -89,9 +99,10 @@ def tuned_tile(m: int, n: int, k: int, dtype: str, device: torch.device,
     """The tuned entry nearest `m`, of the same form, or None without a file for this shape and GPU. dtype "bf16":
     the 16-bit matrix-vector kernel's tiles (gemv.py; its own defaults apply without a file)."""
     tuned = tuned_configs(n, k, dtype, _device_name(device.index or 0), block) if device.type == "cuda" else None
-    return nearest_entry(tuned, m)
+    return nearest_entry(tuned, m, dtype)
 
 
-def nearest_entry(tuned: dict[int, TileConfig] | None, m: int) -> TileConfig | None:
-    same_form = [rows for rows in tuned or () if (rows <= MAX_GEMV_ROWS) == (m <= MAX_GEMV_ROWS)]
+def nearest_entry(tuned: dict[int, TileConfig] | None, m: int, dtype: str) -> TileConfig | None:
+    gemv = gemv_rows(dtype)
+    same_form = [rows for rows in tuned or () if (rows <= gemv) == (m <= gemv)]
     return tuned[min(same_form, key=lambda rows: abs(rows - m))] if same_form else None

@@ -1,9 +1,9 @@
 """FP8 scaled matmul: out[M, N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias) with FP8 tensor-core dots
 (tl.dot on e4m3 operands, fp32 accumulation). Scales per token or per tensor for x and per output channel for w
 are applied once, after the K loop; block-wise scales (DeepSeek-V3's 1 x bk for x, bn x bk for w) per K tile,
-whose width is bk. Up to MAX_GEMV_ROWS rows of x (batch-1 decode) take the matrix-vector form of the same kernel:
-no tensor-core tile to fill, each program streams a few whole weight rows along K with wide K tiles, x quantized
-once by the kernel before (fused into RMSNorm or SiLU-and-mul where it can be).
+whose width is bk. One row of x (batch-1 decode) takes the matrix-vector form of the same kernel: no tensor-core
+tile to fill, each program streams a few whole weight rows along K with wide K tiles, x quantized once by the
+kernel before (fused into RMSNorm or SiLU-and-mul where it can be); 2 to 8 rows take 16-row tensor-core tiles.
 The reference is fp8.scaled_mm_ref."""
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     """x_q [M, K] and w_q [N, K] FP8, rows contiguous; x_scale [M, 1] or [1, 1], w_scale [N]; with
     block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. config: the tiles
     (default: quant_tile_configs' choice for this shape and GPU); up to MAX_GEMV_ROWS rows a BLOCK_M below 16
-    picks the matrix-vector form (BLOCK_M is then M) and 16 or more the tensor-core tiles; with block-wise scales
+    picks the matrix-vector form (BLOCK_M is then M; the defaults use it for one row only) and 16 or more the
+    tensor-core tiles; with block-wise scales
     BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
     measuring its cost only.
     Without a config, more than MAX_GEMV_ROWS rows with per-token or per-tensor x scales go to torch._scaled_mm

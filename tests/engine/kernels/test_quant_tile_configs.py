@@ -1,5 +1,5 @@
 """Tuned tile files of the quantized matmuls: vLLM's names and keys, read back, and the entry chosen for a row
-count comes from the same form (matrix-vector up to MAX_GEMV_ROWS rows, tensor-core tiles above)."""
+count comes from the same form (matrix-vector up to MAX_GEMV_ROWS rows, one for FP8; tensor-core tiles above)."""
 import json
 
 from engine.kernels import quant_tile_configs
@@ -30,11 +30,22 @@ def test_a_tuned_file_is_read_back(tmp_path, monkeypatch):
 def test_the_nearest_entry_of_the_same_form():
     tuned = {1: TileConfig(1, 4, 1024), 8: TileConfig(8, 8, 512), 16: TileConfig(16, 64, 128),
              256: TileConfig(128, 64, 128)}
-    assert nearest_entry(tuned, 3) == tuned[1]
-    assert nearest_entry(tuned, 9) == tuned[16]  # 8 is nearer, but its tiles are the matrix-vector form's
-    assert nearest_entry(tuned, 100) == tuned[16] and nearest_entry(tuned, 200) == tuned[256]
-    assert nearest_entry({1: tuned[1]}, 32) is None and nearest_entry(None, 1) is None
-    assert default_config(32, 4096, "fp8_w8a8").block_m == 64 and default_config(4, 4096, "fp8_w8a8").block_m == 4
+    assert nearest_entry(tuned, 3, "int4_w4a16") == tuned[1]
+    assert nearest_entry(tuned, 9, "int4_w4a16") == tuned[16]  # 8 is nearer, but its tiles are the gemv form's
+    assert nearest_entry(tuned, 100, "int4_w4a16") == tuned[16]
+    assert nearest_entry(tuned, 200, "int4_w4a16") == tuned[256]
+    assert nearest_entry({1: tuned[1]}, 32, "int4_w4a16") is None and nearest_entry(None, 1, "int4_w4a16") is None
+    assert default_config(32, 4096, "fp8_w8a8").block_m == 64 and default_config(4, 4096, "int4_w4a16").block_m == 4
+
+
+def test_fp8_takes_the_matrix_vector_form_for_one_row_only():
+    """2 to 8 rows of FP8 take 16-row tensor-core tiles (by default, and from a tuned file's 16-row entry), never a
+    one-row entry's matrix-vector tiles."""
+    tuned = {1: TileConfig(1, 8, 1024), 16: TileConfig(16, 64, 256, 8, 4), 256: TileConfig(128, 64, 128)}
+    assert nearest_entry(tuned, 1, "fp8_w8a8") == tuned[1]
+    assert all(nearest_entry(tuned, m, "fp8_w8a8") == tuned[16] for m in range(2, 9))
+    assert default_config(1, 4096, "fp8_w8a8").block_m == 1
+    assert all(default_config(m, k, "fp8_w8a8").block_m == 16 for m in range(2, 9) for k in (4096, 14336))
 
 
 def test_an_entry_that_runs_the_norm_apart_keeps_that_through_the_file_format():
