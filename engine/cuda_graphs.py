@@ -3,8 +3,9 @@
 A decode-only step of n sequences replays the graph of the smallest captured size >= n; the padding rows
 write no KV (slot -1) and attend over one cached slot, and their outputs are dropped. A pipeline stage after the
 first takes the previous stage's hidden states and residuals as inputs; one before the last returns both. The last
-stage's graphs compute the logits too: a decode step then launches no LM-head matmul of its own, whose shape (the
-number of sequences) would change nearly every step.
+stage's graphs compute the logits too (`with_logits`): a decode step then launches no LM-head matmul of its own,
+whose shape (the number of sequences) would change nearly every step. Under tensor parallelism the LM head
+all-gathers its vocab shards, a collective not yet run inside these graphs on two GPUs, so there it stays outside.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_model_len: int, block_size: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, with_logits: bool = True):
         self.model = model
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
@@ -37,6 +38,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.first, self.last = model.is_first, model.is_last
+        self.with_logits = self.last and with_logits
         if not self.first:
             self.in_hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
             self.in_residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
@@ -57,13 +59,13 @@ class DecodeGraphs:
             meta = self._meta(bs)
             inputs = () if self.first else (self.in_hidden[:bs], self.in_residual[:bs])
             hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)
-            if self.last:  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
+            if self.with_logits:  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
                 self.model.logits(hidden)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], meta, *inputs)
                 self.hidden[:bs].copy_(hidden)
-                if self.last:
+                if self.with_logits:
                     self.logits[bs] = self.model.logits(hidden)
                 if not self.last:
                     self.residual[:bs].copy_(residual)
@@ -77,8 +79,8 @@ class DecodeGraphs:
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """(hidden, residual, logits): residual None on the last stage, logits None on the others. The outputs are
-        the graph's own buffers: the next replay rewrites them."""
+        """(hidden, residual, logits): residual None on the last stage, logits None on the others (and without
+        with_logits). The outputs are the graph's own buffers: the next replay rewrites them."""
         n = positions.shape[0]
         bs = self.size_for(n)
         if self.first:
@@ -95,5 +97,5 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(meta.block_tables)
         self.graphs[bs].replay()
         if self.last:
-            return self.hidden[:n], None, self.logits[bs][:n]
+            return self.hidden[:n], None, self.logits[bs][:n] if self.with_logits else None
         return self.hidden[:n], self.residual[:n], None

@@ -74,7 +74,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.use_triton and not enforce_eager:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max_model_len, block_size, hf_config.hidden_size,
-                                       dtype, device)
+                                       dtype, device, with_logits=tp is None or tp.size == 1)
 
     def describe(self) -> dict:
         return {"kernels": "triton" if self.use_triton else "torch", "cuda_graphs": self.graphs is not None,
@@ -132,7 +132,7 @@ class ModelRunner:
         graph_logits = 0
         if self.model.is_last:  # as many rows of logits as the largest decode step samples
             logits = self.model.logits(hidden[:min(len(ids), self.max_num_seqs)])
-            if self.graphs is not None:  # the decode graphs keep logits of their own, as many rows again
+            if self.graphs is not None and self.graphs.with_logits:  # the decode graphs keep logits of their own
                 graph_logits = logits.numel() * logits.element_size()
         if self.device.type != "cuda":
             return None
