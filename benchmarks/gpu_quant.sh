@@ -20,7 +20,7 @@
 #        PYSPY=path/to/py-spy: each run under py-spy (100 samples a second, raw collapsed stacks under $OUT:
 #          py-spy-<variant>.txt), the host-side profile of a run at full speed
 #        TESTS=1: first the quantized kernels' and models' GPU tests (needs pytest among the wheels)
-#        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 16 256 4096" (TUNE_SECONDS=3 a case, TUNE_GEMV_SECONDS=15 for
+#        TUNE="fp8_w8a8 int4_w4a16" TUNE_ROWS="1 4 16 256 4096" (TUNE_SECONDS=3 a case, TUNE_GEMV_SECONDS=15 for
 #          one row): first benchmarks/quant_tuning.py, whose tile
 #          files land in engine/kernels/configs/ (for the runs that follow) and under $OUT (to commit)
 set -uo pipefail
@@ -48,7 +48,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 if [ -n "${TUNE:-}" ]; then  # shellcheck disable=SC2086  # TUNE and TUNE_ROWS split into words on purpose
   timeout -k 10 "$((BUDGET_S - SECONDS))" python3 benchmarks/quant_tuning.py --dtypes $TUNE \
-    --rows ${TUNE_ROWS:-1 16 256 4096} --seconds-per-case "${TUNE_SECONDS:-3}" \
+    --rows ${TUNE_ROWS:-1 4 16 256 4096} --seconds-per-case "${TUNE_SECONDS:-3}" \
     --gemv-seconds "${TUNE_GEMV_SECONDS:-15}" --out-dir "$OUT" 2>&1 | grep -v "^  "
   mkdir -p "$OUT/configs" && cp engine/kernels/configs/N=*dtype=*.json "$OUT/configs/" 2>/dev/null
 fi
