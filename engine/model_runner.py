@@ -193,7 +193,7 @@ class ModelRunner:
 
     def _forward(self, ids, positions, meta, hidden=None, residual=None):
         """(hidden, residual, logits of every row or None): a decode step replays a CUDA graph, which computes the
-        logits too (on the last stage); any other step runs the model as it is."""
+        logits too (on the last stage, without tensor parallelism); any other step runs the model as it is."""
         if (self.graphs is not None and self.kv_caches and meta.max_query_len == 1
                 and self.graphs.size_for(len(meta.query_lens_cpu)) is not None):
             return self.graphs.run(ids, positions, meta, hidden, residual)

@@ -98,9 +98,8 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     block = (bn, bk): x_scale [M, ceil(K / bk)], w_scale [ceil(N / bn), ceil(K / bk)]. config: the tiles
     (default: quant_tile_configs' choice for this shape and GPU); up to MAX_GEMV_ROWS rows a BLOCK_M below 16
     picks the matrix-vector form (BLOCK_M is then M; the defaults use it for one row only) and 16 or more the
-    tensor-core tiles; with block-wise scales
-    BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see product), for
-    measuring its cost only.
+    tensor-core tiles; with block-wise scales BLOCK_K is bk. precise=False: Triton's default FP8 accumulation (see
+    product), for measuring its cost only.
     Without a config, more than MAX_GEMV_ROWS rows with per-token or per-tensor x scales go to torch._scaled_mm
     where it takes them (bf16 out, Hopper), as 16-bit GEMMs of that size go to cuBLAS: on an H200 this Triton
     kernel, promoting every FP8 instruction's sum, took 1.8x cuBLAS bf16's time at 4,096 rows (Llama-3-8B's
