@@ -37,3 +37,50 @@ def row_warps(block: int) -> int:
     """Warps for one program over a row of `block` values, about 16 values a thread: at batch 1 that program is
     all the GPU runs (a 14336-wide SiLU-and-mul into FP8 took 15 us on an H200 with 4 warps and two passes)."""
     return max(4, min(16, block // 512))
+
+
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch arguments for programmatic dependent launch on Hopper and later (STRATA_PDL=0 turns it off): the
+    kernel may be scheduled while the one before it drains, and waits for that one's results in
+    `wait_for_previous_kernel`. A batch-1 decode step is a chain of several hundred kernels of a few microseconds
+    each, so their start and drain are a large part of the step."""
+    if not (HAS_TRITON and t.is_cuda) or os.environ.get("STRATA_PDL", "1") == "0":
+        return {}
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+def prefetch_args(weight: torch.Tensor, row_elements: int) -> dict:
+    """With programmatic dependent launch: how much of each weight row (of `row_elements` elements) a
+    matrix-vector program asks into L2 before the kernel before it has finished (STRATA_PDL_PREFETCH bytes a row,
+    default 0), as PREFETCH_LINES lines of LINE elements."""
+    wanted = int(os.environ.get("STRATA_PDL_PREFETCH", "0"))
+    if not wanted or not pdl_args(weight):
+        return {}
+    line = 128 // weight.element_size()
+    lines = min(wanted, row_elements * weight.element_size()) // 128
+    return {"PREFETCH_LINES": 1 << (lines.bit_length() - 1), "LINE": line} if lines else {}
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch (pdl_args): wait until the kernel before this one has finished and its
+    writes are visible, then let the kernel after this one be scheduled. Every program calls it before it reads
+    another kernel's results or writes anything, and before any early return: a kernel whose programs all
+    returned early would count as finished while the one before it still runs."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(ptrs):
+    """Ask for the lines at ptrs (valid addresses) in L2 without waiting for them: weights a program will read
+    first, fetched while the kernel before it drains."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

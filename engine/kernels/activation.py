@@ -4,7 +4,7 @@ quantized to FP8 per token for an FP8 down projection (vLLM's silu_and_mul_quant
 import torch
 import torch.nn.functional as F
 
-from ._triton import row_warps, tl, triton, use_triton
+from ._triton import pdl_args, row_warps, tl, triton, use_triton, wait_for_previous_kernel
 from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, store_per_token_fp8, to_fp8
 
 ONE_PASS_MAX = 16384  # the widest row the FP8 activation keeps in registers (14336 for Llama-3-8B)
@@ -23,7 +23,9 @@ def _gated_row(row_ptr, cols, mask, inter, GELU_TANH: tl.constexpr):
 
 
 @triton.jit
-def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, GELU_TANH: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, GELU_TANH: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -33,10 +35,11 @@ def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.c
 
 @triton.jit
 def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter, BLOCK: tl.constexpr,
-                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr):
+                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     """One program a row. ONE_PASS (the row fits in one BLOCK): the row stays in registers between its absolute
     maximum and its FP8 values. Otherwise two passes, the activation recomputed in the second. Values rounded to
     x's dtype first, as the unfused path stores them; the scale and bytes of fp8.per_token_quant_fp8."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * x_stride
     if ONE_PASS:
@@ -80,7 +83,7 @@ def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inter))
     _act_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out2, x2.stride(0), out2.stride(0), inter,
-                                                                     BLOCK=block, GELU_TANH=gelu_tanh)
+                                                                     BLOCK=block, GELU_TANH=gelu_tanh, **pdl_args(x))
     return out
 
 
@@ -98,7 +101,7 @@ def act_and_mul_quant_fp8(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[tor
         block = whole_row if one_pass else 2048
         _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter, BLOCK=block,
                                                  GELU_TANH=gelu_tanh, ONE_PASS=one_pass,
-                                                 num_warps=row_warps(block))
+                                                 num_warps=row_warps(block), **pdl_args(x))
     return q, scale
 
 

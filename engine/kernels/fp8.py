@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -100,8 +100,9 @@ def store_per_token_fp8(x, q_ptrs, mask, scale_ptr):
 
 @triton.jit
 def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, scale_stride, GROUP: tl.constexpr,
-                      BLOCK: tl.constexpr, STATIC: tl.constexpr):
+                      BLOCK: tl.constexpr, STATIC: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (token, group of GROUP columns). STATIC: the scale is given (scale_ptr[0]), not computed."""
+    wait_for_previous_kernel(PDL)
     row, group = tl.program_id(0), tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     cols = group * GROUP + offs
@@ -123,7 +124,8 @@ def _quant_fp8(x: torch.Tensor, group: int, scale: torch.Tensor | None) -> tuple
     if m:
         _quant_fp8_kernel[(m, 1 if static else groups)](x, q, scale, k, x.stride(0), q.stride(0), scale.stride(0),
                                                         GROUP=k if static else group,
-                                                        BLOCK=next_pow2(k if static else group), STATIC=static)
+                                                        BLOCK=next_pow2(k if static else group), STATIC=static,
+                                                        **pdl_args(x))
     return q, scale
 
 

@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
+                      wait_for_previous_kernel)
 from .fp8 import FP8
 from .gemv_int4 import launch_int4_gemv
 from .gemv_parts import accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
@@ -41,7 +42,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                  NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr):
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr, PDL: tl.constexpr = False,
+                 PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
     GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
@@ -50,12 +52,21 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
     every rank instead of stored at out_ptr (which is the site's parts here).
-    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row."""
+    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row.
+    PREFETCH_LINES (PDL): the first PREFETCH_LINES lines of LINE elements of each weight row are asked into L2
+    before the kernel before this one has finished."""
     pid = tl.program_id(0)
-    if X_PARTS > 0:
-        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
+    if PREFETCH_LINES > 0:
+        first_lines = w_ptr + tl.where(n_mask, rows_n, 0).to(tl.int64)[:, None] * w_stride + \
+            (tl.arange(0, PREFETCH_LINES) * LINE)[None, :]
+        prefetch_to_l2(first_lines)
+        if GATED:
+            prefetch_to_l2(first_lines + N * w_stride)
+    wait_for_previous_kernel(PDL)
+    if X_PARTS > 0:
+        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
     cols = tl.arange(0, ACC_K)
@@ -182,7 +193,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         ACC_K=accumulator_width(block_n, block_k, num_warps, gated) if m == 1 else block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push.world if push else 0,
-        W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages)
+        W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(weight), **prefetch_args(weight, weight.shape[1]))
     return push if push is not None else out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import pdl_args, prefetch_args, prefetch_to_l2, tl, triton, wait_for_previous_kernel
 from .gemv_parts import finish_rows, load_vector
 from .int4 import MAGIC, split8
 from .reduce_site import load_part_sum, wait_for_parts
@@ -52,14 +52,22 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
                       peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
-                      RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr):
+                      RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 32):
     """Program (i, m): weight rows [i * BLOCK_N, (i + 1) * BLOCK_N) against row m of x. The flags are gemv.py's."""
     pid, row = tl.program_id(0), tl.program_id(1)
-    if X_PARTS > 0:
-        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
     C: tl.constexpr = BLOCK_K // 8  # int32s of a row in a K tile
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
+    if PREFETCH_LINES > 0:
+        first_lines = w_ptr + tl.where(n_mask, rows_n, 0).to(tl.int64)[:, None] * w_stride + \
+            (tl.arange(0, PREFETCH_LINES) * LINE)[None, :]
+        prefetch_to_l2(first_lines)
+        if GATED:
+            prefetch_to_l2(first_lines + N * w_stride)
+    wait_for_previous_kernel(PDL)
+    if X_PARTS > 0:
+        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
     rows_m = row + tl.arange(0, 1)
     ints = tl.arange(0, C)
     x_cols = 8 * ints[:, None] + tl.arange(0, 8)[None, :]  # [C, 8]: the K index of each nibble of a tile
@@ -114,4 +122,4 @@ def launch_int4_gemv(x_rows: torch.Tensor, weight: torch.Tensor, weight_scale: t
         norm[1] if norm else 0.0, *waits, *pushes, MAGIC, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=add_residual,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push_world, GELU_TANH=gelu_tanh, num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **pdl_args(weight), **prefetch_args(weight, weight.shape[1]))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import pdl_args, tl, triton, wait_for_previous_kernel
 from .gemv_parts import add_products, load_rows, load_vector
 
 MAX_TOKENS = 4  # above this the grouped GEMM, which reads an expert shared by several tokens once, takes over
@@ -38,10 +38,11 @@ def _local_expert(ids_ptr, expert_map_ptr, pair, HAS_MAP: tl.constexpr):
 @triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_stride, w_stride_e, w_stride_n,
                         act_stride, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
     """act[pair, n] = silu(x[token] . gate[e, n]) * (x[token] . up[e, n]) for this program's rows n, with
     w [E, 2I, K] holding each expert's gate rows then its up rows. A pair whose expert is on another rank (-1)
     writes nothing: the down kernel skips it."""
+    wait_for_previous_kernel(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = _local_expert(ids_ptr, expert_map_ptr, pair, HAS_MAP)
     if expert >= 0:
@@ -67,9 +68,11 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
 @triton.jit
 def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_ptr, H, I, act_stride, w_stride_e,
                      w_stride_n, out_stride, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """out[token, n] = sum over the token's local experts e of weight * (act[pair] . down[e, n]), w [E, H, I].
     ADD_RESIDUAL: out[token, n] += that sum, rounded first as the unfused add would take it."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < H
@@ -125,10 +128,10 @@ def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     _moe_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, block_n))](
         x, w13, ids, emap, act, inter, w13.shape[2], x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, HAS_MAP=expert_map is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=w13.shape[2] % block_k == 0, num_warps=warps, num_stages=stages)
+        EVEN_K=w13.shape[2] % block_k == 0, num_warps=warps, num_stages=stages, **pdl_args(x))
     block_n, block_k, warps, stages = down_config
     _moe_down_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
         act, w2, ids, weights, emap, out, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=top_k, HAS_MAP=expert_map is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0,
-        ADD_RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
+        ADD_RESIDUAL=residual is not None, num_warps=warps, num_stages=stages, **pdl_args(x))
     return out

@@ -2,13 +2,14 @@
 their weights renormalized to sum to 1 if asked, in one kernel (vLLM's topk_softmax / fused_topk)."""
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 
 
 @triton.jit
 def _topk_route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_stride, num_experts, TOP_K: tl.constexpr,
                        SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     mask = cols < num_experts
@@ -44,7 +45,7 @@ def topk_route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str
     if num_tokens:
         _topk_route_kernel[(num_tokens,)](logits, weights, ids, logits.stride(0), num_experts, TOP_K=top_k,
                                           SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize,
-                                          BLOCK_E=next_pow2(num_experts), BLOCK_K=next_pow2(top_k))
+                                          BLOCK_E=next_pow2(num_experts), BLOCK_K=next_pow2(top_k), **pdl_args(logits))
     return weights, ids
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import interpreting, next_pow2, tl, triton, use_triton
+from ._triton import interpreting, next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 
 MAX_SPLITS = 64
 LOG2_E = 1.4426950408889634
@@ -102,8 +102,9 @@ def _attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(PDL)
     # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
     q_block, kv_head, split = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
@@ -177,8 +178,9 @@ def _attention_kernel(
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, query_start_loc_ptr, num_seqs, head_dim,
     out_stride_t, out_stride_h,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(PDL)
     token, head = tl.program_id(0), tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence's queries
         return
@@ -276,11 +278,12 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_CACHE=key_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        **pdl_args(q),
     )
     if split_kv:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_max, part_sum, query_start_loc, num_seqs, head_dim, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, DIM_P2=dim_p2,
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, DIM_P2=dim_p2, **pdl_args(q),
         )
     return out
 

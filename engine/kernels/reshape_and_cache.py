@@ -2,7 +2,7 @@
 stores x / scale in e4m3 (vLLM's kv_cache_dtype fp8, per-tensor k/v scales)."""
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 from .fp8 import FP8, FP8_MAX, to_fp8
 
 
@@ -22,8 +22,9 @@ def _reshape_and_cache_kernel(
     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     block_size, num_kv_heads, head_dim, k_scale, v_scale,
-    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, FP8_CACHE: tl.constexpr,
+    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token
@@ -60,6 +61,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         key_cache.shape[1], num_kv_heads, head_dim, k_scale, v_scale,
         HEADS_P2=next_pow2(num_kv_heads), DIM_P2=next_pow2(head_dim), FP8_CACHE=key_cache.dtype == FP8,
+        **pdl_args(key),
     )
 
 

@@ -2,16 +2,17 @@
 rms_norm_dynamic_per_token_quant) quantized to FP8 per token for the FP8 layer after it."""
 import torch
 
-from ._triton import next_pow2, row_warps, tl, triton, use_triton
+from ._triton import next_pow2, pdl_args, row_warps, tl, triton, use_triton, wait_for_previous_kernel
 from .fp8 import FP8, per_token_quant_fp8_ref, store_per_token_fp8
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, x_stride, residual_stride, out_stride,
                      hidden, eps, ADD_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr,
-                     ADD_AFTER: tl.constexpr = False):
+                     ADD_AFTER: tl.constexpr = False, PDL: tl.constexpr = False):
     """ADD_RESIDUAL: the residual is added to x first (and stored); ADD_AFTER: the normalized x, rounded to its
     dtype, is added to the residual (out_ptr) instead of being stored (Gemma's post-norms)."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -44,7 +45,7 @@ def _launch(x, residual, weight, out, eps, scale=None):
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out2, scale if scale is not None else weight, x2.stride(0),
                                      r2.stride(0), out2.stride(0), hidden, eps, ADD_RESIDUAL=residual is not None,
                                      QUANT_FP8=scale is not None, BLOCK=next_pow2(hidden),
-                                     num_warps=row_warps(next_pow2(hidden)))
+                                     num_warps=row_warps(next_pow2(hidden)), **pdl_args(x))
 
 
 def rms_norm_add(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def rms_norm_add(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         block = next_pow2(x.shape[-1])
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, r2, weight, x2.stride(0), x2.stride(0), r2.stride(0),
                                          x.shape[-1], eps, ADD_RESIDUAL=False, QUANT_FP8=False, BLOCK=block,
-                                         ADD_AFTER=True, num_warps=row_warps(block))
+                                         ADD_AFTER=True, num_warps=row_warps(block), **pdl_args(x))
     return residual
 
 

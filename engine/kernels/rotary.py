@@ -9,7 +9,7 @@ before the rotation (two launches fewer again).
 """
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 from .fp8 import FP8
 from .reshape_and_cache import reshape_and_cache_ref, to_cache
 from .rms_norm import rms_norm_ref
@@ -57,7 +57,8 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
                    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, head_dim,
                    k_scale, v_scale, q_norm_ptr, k_norm_ptr, eps, IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr,
                    HALF_P2: tl.constexpr, Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr,
-                   WRITE_KV: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr):
+                   WRITE_KV: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_P2)
@@ -126,7 +127,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         *(qk_norm or (q, q, 0.0)), IS_NEOX=is_neox, ROT_HALF=rot_half, HALF_P2=next_pow2(rot_half),
         Q_HEADS_P2=next_pow2(q.shape[1]), K_HEADS_P2=next_pow2(k.shape[1]), DIM_P2=next_pow2(head_dim),
         WRITE_KV=kv_write is not None, FP8_CACHE=kv_write is not None and kv_write[1].dtype == FP8,
-        QK_NORM=qk_norm is not None,
+        QK_NORM=qk_norm is not None, **pdl_args(positions),
     )
     return q, k
 

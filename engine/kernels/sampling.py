@@ -17,7 +17,7 @@ The most probable token is always kept. Rows with temperature < 1e-5 are greedy 
 """
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import pdl_args, tl, triton, use_triton, wait_for_previous_kernel
 
 GREEDY_TEMPERATURE = 1e-5
 
@@ -39,9 +39,10 @@ def _penalties_kernel(logits_ptr, prompt_mask_ptr, counts_ptr, repetition_ptr, p
 
 
 @triton.jit(do_not_specialize=["batch", "logits_stride"])
-def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr):
+def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row. Each lane keeps its own running maximum (the first one on ties) across the chunks, so
     the loop is pure streaming; the lanes are reduced once at the end."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -71,7 +72,7 @@ def greedy_sample(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     out = torch.empty(2, batch, dtype=torch.int64, device=logits.device)
     if batch:
         _greedy_kernel[(batch,)](logits, out, vocab, logits.stride(0), batch, BLOCK=2048,
-                                 num_warps=8)
+                                 num_warps=8, **pdl_args(logits))
     return out
 
 

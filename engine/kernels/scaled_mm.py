@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_pow2, tl, triton, use_triton
+from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
+                      wait_for_previous_kernel)
 from .fp8 import scaled_mm_ref
 from .gemv_parts import accumulator_width, add_products, load_rows
 from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
@@ -33,13 +34,18 @@ def product(a, b, DOT: tl.constexpr, PRECISE: tl.constexpr):
 def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, a_stride, b_stride,
                       out_stride, a_scale_stride, b_scale_stride, GROUP_N: tl.constexpr, BLOCK_WISE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      ACC_K: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
+                      ACC_K: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 128):
     """ACC_K: with one row of x (the matrix-vector form), the width of the products' accumulator, a K tile taken in
-    BLOCK_K / ACC_K parts (gemv_parts.accumulator_width); BLOCK_K otherwise."""
+    BLOCK_K / ACC_K parts (gemv_parts.accumulator_width); BLOCK_K otherwise. PREFETCH_LINES: as gemv.py's."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rows < M, cols < N
+    if PREFETCH_LINES > 0:
+        prefetch_to_l2(b_ptr + tl.where(n_mask, cols, 0).to(tl.int64)[:, None] * b_stride +
+                       (tl.arange(0, PREFETCH_LINES) * LINE)[None, :])
+    wait_for_previous_kernel(PDL)
     ks = tl.arange(0, ACC_K)
     a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
     b_row = b_ptr + cols.to(tl.int64)[:, None] * b_stride
@@ -133,5 +139,6 @@ def scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                             ACC_K=accumulator_width(block_n, block_k, num_warps, False) if one_row else block_k,
                             DOT=dot, EVEN_K=k % block_k == 0,
-                            PRECISE=precise, num_warps=num_warps, num_stages=num_stages)
+                            PRECISE=precise, num_warps=num_warps, num_stages=num_stages, **pdl_args(x_q),
+                            **(prefetch_args(w_q, k) if one_row else {}))
     return out
