@@ -1,4 +1,4 @@
-"""Kernels compiled for an H100 (sm_90) here, without a GPU. The interpreter runs any Python, while compiled
+"""Kernels compiled for an H100 (sm_90) here, without a GPU, some also as programmatic dependent launch compiles them. The interpreter runs any Python, while compiled
 Triton types every value statically, so a kernel can pass under TRITON_INTERPRET=1 and still fail to compile on a
 GPU (an FP8 KV cache's rotary kernel once did). Compiling the variants only quantized models and caches reach
 catches that in CI.
@@ -30,7 +30,8 @@ COMPILE = textwrap.dedent(r"""
     from engine.kernels.scaled_mm import _scaled_mm_kernel
 
     def compile_for_hopper(kernel, pointers, constexprs, floats=("k_scale", "v_scale", "eps")):
-        names = kernel.arg_names  # every argument not named is an int32 scalar
+        names = kernel.arg_names  # every argument not named is an int32 scalar, or a constexpr's default
+        constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
         signature = {n: "constexpr" if n in constexprs else pointers.get(n) or ("fp32" if n in floats else "i32")
                      for n in names}
         source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
@@ -113,6 +114,14 @@ COMPILE = textwrap.dedent(r"""
     cases["few-token MoE down, residual added"] = (_moe_down_kernel, {
         "act_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "weights_ptr": "*fp32", "expert_map_ptr": "*i32",
         "out_ptr": "*bf16"}, dict(TOP_K=8, HAS_MAP=True, BLOCK_N=2, BLOCK_K=1024, EVEN_K=False, ADD_RESIDUAL=True))
+    for name in ("rotary into a bf16 cache, qk_norm=True", "FP8 quantization, static=False",
+                 "FP8 scaled_mm, one row, K tiles in parts", "RMSNorm into FP8 rows, residual added",
+                 "SiLU-and-mul into FP8 rows, one_pass=True", "FP8 weight-only gemv, norm=True",
+                 "INT4 gemv, gated with norm=True, ReduceSite parts=0", "few-token MoE gate/up",
+                 "few-token MoE down, residual added"):  # programmatic dependent launch, weights asked into L2
+        kernel, pointers, constexprs = cases[name]
+        ahead = dict(PREFETCH_LINES=8, LINE=32) if kernel in (_gemv_kernel, _int4_gemv_kernel, _scaled_mm_kernel) else {}
+        cases[f"{name}, dependent launch"] = (kernel, pointers, dict(constexprs, PDL=True, **ahead))
     failed = []
     for name, (kernel, pointers, constexprs) in cases.items():
         try:
