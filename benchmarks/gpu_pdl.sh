@@ -5,8 +5,9 @@
 # asked into L2 ahead. Writes pdl-ab-<gpu>-<commit>.json under $OUT.
 # Device tool: carry the pydantic wheels (WHEELS, default .whl), then: STRATA_COMMIT=<commit> bash benchmarks/gpu_pdl.sh
 #   env: VARIANTS=bf16,fp8,w4a16 (checkpoints as benchmarks/gpu_quant.sh makes them under $ROOT; moe48: a random
-#        Qwen3-30B-A3B, 48 layers, under /dev/shm)  SETTINGS="0:0 1:0 1:4096" (PDL:PREFETCH bytes)
-#        TESTS=1: first the GPU tests that run with it on (needs pytest)  BUDGET_S=540
+#        Qwen3-30B-A3B, 48 layers, under /dev/shm)  SETTINGS="0:0 1:0 1:4096" (STRATA_PDL:STRATA_PDL_PREFETCH bytes;
+#        STRATA_PDL late: every family triggers the next kernel after its main loop; noint4: all but the INT4 gemv)
+#        TESTS=1: first the GPU tests that run with it on (needs pytest; TESTS=pdl: test_pdl.py only)  BUDGET_S=540
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
 OUT=${OUT:-benchmarks/results}
@@ -22,8 +23,9 @@ if [ "${WHEELS:-}" != none ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 if [ -n "${TESTS:-}" ]; then
+  more=(); [ "$TESTS" = 1 ] && more=(tests/engine/test_triton_gpu.py tests/engine/kernels/test_model_triton.py)
   TRITON_INTERPRET=0 timeout 400 python3 -m pytest -q -p no:cacheprovider tests/engine/kernels/test_pdl.py \
-    tests/engine/test_triton_gpu.py tests/engine/kernels/test_model_triton.py 2>&1 | tail -8
+    "${more[@]}" 2>&1 | tail -8
 fi
 declare -A CKPT=([bf16]=$ROOT/llama3-8b-random [fp8]=$ROOT/llama3-8b-fp8 [w4a16]=$ROOT/llama3-8b-w4a16
                  [moe48]=/dev/shm/q48)
@@ -47,7 +49,8 @@ for v in ${VARIANTS//,/ }; do
     [ -f "$dir/done" ] && continue
     [ "$(left)" -lt 40 ] && { echo "SKIPPED $v $s: $(left) s left, run again"; continue; }
     t=$SECONDS; rm -rf "$dir"
-    if STRATA_PDL=${s%%:*} STRATA_PDL_PREFETCH=${s##*:} timeout -k 10 "$(left)" python3 -m benchmarks.throughput \
+    pdl=${s%%:*}; pdl=${pdl/#late/gemv=late,int4=late,mm=late,moe=late,small}; pdl=${pdl/#noint4/gemv,mm,moe,small}
+    if STRATA_PDL=$pdl STRATA_PDL_PREFETCH=${s##*:} timeout -k 10 "$(left)" python3 -m benchmarks.throughput \
          --model "$ckpt" --workloads W1 --hf-baseline 0 --max-num-seqs 1 --decode-roofline --decode-batch 1 \
          --decode-context 512 --out-dir "$dir" 2>"$OUT/stderr-pdl-$v.log" | grep -E "tok/s|per step"; then
       touch "$dir/done"; echo "$v PDL ${s%%:*} prefetch ${s##*:}: done in $((SECONDS - t)) s"

@@ -101,10 +101,10 @@ def make(shape: str, out: Path, dtype=torch.bfloat16, device: str = "cuda" if to
     groups += [{"model.norm.weight": (s["hidden_size"],)}]
     if not family["config"]["tie_word_embeddings"]:
         groups[-1]["lm_head.weight"] = (s["vocab_size"], s["hidden_size"])
-    for n, group in enumerate(tqdm(groups, desc=f"Writing {shape}", unit="shard")):
+    for n, shard in enumerate(tqdm(groups, desc=f"Writing {shape}", unit="shard")):
         name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
-        for key, shp in group.items():
+        for key, shp in shard.items():
             if len(shp) == 1:
                 tensors[key] = torch.full(shp, family["norm_weight"], dtype=dtype)
             else:  # scaled so activations stay O(1) through the layers

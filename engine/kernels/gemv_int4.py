@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import pdl_args, prefetch_args, prefetch_to_l2, tl, triton, wait_for_previous_kernel
+from ._triton import (pdl_args, prefetch_args, prefetch_to_l2, start_next_kernel, tl, triton,
+                      wait_for_previous_kernel)
 from .gemv_parts import finish_rows, load_vector
 from .int4 import MAGIC, split8
 from .reduce_site import load_part_sum, wait_for_parts
@@ -53,7 +54,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr,
-                      PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 32):
+                      PDL: tl.constexpr = 0, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 32):
     """Program (i, m): weight rows [i * BLOCK_N, (i + 1) * BLOCK_N) against row m of x. The flags are gemv.py's."""
     pid, row = tl.program_id(0), tl.program_id(1)
     C: tl.constexpr = BLOCK_K // 8  # int32s of a row in a K tile
@@ -98,6 +99,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
             packed = tl.load(w_row + up_offset + packed_k[None, :], mask=w_mask, other=0)
             scales = tl.load(s_row + up_s_offset + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
             acc_up += _plane_sums(packed, x, magic) * scales
+    start_next_kernel(PDL)
     out = tl.sum(acc, 1)[None, :]
     out_up = tl.sum(acc_up, 1)[None, :]
     if NORM:
@@ -122,4 +124,5 @@ def launch_int4_gemv(x_rows: torch.Tensor, weight: torch.Tensor, weight_scale: t
         norm[1] if norm else 0.0, *waits, *pushes, MAGIC, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=add_residual,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push_world, GELU_TANH=gelu_tanh, num_warps=num_warps,
-        num_stages=num_stages, **pdl_args(weight), **prefetch_args(weight, weight.shape[1]))
+        num_stages=num_stages, **pdl_args(weight, "int4"),
+        **prefetch_args(weight, weight.shape[1], "int4"))
