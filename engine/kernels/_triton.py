@@ -40,23 +40,21 @@ def row_warps(block: int) -> int:
 
 
 _PDL_DEVICES: dict[int, bool] = {}
-EARLY, LATE = 1, 2  # when a kernel lets the next one be scheduled: after its wait, or after its main loop
+# Kernel families under programmatic dependent launch by default, from one H100's batch-1 decode (Llama-3-8B shape,
+# benchmarks/gpu_pdl.sh, benchmarks/results/pdl-ab-h100-*.json): FP8 W8A8 W1 +4% with its weights asked into L2,
+# MoE +2%, bfloat16 even; the INT4 matrix-vector kernel lost 8-14% under it, so it is left out.
+PDL_FAMILIES = ("gemv", "mm", "moe", "small")
+PREFETCH_BYTES = {"mm": 4096}  # a weight row's first bytes a matrix-vector program asks into L2 ahead
 
 
-def pdl_policy() -> dict[str, int]:
-    """Kernel family -> EARLY or LATE, from STRATA_PDL: 0 (off), 1 (every family, early) or a comma list of
-    families, each optionally `=late`: gemv, int4, mm (FP8 scaled_mm), moe, small (norms, rotary, attention,
-    quantization, activation, sampling)."""
-    value = os.environ.get("STRATA_PDL", "1")
-    if value == "0":
-        return {}
-    if value == "1":
-        return dict.fromkeys(("gemv", "int4", "mm", "moe", "small"), EARLY)
-    policy = {}
-    for item in value.split(","):
-        family, _, when = item.partition("=")
-        policy[family] = LATE if when == "late" else EARLY
-    return policy
+def pdl_families() -> tuple[str, ...]:
+    """STRATA_PDL: unset, the defaults; 0, none; else a comma list of families: gemv (16-bit and FP8 weight-only
+    matrix-vector), int4 (its INT4 form), mm (FP8 scaled_mm), moe (few-token experts), small (norms, rotary,
+    attention, quantization, activation, sampling)."""
+    value = os.environ.get("STRATA_PDL")
+    if value is None:
+        return PDL_FAMILIES
+    return () if value == "0" else tuple(value.split(","))
 
 
 def pdl_args(t: torch.Tensor, family: str = "small") -> dict:
@@ -64,45 +62,34 @@ def pdl_args(t: torch.Tensor, family: str = "small") -> dict:
     the one before it drains, and waits for that one's results in `wait_for_previous_kernel`. A batch-1 decode
     step is a chain of several hundred kernels of a few microseconds each, so their start and drain are a large
     part of the step."""
-    if not (HAS_TRITON and t.is_cuda):
+    if not (HAS_TRITON and t.is_cuda) or family not in pdl_families():
         return {}
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:
         _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    when = pdl_policy().get(family) if _PDL_DEVICES[index] else None
-    return {"PDL": when, "launch_pdl": True} if when else {}
+    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
 
 
 def prefetch_args(weight: torch.Tensor, row_elements: int, family: str) -> dict:
-    """With programmatic dependent launch: how much of each weight row (of `row_elements` elements) a
-    matrix-vector program asks into L2 before the kernel before it has finished (STRATA_PDL_PREFETCH bytes a row,
-    default 0), as PREFETCH_LINES lines of LINE elements."""
-    wanted = int(os.environ.get("STRATA_PDL_PREFETCH", "0"))
+    """Under dependent launch: how much of each weight row (of `row_elements` elements) a matrix-vector program
+    asks into L2 before the kernel before it has finished (PREFETCH_BYTES, or STRATA_PDL_PREFETCH bytes for every
+    family), as PREFETCH_LINES lines of LINE elements."""
+    override = os.environ.get("STRATA_PDL_PREFETCH")
+    wanted = int(override) if override is not None else PREFETCH_BYTES.get(family, 0)
     if not wanted or not pdl_args(weight, family):
         return {}
-    line = 128 // weight.element_size()
     lines = min(wanted, row_elements * weight.element_size()) // 128
-    return {"PREFETCH_LINES": 1 << (lines.bit_length() - 1), "LINE": line} if lines else {}
+    return {"PREFETCH_LINES": 1 << (lines.bit_length() - 1), "LINE": 128 // weight.element_size()} if lines else {}
 
 
 @triton.jit
 def wait_for_previous_kernel(PDL: tl.constexpr):
-    """Under programmatic dependent launch (pdl_args; PDL is EARLY or LATE, 0 without it): wait until the kernel
-    before this one has finished and its writes are visible; EARLY: then let the kernel after this one be
-    scheduled. Every program calls it before it reads another kernel's results or writes anything, and before any
-    early return: a kernel whose programs all returned early would count as finished while the one before it
-    still runs."""
-    if PDL > 0:
+    """Under programmatic dependent launch (pdl_args): wait until the kernel before this one has finished and its
+    writes are visible, then let the kernel after this one be scheduled. Every program calls it before it reads
+    another kernel's results or writes anything, and before any early return: a kernel whose programs all
+    returned early would count as finished while the one before it still runs."""
+    if PDL:
         tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def start_next_kernel(PDL: tl.constexpr):
-    """LATE: let the kernel after this one be scheduled (called after the main loop, so its programs take the
-    SMs as this kernel's programs finish rather than sit beside them)."""
-    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 

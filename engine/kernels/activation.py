@@ -24,7 +24,7 @@ def _gated_row(row_ptr, cols, mask, inter, GELU_TANH: tl.constexpr):
 
 @triton.jit
 def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, GELU_TANH: tl.constexpr,
-                        PDL: tl.constexpr = 0):
+                        PDL: tl.constexpr = False):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +35,7 @@ def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.c
 
 @triton.jit
 def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter, BLOCK: tl.constexpr,
-                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = 0):
+                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     """One program a row. ONE_PASS (the row fits in one BLOCK): the row stays in registers between its absolute
     maximum and its FP8 values. Otherwise two passes, the activation recomputed in the second. Values rounded to
     x's dtype first, as the unfused path stores them; the scale and bytes of fp8.per_token_quant_fp8."""

@@ -100,7 +100,7 @@ def store_per_token_fp8(x, q_ptrs, mask, scale_ptr):
 
 @triton.jit
 def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, scale_stride, GROUP: tl.constexpr,
-                      BLOCK: tl.constexpr, STATIC: tl.constexpr, PDL: tl.constexpr = 0):
+                      BLOCK: tl.constexpr, STATIC: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (token, group of GROUP columns). STATIC: the scale is given (scale_ptr[0]), not computed."""
     wait_for_previous_kernel(PDL)
     row, group = tl.program_id(0), tl.program_id(1)

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, start_next_kernel, tl, triton,
-                      use_triton, wait_for_previous_kernel)
+from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
+                      wait_for_previous_kernel)
 from .fp8 import FP8
 from .gemv_int4 import launch_int4_gemv
 from .gemv_parts import accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
@@ -42,7 +42,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  ticket_ptr, rank, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                  NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
-                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr, PDL: tl.constexpr = 0,
+                 PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
     GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
@@ -94,7 +94,6 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                 acc += dot_rows(x, load_rows(w_row, k, K, n_mask, EVEN_K))
                 if GATED:
                     acc_up += dot_rows(x, load_rows(up_row, k, K, n_mask, EVEN_K))
-    start_next_kernel(PDL)
     if ONE_ROW:
         acc = tl.sum(products, 1)[None, :]
         acc_up = tl.sum(products_up, 1)[None, :]

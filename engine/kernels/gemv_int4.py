@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (pdl_args, prefetch_args, prefetch_to_l2, start_next_kernel, tl, triton,
-                      wait_for_previous_kernel)
+from ._triton import pdl_args, prefetch_args, prefetch_to_l2, tl, triton, wait_for_previous_kernel
 from .gemv_parts import finish_rows, load_vector
 from .int4 import MAGIC, split8
 from .reduce_site import load_part_sum, wait_for_parts
@@ -54,7 +53,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr,
-                      PDL: tl.constexpr = 0, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 32):
+                      PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 32):
     """Program (i, m): weight rows [i * BLOCK_N, (i + 1) * BLOCK_N) against row m of x. The flags are gemv.py's."""
     pid, row = tl.program_id(0), tl.program_id(1)
     C: tl.constexpr = BLOCK_K // 8  # int32s of a row in a K tile
@@ -99,7 +98,6 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
             packed = tl.load(w_row + up_offset + packed_k[None, :], mask=w_mask, other=0)
             scales = tl.load(s_row + up_s_offset + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
             acc_up += _plane_sums(packed, x, magic) * scales
-    start_next_kernel(PDL)
     out = tl.sum(acc, 1)[None, :]
     out_up = tl.sum(acc_up, 1)[None, :]
     if NORM:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import pdl_args, start_next_kernel, tl, triton, wait_for_previous_kernel
+from ._triton import pdl_args, tl, triton, wait_for_previous_kernel
 from .gemv_parts import add_products, load_rows, load_vector
 
 MAX_TOKENS = 4  # above this the grouped GEMM, which reads an expert shared by several tokens once, takes over
@@ -38,7 +38,7 @@ def _local_expert(ids_ptr, expert_map_ptr, pair, HAS_MAP: tl.constexpr):
 @triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_stride, w_stride_e, w_stride_n,
                         act_stride, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = 0):
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
     """act[pair, n] = silu(x[token] . gate[e, n]) * (x[token] . up[e, n]) for this program's rows n, with
     w [E, 2I, K] holding each expert's gate rows then its up rows. A pair whose expert is on another rank (-1)
     writes nothing: the down kernel skips it."""
@@ -58,7 +58,6 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
             x = load_vector(x_row, k0 + cols, K, EVEN_K)[None, :]
             gate = add_products(gate, x, load_rows(gate_row, k0 + cols, K, row_mask, EVEN_K))
             up = add_products(up, x, load_rows(up_row, k0 + cols, K, row_mask, EVEN_K))
-        start_next_kernel(PDL)
         dtype = act_ptr.dtype.element_ty
         gate = tl.sum(gate, 1)[None, :].to(dtype).to(tl.float32)
         up = tl.sum(up, 1)[None, :].to(dtype).to(tl.float32)
@@ -70,7 +69,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, expert_map_ptr, act_ptr, I, K, x_
 def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_ptr, H, I, act_stride, w_stride_e,
                      w_stride_n, out_stride, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                     PDL: tl.constexpr = 0):
+                     PDL: tl.constexpr = False):
     """out[token, n] = sum over the token's local experts e of weight * (act[pair] . down[e, n]), w [E, H, I].
     ADD_RESIDUAL: out[token, n] += that sum, rounded first as the unfused add would take it."""
     wait_for_previous_kernel(PDL)
@@ -92,7 +91,6 @@ def _moe_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, expert_map_ptr, out_p
                 acc = add_products(acc, act, load_rows(w_row, k0 + cols, I, row_mask, EVEN_K))
             weight = tl.load(weights_ptr + pair).to(tl.float32)
             total += (tl.sum(acc, 1)[None, :] * weight).to(dtype).to(tl.float32)
-    start_next_kernel(PDL)
     out_ptrs = out_ptr + token * out_stride + rows[None, :]
     if ADD_RESIDUAL:
         total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=row_mask[None, :], other=0.0).to(tl.float32)

@@ -8,7 +8,7 @@ from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previ
 @triton.jit
 def _topk_route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_stride, num_experts, TOP_K: tl.constexpr,
                        SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)

@@ -102,7 +102,7 @@ def _attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = 0,
+    USE_SOFTCAP: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_previous_kernel(PDL)
     # The last q-blocks of a prompt attend to the most keys: launching them first shortens the tail.
@@ -178,7 +178,7 @@ def _attention_kernel(
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, query_start_loc_ptr, num_seqs, head_dim,
     out_stride_t, out_stride_h,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr, PDL: tl.constexpr = 0,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, DIM_P2: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_previous_kernel(PDL)
     token, head = tl.program_id(0), tl.program_id(1)

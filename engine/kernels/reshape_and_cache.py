@@ -22,7 +22,7 @@ def _reshape_and_cache_kernel(
     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     block_size, num_kv_heads, head_dim, k_scale, v_scale,
-    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = 0,
+    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)

@@ -9,7 +9,7 @@ from .fp8 import FP8, per_token_quant_fp8_ref, store_per_token_fp8
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, x_stride, residual_stride, out_stride,
                      hidden, eps, ADD_RESIDUAL: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr,
-                     ADD_AFTER: tl.constexpr = False, PDL: tl.constexpr = 0):
+                     ADD_AFTER: tl.constexpr = False, PDL: tl.constexpr = False):
     """ADD_RESIDUAL: the residual is added to x first (and stored); ADD_AFTER: the normalized x, rounded to its
     dtype, is added to the residual (out_ptr) instead of being stored (Gemma's post-norms)."""
     wait_for_previous_kernel(PDL)

@@ -57,7 +57,7 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_stride_t, q_stride_
                    kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, head_dim,
                    k_scale, v_scale, q_norm_ptr, k_norm_ptr, eps, IS_NEOX: tl.constexpr, ROT_HALF: tl.constexpr,
                    HALF_P2: tl.constexpr, Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr,
-                   WRITE_KV: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr = 0):
+                   WRITE_KV: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr = False):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)

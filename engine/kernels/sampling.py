@@ -39,7 +39,7 @@ def _penalties_kernel(logits_ptr, prompt_mask_ptr, counts_ptr, repetition_ptr, p
 
 
 @triton.jit(do_not_specialize=["batch", "logits_stride"])
-def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+def _greedy_kernel(logits_ptr, out_ptr, vocab, logits_stride, batch, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row. Each lane keeps its own running maximum (the first one on ties) across the chunks, so
     the loop is pure streaming; the lanes are reduced once at the end."""
     wait_for_previous_kernel(PDL)

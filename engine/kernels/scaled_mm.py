@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, start_next_kernel, tl, triton,
-                      use_triton, wait_for_previous_kernel)
+from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
+                      wait_for_previous_kernel)
 from .fp8 import scaled_mm_ref
 from .gemv_parts import accumulator_width, add_products, load_rows
 from .quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config
@@ -35,7 +35,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                       out_stride, a_scale_stride, b_scale_stride, GROUP_N: tl.constexpr, BLOCK_WISE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       ACC_K: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr,
-                      PDL: tl.constexpr = 0, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 128):
+                      PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 128):
     """ACC_K: with one row of x (the matrix-vector form), the width of the products' accumulator, a K tile taken in
     BLOCK_K / ACC_K parts (gemv_parts.accumulator_width); BLOCK_K otherwise. PREFETCH_LINES: as gemv.py's."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -68,7 +68,6 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                 acc += part * a_scale[:, None] * b_scale[None, :]
             else:
                 acc += part
-    start_next_kernel(PDL)
     if ONE_ROW:
         acc = tl.sum(row_products, 1)[None, :]
     if not BLOCK_WISE:

@@ -121,8 +121,7 @@ COMPILE = textwrap.dedent(r"""
                  "few-token MoE down, residual added"):  # programmatic dependent launch, weights asked into L2
         kernel, pointers, constexprs = cases[name]
         ahead = dict(PREFETCH_LINES=8, LINE=32) if kernel in (_gemv_kernel, _int4_gemv_kernel, _scaled_mm_kernel) else {}
-        for when in (1, 2):  # EARLY, LATE
-            cases[f"{name}, dependent launch {when}"] = (kernel, pointers, dict(constexprs, PDL=when, **ahead))
+        cases[f"{name}, dependent launch"] = (kernel, pointers, dict(constexprs, PDL=True, **ahead))
     failed = []
     for name, (kernel, pointers, constexprs) in cases.items():
         try:
