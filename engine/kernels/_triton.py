@@ -94,8 +94,11 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_to_l2(ptrs):
-    """Ask for the lines at ptrs (valid addresses) in L2 without waiting for them: weights a program will read
-    first, fetched while the kernel before it drains."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def prefetch_rows(w_ptr, rows, row_mask, w_stride, LINES: tl.constexpr, LINE: tl.constexpr):
+    """Ask the first LINES lines (of LINE elements) of each weight row into L2 without waiting for them: weights a
+    program will read first, fetched while the kernel before it drains (prefetch_args)."""
+    if LINES > 0:
+        ptrs = w_ptr + tl.where(row_mask, rows, 0).to(tl.int64)[:, None] * w_stride + \
+            (tl.arange(0, LINES) * LINE)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)

@@ -16,14 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
-                      wait_for_previous_kernel)
+from ._triton import next_pow2, pdl_args, prefetch_args, tl, triton, use_triton
 from .fp8 import FP8
 from .gemv_int4 import launch_int4_gemv
-from .gemv_parts import accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x
+from .gemv_parts import (accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x,
+                         start_rows)
 from .int4 import dequantize_packed_ref
 from .quant_tile_configs import tile_config, tuned_tile
-from .reduce_site import ReduceSite, wait_for_parts
+from .reduce_site import ReduceSite
 from .rms_norm import rms_norm
 
 MAX_ROWS = 8  # x stays in registers
@@ -58,15 +58,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
-    if PREFETCH_LINES > 0:
-        first_lines = w_ptr + tl.where(n_mask, rows_n, 0).to(tl.int64)[:, None] * w_stride + \
-            (tl.arange(0, PREFETCH_LINES) * LINE)[None, :]
-        prefetch_to_l2(first_lines)
-        if GATED:
-            prefetch_to_l2(first_lines + N * w_stride)
-    wait_for_previous_kernel(PDL)
-    if X_PARTS > 0:
-        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
+    start_rows(w_ptr, rows_n, n_mask, w_stride, N, x_count_ptr, previous_count_ptr, GATED, X_PARTS, PDL,
+               PREFETCH_LINES, LINE)
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
     cols = tl.arange(0, ACC_K)

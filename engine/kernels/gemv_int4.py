@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import pdl_args, prefetch_args, prefetch_to_l2, tl, triton, wait_for_previous_kernel
-from .gemv_parts import finish_rows, load_vector
+from ._triton import pdl_args, prefetch_args, tl, triton
+from .gemv_parts import finish_rows, load_vector, start_rows
 from .int4 import MAGIC, split8
-from .reduce_site import load_part_sum, wait_for_parts
+from .reduce_site import load_part_sum
 
 
 @triton.jit
@@ -59,15 +59,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     C: tl.constexpr = BLOCK_K // 8  # int32s of a row in a K tile
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows_n < N
-    if PREFETCH_LINES > 0:
-        first_lines = w_ptr + tl.where(n_mask, rows_n, 0).to(tl.int64)[:, None] * w_stride + \
-            (tl.arange(0, PREFETCH_LINES) * LINE)[None, :]
-        prefetch_to_l2(first_lines)
-        if GATED:
-            prefetch_to_l2(first_lines + N * w_stride)
-    wait_for_previous_kernel(PDL)
-    if X_PARTS > 0:
-        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
+    start_rows(w_ptr, rows_n, n_mask, w_stride, N, x_count_ptr, previous_count_ptr, GATED, X_PARTS, PDL,
+               PREFETCH_LINES, LINE)
     rows_m = row + tl.arange(0, 1)
     ints = tl.arange(0, C)
     x_cols = 8 * ints[:, None] + tl.arange(0, 8)[None, :]  # [C, 8]: the K index of each nibble of a tile

@@ -1,8 +1,21 @@
 """Pieces the matrix-vector kernels share (gemv.py's 16-bit and FP8 one, gemv_int4.py's, moe_gemv.py's): loads of
 x and weight rows, and the epilogue every projection folds in (bias, gate activation, residual add, store or push
 to a ReduceSite)."""
-from ._triton import tl, triton
-from .reduce_site import load_part_sum, push_part
+from ._triton import prefetch_rows, tl, triton, wait_for_previous_kernel
+from .reduce_site import load_part_sum, push_part, wait_for_parts
+
+
+@triton.jit
+def start_rows(w_ptr, rows, row_mask, w_stride, N, x_count_ptr, previous_count_ptr, GATED: tl.constexpr,
+               X_PARTS: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr):
+    """A matrix-vector program's start: the first lines of its weight rows (and GATED, of their up rows N rows on)
+    asked into L2, then the waits for the kernel before it and for x's ReduceSite parts."""
+    prefetch_rows(w_ptr, rows, row_mask, w_stride, PREFETCH_LINES, LINE)
+    if GATED:
+        prefetch_rows(w_ptr + N * w_stride, rows, row_mask, w_stride, PREFETCH_LINES, LINE)
+    wait_for_previous_kernel(PDL)
+    if X_PARTS > 0:
+        wait_for_parts(x_count_ptr, previous_count_ptr, X_PARTS)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_to_l2, tl, triton, use_triton,
+from ._triton import (next_pow2, pdl_args, prefetch_args, prefetch_rows, tl, triton, use_triton,
                       wait_for_previous_kernel)
 from .fp8 import scaled_mm_ref
 from .gemv_parts import accumulator_width, add_products, load_rows
@@ -42,9 +42,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rows < M, cols < N
-    if PREFETCH_LINES > 0:
-        prefetch_to_l2(b_ptr + tl.where(n_mask, cols, 0).to(tl.int64)[:, None] * b_stride +
-                       (tl.arange(0, PREFETCH_LINES) * LINE)[None, :])
+    prefetch_rows(b_ptr, cols, n_mask, b_stride, PREFETCH_LINES, LINE)
     wait_for_previous_kernel(PDL)
     ks = tl.arange(0, ACC_K)
     a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
