@@ -28,9 +28,13 @@ def llama3_8b_layers(tmp_path_factory):
     return get
 
 
-def generate(path, monkeypatch, pdl: str, prefetch: str):
-    monkeypatch.setenv("STRATA_PDL", pdl)  # 0: off; here every family, the INT4 one too
-    monkeypatch.setenv("STRATA_PDL_PREFETCH", prefetch)
+def generate(path, monkeypatch, pdl: str | None, prefetch: str | None):
+    """pdl, prefetch: STRATA_PDL and STRATA_PDL_PREFETCH (None: unset, the defaults)."""
+    for name, value in (("STRATA_PDL", pdl), ("STRATA_PDL_PREFETCH", prefetch)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     llm = LLM(str(path), max_num_seqs=8, gpu_memory_utilization=0.5)
     try:
         assert llm.engine.executor.describe()["cuda_graphs"]
@@ -45,4 +49,5 @@ def generate(path, monkeypatch, pdl: str, prefetch: str):
 def test_dependent_launch_changes_no_number(llama3_8b_layers, monkeypatch, fmt):
     path = llama3_8b_layers(fmt)
     off = generate(path, monkeypatch, "0", "0")
-    assert generate(path, monkeypatch, "gemv,int4,mm,moe,small", "4096") == off
+    assert generate(path, monkeypatch, None, None) == off
+    assert generate(path, monkeypatch, "gemv,int4,mm,moe,small", "4096") == off  # every family, 4 KB ahead
