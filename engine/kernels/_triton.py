@@ -40,6 +40,7 @@ def row_warps(block: int) -> int:
 
 
 _PDL_DEVICES: dict[int, bool] = {}
+_PDL_ON, _NO_ARGS = {"PDL": True, "launch_pdl": True}, {}
 # Kernel families under programmatic dependent launch by default, from one H100's batch-1 decode (Llama-3-8B shape,
 # benchmarks/gpu_pdl.sh, benchmarks/results/pdl-ab-h100-*.json): FP8 W8A8 W1 +4% with its weights asked into L2,
 # MoE +2%, bfloat16 even; the INT4 matrix-vector kernel lost 8-14% under it, so it is left out.
@@ -62,12 +63,13 @@ def pdl_args(t: torch.Tensor, family: str = "small") -> dict:
     the one before it drains, and waits for that one's results in `wait_for_previous_kernel`. A batch-1 decode
     step is a chain of several hundred kernels of a few microseconds each, so their start and drain are a large
     part of the step."""
-    if not (HAS_TRITON and t.is_cuda) or family not in pdl_families():
-        return {}
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _PDL_DEVICES:
-        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+    if not t.is_cuda or family not in pdl_families():
+        return _NO_ARGS
+    index = t.get_device()
+    hopper = _PDL_DEVICES.get(index)
+    if hopper is None:
+        hopper = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _PDL_ON if hopper else _NO_ARGS  # shared dicts: every launch of an eager step asks (callers unpack them)
 
 
 def prefetch_args(weight: torch.Tensor, row_elements: int, family: str) -> dict:
