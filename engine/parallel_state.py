@@ -126,6 +126,7 @@ class PPStage:
     token_group: Any = None
     _sends: list = field(default_factory=list)
     _token_sends: collections.deque = field(default_factory=collections.deque)
+    _token_recvs: collections.deque = field(default_factory=collections.deque)
 
     @property
     def is_first(self) -> bool:
@@ -157,7 +158,16 @@ class PPStage:
     def recv_tokens(self, num_tokens: int, device: torch.device) -> DeviceTokens:
         """First stage: the tokens the last stage samples for a step this stage has just launched."""
         buf = torch.empty(num_tokens, dtype=torch.long, device=device)
-        return DeviceTokens(buf, dist.irecv(buf, self._token_peer, group=self.token_group))
+        tokens = DeviceTokens(buf, dist.irecv(buf, self._token_peer, group=self.token_group))
+        # Each receive is waited for, not just dropped, even when no later step reads it (its placeholders were
+        # known by then). Over gloo a receive dropped before its message came takes that message into freed memory
+        # and the next receives get nothing: the first stage then waited forever for tokens (on a busy 2-core
+        # host). At most size + 1 steps are in flight, so an older receive's step has reached the driver, and its
+        # tokens were sent: waiting for it is short.
+        self._token_recvs.append(tokens)
+        while len(self._token_recvs) > self.size + 1:
+            self._token_recvs.popleft().get()
+        return tokens
 
     @property
     def _token_peer(self) -> int:
