@@ -85,8 +85,9 @@ def compile_and_count(kernel, pointers: dict, constexprs: dict, warps: int, stag
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    names = kernel.arg_names
-    constexprs = {k: v for k, v in constexprs.items() if k in names}
+    names = kernel.arg_names  # a constexpr not given takes its default (PDL and its prefetch off)
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default},
+                  **{k: v for k, v in constexprs.items() if k in names}}
     untyped = {"eps": "fp32"}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n) or untyped.get(n, "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
