@@ -6,7 +6,7 @@
 # Device tool: carry the pydantic wheels (WHEELS, default .whl), then: STRATA_COMMIT=<commit> bash benchmarks/gpu_pdl.sh
 #   env: VARIANTS=bf16,fp8,w4a16 (checkpoints as benchmarks/gpu_quant.sh makes them under $ROOT; moe48: a random
 #        Qwen3-30B-A3B, 48 layers, under /dev/shm)  SETTINGS="0:0 1:0 1:4096" (STRATA_PDL:STRATA_PDL_PREFETCH bytes;
-#        STRATA_PDL late: every family triggers the next kernel after its main loop; noint4: all but the INT4 gemv)
+#        STRATA_PDL noint4: every family but the INT4 gemv)
 #        TESTS=1: first the GPU tests that run with it on (needs pytest; TESTS=pdl: test_pdl.py only)  BUDGET_S=540
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
@@ -49,7 +49,7 @@ for v in ${VARIANTS//,/ }; do
     [ -f "$dir/done" ] && continue
     [ "$(left)" -lt 40 ] && { echo "SKIPPED $v $s: $(left) s left, run again"; continue; }
     t=$SECONDS; rm -rf "$dir"
-    pdl=${s%%:*}; pdl=${pdl/#late/gemv=late,int4=late,mm=late,moe=late,small}; pdl=${pdl/#noint4/gemv,mm,moe,small}
+    pdl=${s%%:*}; pdl=${pdl/#noint4/gemv,mm,moe,small}
     if STRATA_PDL=$pdl STRATA_PDL_PREFETCH=${s##*:} timeout -k 10 "$(left)" python3 -m benchmarks.throughput \
          --model "$ckpt" --workloads W1 --hf-baseline 0 --max-num-seqs 1 --decode-roofline --decode-batch 1 \
          --decode-context 512 --out-dir "$dir" 2>"$OUT/stderr-pdl-$v.log" | grep -E "tok/s|per step"; then
