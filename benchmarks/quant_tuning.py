@@ -75,8 +75,8 @@ def candidates(m: int, dtype: str, norm: bool = False):
     elif m == 1 and dtype == "bf16":  # the 16-bit gemv, with a shape's RMSNorm folded in or run before it
         grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4], [True, False] if norm
                                  else [True])
-    elif m == 1:  # the folded INT4 gemv (gemv_int4.py): its SASS needs 5.6-6 instructions a weight at 8-32 rows
-        grid = itertools.product([1], [16, 8, 32, 4], [1024, 512, 2048, 256], [4, 8], [2, 3, 4])
+    elif m == 1:  # the folded INT4 gemv (gemv_int4.py): its SASS needs 4.3-5.2 instructions a weight at 8-32 rows
+        grid = itertools.product([1], [16, 8, 32, 4], [1024, 2048, 512, 256], [4, 8], [2, 3, 4])
     elif m <= gemv_rows(dtype):  # BLOCK_M is M
         grid = itertools.product([1], [4, 8, 16, 32], [256, 512, 1024, 2048], [4, 8], [2, 3, 4])
     else:

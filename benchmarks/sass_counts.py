@@ -91,7 +91,7 @@ def compile_and_count(kernel, pointers: dict, constexprs: dict, warps: int, stag
     untyped = {"eps": "fp32"}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n) or untyped.get(n, "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-               if n not in constexprs and n not in ("M", "rank", "eps")}
+               if n not in constexprs and n not in ("M", "rank", "eps", "unit")}
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),

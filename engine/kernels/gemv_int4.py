@@ -3,10 +3,12 @@ pack-quantized weights: int32 [N, K / 8] holding eight 4-bit values along K (val
 and scales [N, K / GROUP]. gemv.gemv validates the arguments and calls launch_int4_gemv; the folds (RMSNorm before,
 SiLU/GELU gate, bias, residual, ReduceSites) are the 16-bit kernel's.
 
-Each program streams BLOCK_N weight rows for one row of x. A weight tile stays as loaded, [rows, int32s], and x's
-tile is loaded as [int32s, 8] and split into eight nibble planes: nibble i of every int32 meets x column 8c + i, so
-nothing is unpacked or reshaped along K (a reshape moves values between threads; with it, the kernel this replaces
-needed twice the instructions a weight and read 0.7-0.8 TB/s on an H200). A nibble becomes a float with no
+Each program streams BLOCK_N weight rows for one row of x. A K tile is taken as [int32s, rows], one int32 of each
+row a thread, and x as eight nibble planes (plane i: x at K columns 8c + i), so nibble i of every int32 meets its x
+without unpacking anything along K. The weights, their scales and x's planes are all loaded one element a thread
+(`unit` hides the int32s' contiguity from Triton, which would otherwise give the weights 16-byte vectors and x
+another layout): they then share one layout and no tile passes through shared memory inside the loop (the
+vectorized form before spent 22 barriers a K tile on such conversions for Hopper). A nibble becomes a float with no
 int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed into the mantissa of 2^23, it reads
 2^23 + q * 2^s, and subtracting 2^23 + 8 * 2^s leaves (q - 8) * 2^s exactly, with x scaled by 2^-s instead (exact
 too). A float's 23 mantissa bits hold nibbles 0-4 in place; nibbles 5-7 are shifted down 12 bits first. The groups'
@@ -18,7 +20,7 @@ import torch
 
 from ._triton import pdl_args, prefetch_args, tl, triton
 from .gemv_parts import finish_rows, load_vector, start_rows
-from .int4 import MAGIC, split8
+from .int4 import MAGIC
 from .reduce_site import load_part_sum
 
 
@@ -30,26 +32,41 @@ def _plane(packed, magic, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _plane_sums(packed, x, magic):
-    """packed int32 [R, C], x float32 [C, 8] (the K values of each int32's nibbles) -> [R, C]: each int32's sum
-    of (q - 8) * x."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = split8(x)
-    high = packed >> 12  # nibbles 5-7 where a float's mantissa holds them
-    total = _plane(packed, magic, 0) * x0[None, :]
-    total += _plane(packed, magic, 4) * (x1 * 0.0625)[None, :]
-    total += _plane(packed, magic, 8) * (x2 * 0.00390625)[None, :]
-    total += _plane(packed, magic, 12) * (x3 * 0.000244140625)[None, :]
-    total += _plane(packed, magic, 16) * (x4 * 1.52587890625e-05)[None, :]
-    total += _plane(high, magic, 8) * (x5 * 0.00390625)[None, :]
-    total += _plane(high, magic, 12) * (x6 * 0.000244140625)[None, :]
-    total += _plane(high, magic, 16) * (x7 * 1.52587890625e-05)[None, :]
-    return total
+def _nibble(packed, high, magic, I: tl.constexpr):
+    """(q - 8) * 2^s for nibble I of each int32: nibbles 0-4 in place (s = 4 I), 5-7 from `high`, the int32s shifted
+    down 12 bits (s = 4 I - 12)."""
+    if I < 5:
+        return _plane(packed, magic, 4 * I)
+    else:
+        return _plane(high, magic, 4 * I - 12)
 
 
-@triton.jit(do_not_specialize=["M", "rank"])
+@triton.jit
+def _x_scale(I: tl.constexpr):
+    """2^-s for nibble I (see _nibble)."""
+    if I < 5:
+        return 1.0 / (1 << (4 * I))
+    else:
+        return 1.0 / (1 << (4 * I - 12))
+
+
+@triton.jit
+def _x_plane(x_ptr, x_stride, row, norm_w_ptr, k, K, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+             X_PARTS: tl.constexpr):
+    """x at the K columns k (one nibble plane of a tile), float32, times the norm's weights where NORM."""
+    if X_PARTS > 0:
+        x = load_part_sum(x_ptr, x_stride, k, k < K, X_PARTS).to(tl.float32)
+    else:
+        x = load_vector(x_ptr + row * x_stride, k, K, EVEN_K).to(tl.float32)
+    if NORM:
+        return x, x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)
+    return x, x
+
+
+@triton.jit(do_not_specialize=["M", "rank", "unit"])
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride,
                       w_stride, scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr,
-                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, GROUP: tl.constexpr,
+                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, unit, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr,
@@ -62,39 +79,44 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     start_rows(w_ptr, rows_n, n_mask, w_stride, N, x_count_ptr, previous_count_ptr, GATED, X_PARTS, PDL,
                PREFETCH_LINES, LINE)
     rows_m = row + tl.arange(0, 1)
-    ints = tl.arange(0, C)
-    x_cols = 8 * ints[:, None] + tl.arange(0, 8)[None, :]  # [C, 8]: the K index of each nibble of a tile
-    w_row = w_ptr + rows_n.to(tl.int64)[:, None] * w_stride
-    s_row = scale_ptr + rows_n.to(tl.int64)[:, None] * scale_stride
+    # `unit` (1) hides that a row's int32s are contiguous: loaded one an int32 a thread, the weights, their scales
+    # and x's nibble planes all take one layout, and nothing passes through shared memory in the loop
+    ints = tl.arange(0, C) * unit
+    w_row = w_ptr + rows_n.to(tl.int64)[None, :] * w_stride
+    s_row = scale_ptr + rows_n.to(tl.int64)[None, :] * scale_stride
     up_offset = N * w_stride
     up_s_offset = N * scale_stride
-    acc = tl.zeros([BLOCK_N, C], tl.float32)  # reduced once after the loop
-    acc_up = tl.zeros([BLOCK_N, C], tl.float32)
-    sum_sq = tl.zeros([C, 8], tl.float32)
+    acc = tl.zeros([C, BLOCK_N], tl.float32)  # reduced once after the loop
+    acc_up = tl.zeros([C, BLOCK_N], tl.float32)
+    sum_sq = tl.zeros([C], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + x_cols
         packed_k = k0 // 8 + ints
-        x_mask = k < K
-        w_mask = n_mask[:, None] if EVEN_K else n_mask[:, None] & (packed_k < K // 8)[None, :]
-        if X_PARTS > 0:
-            x = load_part_sum(x_ptr, x_stride, k, x_mask, X_PARTS).to(tl.float32)
-        else:
-            x = load_vector(x_ptr + row * x_stride, k, K, EVEN_K).to(tl.float32)
-        if NORM:
-            sum_sq += x * x
-            x = x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)
+        w_mask = n_mask[None, :] if EVEN_K else n_mask[None, :] & (packed_k < K // 8)[:, None]
         groups = (k0 + 8 * ints) // GROUP
-        packed = tl.load(w_row + packed_k[None, :], mask=w_mask, other=0)
-        scales = tl.load(s_row + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        acc += _plane_sums(packed, x, magic) * scales
+        packed = tl.load(w_row + packed_k[:, None], mask=w_mask, other=0)
+        scales = tl.load(s_row + groups[:, None], mask=w_mask, other=0.0).to(tl.float32)
         if GATED:
-            packed = tl.load(w_row + up_offset + packed_k[None, :], mask=w_mask, other=0)
-            scales = tl.load(s_row + up_s_offset + groups[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            acc_up += _plane_sums(packed, x, magic) * scales
-    out = tl.sum(acc, 1)[None, :]
-    out_up = tl.sum(acc_up, 1)[None, :]
+            packed_up = tl.load(w_row + up_offset + packed_k[:, None], mask=w_mask, other=0)
+            scales_up = tl.load(s_row + up_s_offset + groups[:, None], mask=w_mask, other=0.0).to(tl.float32)
+            high_up = packed_up >> 12
+        high = packed >> 12  # nibbles 5-7 where a float's mantissa holds them
+        total = tl.zeros([C, BLOCK_N], tl.float32)
+        total_up = tl.zeros([C, BLOCK_N], tl.float32)
+        for i in tl.static_range(8):
+            x_raw, x = _x_plane(x_ptr, x_stride, row, norm_w_ptr, k0 + 8 * ints + i, K, EVEN_K, NORM, X_PARTS)
+            if NORM:
+                sum_sq += x_raw * x_raw
+            x = (x * _x_scale(i))[:, None]
+            total += _nibble(packed, high, magic, i) * x
+            if GATED:
+                total_up += _nibble(packed_up, high_up, magic, i) * x
+        acc += total * scales
+        if GATED:
+            acc_up += total_up * scales_up
+    out = tl.sum(acc, 0)[None, :]
+    out_up = tl.sum(acc_up, 0)[None, :]
     if NORM:
-        inv_rms = tl.rsqrt(tl.sum(tl.sum(sum_sq, 1), 0) / K + eps)
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
         out = out * inv_rms
         out_up = out_up * inv_rms
     finish_rows(out, out_up, rows_m, rows_n, rows_m < M, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
@@ -112,7 +134,7 @@ def launch_int4_gemv(x_rows: torch.Tensor, weight: torch.Tensor, weight_scale: t
     _int4_gemv_kernel[(triton.cdiv(n, block_n), m)](
         x_rows, weight, weight_scale, bias if bias is not None else weight, out, norm[0] if norm else weight, added,
         m, n, k, x_rows.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), added.stride(0),
-        norm[1] if norm else 0.0, *waits, *pushes, MAGIC, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        norm[1] if norm else 0.0, *waits, *pushes, MAGIC, 1, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=add_residual,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push_world, GELU_TANH=gelu_tanh, num_warps=num_warps,
         num_stages=num_stages, **pdl_args(weight, "int4"),
