@@ -1,10 +1,10 @@
 """Tune the quantized matmuls' tiles (FP8 scaled_mm, INT4 int4_mm) for Llama-3-8B's weight shapes on this GPU;
 writes vLLM-format config files (engine/kernels/quant_tile_configs.py reads them).
 
-One row of INT4 or 16-bit weights (batch-1 decode) times the matrix-vector kernel the decode layers call
-(kernels/gemv.py, with the shape's RMSNorm, SiLU-and-mul or residual add folded in; for 16-bit weights also with
-the RMSNorm as a kernel of its own before it, and a tuned entry records which was faster); FP8 (x quantized once
-before it) and other row counts time scaled_mm and int4_mm. Tensor-core FP8 entries are also timed once with
+One row (batch-1 decode) times the matrix-vector kernel the decode layers call (kernels/gemv.py, with the shape's
+RMSNorm, SiLU-and-mul or residual add folded in, and for FP8 W8A8 x's per-token quantization; for 16-bit weights
+also with the RMSNorm as a kernel of its own before it, and a tuned entry records which was faster); other row
+counts time scaled_mm (x quantized once before it) and int4_mm. Tensor-core FP8 entries are also timed once with
 Triton's default accumulation (`fast_accumulation_ms`), to show what promoting every FP8 instruction's sum costs,
 and through torch._scaled_mm (`torch_scaled_mm_ms`), which the engine takes at those row counts, also with its
 fast accumulation (`torch_scaled_mm_fast_ms`). For each shape and
@@ -66,12 +66,10 @@ def model_shapes(model: Path) -> dict[str, tuple[int, int]]:
 def candidates(m: int, dtype: str, norm: bool = False):
     from engine.kernels.quant_tile_configs import TileConfig, gemv_rows
 
-    if m == 1 and dtype == "fp8_w8a8":  # rows of weights a program, K tile, warps, stages; likeliest first
-        # then tensor-core tiles, 15 of their 16 rows padding: an H200 read gate/up's FP8 weights faster so
-        # (32.7 us at 16 rows against 41.4 us for the best matrix-vector tile at one); narrow N tiles give the
-        # narrow layers (o, down: N 4,096) more programs than SMs
-        grid = itertools.chain(itertools.product([1], [16, 8, 32], [1024, 2048, 512], [8, 4], [2, 3]),
-                               itertools.product([16], [128, 64, 32, 16], [256, 128], [4, 8], [3, 4]))
+    if m == 1 and dtype == "fp8_w8a8":  # the folded matrix-vector kernel quantizing x itself (gemv.py QUANT_X):
+        # rows of weights a program, K tile, warps, stages; likeliest first. Wide row tiles share x's
+        # quantization among more rows; narrow ones give the narrow layers (o, down: N 4,096) more programs
+        grid = itertools.product([1], [16, 32, 8, 64], [1024, 2048, 512], [4, 8], [2, 3])
     elif m == 1 and dtype == "bf16":  # the 16-bit gemv, with a shape's RMSNorm folded in or run before it
         grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4], [True, False] if norm
                                  else [True])
@@ -105,14 +103,15 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
               for _ in range(copies)]
         scales = torch.rand(n, k // GROUP, device="cuda", dtype=torch.bfloat16) / 100
 
-    def decode_gemv(x: torch.Tensor):
+    def decode_gemv(x: torch.Tensor):  # one row: the matrix-vector kernel the decode layers call
         fusion = DECODE_FUSIONS.get(name.split("@")[0], {})
         norm = (torch.rand(k, dtype=NORM_DTYPE[0], device="cuda") + 0.5, 1e-5) if fusion.get("norm") else None
         gated = fusion.get("gated", False)
         residual = torch.randn(1, n, dtype=torch.bfloat16, device="cuda") if fusion.get("residual") else None
         out = torch.empty(1, n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
 
-        quant = dict(weight_scale=scales, int4_group=GROUP) if dtype == "int4_w4a16" else {}
+        quant = dict(weight_scale=scales, int4_group=GROUP) if dtype == "int4_w4a16" else \
+            dict(weight_scale=w_scale, quant_x=True) if dtype == "fp8_w8a8" else {}
 
         def call(cfg, w):  # out=: residual + product lands in out, and residual stays as it is
             if norm and not cfg.fold_norm:  # as gemv does with such a tuned entry
@@ -124,7 +123,7 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
 
     def calls_for(m: int):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        if m == 1 and dtype != "fp8_w8a8":
+        if m == 1:
             return decode_gemv(x)
         if dtype == "fp8_w8a8":
             x_q, x_scale = per_token_quant_fp8(x)
@@ -151,7 +150,7 @@ def write_tiles(path: Path, best: dict) -> None:
 
 
 def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
-    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config, tuned_tile
+    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, default_config, tile_config, tuned_tile
 
     n, k = SHAPES_BY_NAME[name]
     weight_bytes = n * k * {"fp8_w8a8": 1, "bf16": 2}.get(dtype, 0.5)
@@ -164,6 +163,8 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         cublas = graph_ms([lambda w=w: F.linear(x, w) for w in bf16])
         current = tile_config(m, n, k, dtype, torch.device("cuda"))
+        if m == 1 and current.block_m > 1:  # a tensor-core entry from before FP8's one row took the gemv
+            current = default_config(1, k, dtype)
         if dtype == "bf16":
             from engine.kernels.gemv import gemv_config
             fusion = DECODE_FUSIONS.get(name.split("@")[0], {})

@@ -7,22 +7,23 @@ decode step's matmuls 5.5 ms against cuBLAS's 5.8). It handles a few rows of x t
 
 FP8 weight-only layers (e4m3, one scale per output channel, x in the model dtype) take the same kernel; INT4
 weights packed along K (compressed-tensors pack-quantized) take gemv_int4.py's, with the same folds and arguments.
-Norm, gate and residual fold in as for 16-bit weights. W8A8 layers do not: quantizing x inside every
-program repeated the quantization N / BLOCK_N times (two passes over x and an IEEE division an element), which made
-the kernel bound by that arithmetic rather than by the weights; they take the fused RMSNorm-quantize kernel and
-scaled_mm's matrix-vector form instead, x quantized once.
+Norm, gate and residual fold in as for 16-bit weights. W8A8 layers with dynamic per-token activations
+(quant_x) quantize x inside each program, as fp8.per_token_quant_fp8 would after the RMSNorm: passes over x before
+the product find 1/rms and the FP8 scale, and each K tile is quantized as it is read. That repeats the
+quantization N / BLOCK_N times (an IEEE division and a rounding an element of x a program), which wide row tiles
+amortize; it saves the quantization kernels before the layer's four projections.
 """
 from typing import NamedTuple
 
 import torch
 
 from ._triton import next_pow2, pdl_args, prefetch_args, tl, triton, use_triton
-from .fp8 import FP8
+from .fp8 import FP8, fp8_scale, fp8_value, per_token_quant_fp8_ref
 from .gemv_int4 import launch_int4_gemv
 from .gemv_parts import (accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x,
                          start_rows)
 from .int4 import dequantize_packed_ref
-from .quant_tile_configs import tile_config, tuned_tile
+from .quant_tile_configs import default_config, tile_config, tuned_tile
 from .reduce_site import ReduceSite
 from .rms_norm import rms_norm
 
@@ -43,7 +44,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
                  BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                  NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, RESIDUAL_PARTS: tl.constexpr,
                  PUSH: tl.constexpr, W_SCALE: tl.constexpr, GELU_TANH: tl.constexpr, PDL: tl.constexpr = False,
-                 PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                 PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64, QUANT_X: tl.constexpr = False):
     """GATED: weight rows [0, N) are the gate and [N, 2N) the up projection; out = silu(gate) * up, or with
     GELU_TANH gelu_tanh(gate) * up (Gemma's GeGLU).
     NORM: x is RMS-normalized (times norm_w) first; every program reads all of x anyway, so the sum of squares
@@ -52,7 +53,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     X_PARTS / RESIDUAL_PARTS (ranks, M = 1): x / the residual is the sum of a ReduceSite's parts (rows of x_ptr /
     residual_ptr), x waited for first. PUSH (ranks): the result is this rank's part of a ReduceSite, pushed to
     every rank instead of stored at out_ptr (which is the site's parts here).
-    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row.
+    W_SCALE: FP8 weights, w_scale_ptr one float32 scale per weight row. QUANT_X (W_SCALE): x (normalized and
+    rounded to its dtype, with NORM) is quantized to FP8 per row first, as the FP8 quantization kernels do.
     PREFETCH_LINES (PDL): the first PREFETCH_LINES lines of LINE elements of each weight row are asked into L2
     before the kernel before this one has finished."""
     pid = tl.program_id(0)
@@ -72,13 +74,20 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     products = tl.zeros([BLOCK_N, ACC_K if ONE_ROW else 1], tl.float32)  # ONE_ROW: summed along K after the loop
     products_up = tl.zeros([BLOCK_N, ACC_K if ONE_ROW else 1], tl.float32)
     sum_sq = tl.zeros([BLOCK_M, ACC_K], tl.float32)  # reduced once after the loop, not per tile
+    if QUANT_X:
+        x_scale, inv_rms = _quant_scale(x_ptr, x_row, x_stride, norm_w_ptr, K, m_mask, eps, BLOCK_M, ACC_K, EVEN_K,
+                                        NORM, X_PARTS)
     for k0 in range(0, K, BLOCK_K):
         for part in tl.static_range(BLOCK_K // ACC_K):  # a K tile in parts of ACC_K columns, the loads all issued
             k = k0 + part * ACC_K + cols
-            x = load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K, NORM, X_PARTS)
-            if NORM:
-                sum_sq += x * x
-                x = x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)[None, :]
+            if QUANT_X:
+                x = fp8_value(_quant_input(x_ptr, x_row, x_stride, norm_w_ptr, k, K, m_mask, inv_rms, EVEN_K, NORM,
+                                           X_PARTS), x_scale[:, None])
+            else:
+                x = load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K, NORM, X_PARTS)
+                if NORM:
+                    sum_sq += x * x
+                    x = x * load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)[None, :]
             if ONE_ROW:
                 products = add_products(products, x, load_rows(w_row, k, K, n_mask, EVEN_K))
                 if GATED:
@@ -90,17 +99,50 @@ def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, norm_w_ptr, resid
     if ONE_ROW:
         acc = tl.sum(products, 1)[None, :]
         acc_up = tl.sum(products_up, 1)[None, :]
-    if NORM:
+    if NORM and not QUANT_X:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
     if W_SCALE:
-        acc = acc * tl.load(w_scale_ptr + rows_n, mask=n_mask, other=0.0)[None, :]
+        x_scales = x_scale[:, None] if QUANT_X else tl.full([BLOCK_M, 1], 1.0, tl.float32)
+        acc = acc * (x_scales * tl.load(w_scale_ptr + rows_n, mask=n_mask, other=0.0)[None, :])
         if GATED:
-            acc_up = acc_up * tl.load(w_scale_ptr + N + rows_n, mask=n_mask, other=0.0)[None, :]
+            acc_up = acc_up * (x_scales * tl.load(w_scale_ptr + N + rows_n, mask=n_mask, other=0.0)[None, :])
     finish_rows(acc, acc_up, rows_m, rows_n, m_mask, n_mask, N, bias_ptr, residual_ptr, residual_stride, out_ptr,
                 out_stride, peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, HAS_BIAS, GATED, GELU_TANH, ADD_RESIDUAL,
                 RESIDUAL_PARTS, PUSH)
+
+
+@triton.jit
+def _quant_input(x_ptr, x_row, x_stride, norm_w_ptr, k, K, m_mask, inv_rms, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+                 X_PARTS: tl.constexpr):
+    """x's columns k as the FP8 quantization after an RMSNorm sees them (rms_norm.py: normalized, times the norm's
+    weight, rounded to x's dtype), or as they are; float32."""
+    x = load_x(x_ptr, x_row, x_stride, k, K, m_mask, EVEN_K, True, X_PARTS)
+    if NORM:
+        w = load_vector(norm_w_ptr, k, K, EVEN_K).to(tl.float32)[None, :]
+        x = (x * inv_rms[:, None] * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _quant_scale(x_ptr, x_row, x_stride, norm_w_ptr, K, m_mask, eps, BLOCK_M: tl.constexpr, ACC_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, NORM: tl.constexpr, X_PARTS: tl.constexpr):
+    """QUANT_X's passes over x before the product: 1/rms (NORM; else 1), then the per-token FP8 scale of x as
+    _quant_input gives it."""
+    cols = tl.arange(0, ACC_K)
+    inv_rms = tl.full([BLOCK_M], 1.0, tl.float32)
+    if NORM:
+        sum_sq = tl.zeros([BLOCK_M, ACC_K], tl.float32)
+        for k0 in range(0, K, ACC_K):
+            x = load_x(x_ptr, x_row, x_stride, k0 + cols, K, m_mask, EVEN_K, True, X_PARTS)
+            sum_sq += x * x
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)
+    abs_max = tl.zeros([BLOCK_M, ACC_K], tl.float32)
+    for k0 in range(0, K, ACC_K):
+        x = _quant_input(x_ptr, x_row, x_stride, norm_w_ptr, k0 + cols, K, m_mask, inv_rms, EVEN_K, NORM, X_PARTS)
+        abs_max = tl.maximum(abs_max, tl.abs(x))
+    return fp8_scale(tl.max(abs_max, 1)), inv_rms
 
 
 def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
@@ -118,9 +160,11 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
          config: GemvConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
          out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
-         int4_group: int = 0, gelu_tanh: bool = False) -> torch.Tensor | ReduceSite:
+         int4_group: int = 0, gelu_tanh: bool = False, quant_x: bool = False) -> torch.Tensor | ReduceSite:
     """x: [M, K] (M <= MAX_ROWS, last dim contiguous); weight: [N, K] contiguous; bias: [N] or None.
     weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row; weight-only, W8A16).
+    quant_x (FP8 weight): x, normalized first with norm, is quantized to FP8 per token (W8A8, dynamic per-token
+    activations, as fp8.per_token_quant_fp8).
     int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
     pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
@@ -135,7 +179,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if not use_triton(weight):
         assert push is None, "ReduceSites are pushed by the Triton kernel only"
         result = gemv_ref(x_site.sum() if x_site else x, weight, bias, gated, norm,
-                          residual_site.sum() if residual_site else residual, weight_scale, int4_group, gelu_tanh)
+                          residual_site.sum() if residual_site else residual, weight_scale, int4_group, gelu_tanh,
+                          quant_x)
         out = residual if out is None and residual_site is None else out
         return result if out is None else out.copy_(result)
     m, k = (1, x_site.parts.shape[1]) if x_site else x.shape
@@ -148,6 +193,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
                 x, norm = rms_norm(x, *norm), None
     assert m <= MAX_ROWS and weight.shape[1] * (8 if int4_group else 1) == k and weight.stride(-1) == 1
     assert (weight.dtype == FP8 or int4_group > 0) == (weight_scale is not None)
+    assert not quant_x or weight.dtype == FP8
     assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1)
     x_rows = x_site.parts if x_site else x
     assert x_rows.stride(-1) == 1
@@ -168,7 +214,9 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     if config is None and weight_scale is not None:  # quant_tile_configs' matrix-vector entry for M rows
         dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
         tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
-        config = GemvConfig(*tile[1:5]) if tile.block_m < 16 else None  # not scaled_mm's tensor-core tiles
+        if tile.block_m >= 16:  # a tensor-core entry (scaled_mm's, from before FP8's one row took this kernel)
+            tile = default_config(m, k, dtype)
+        config = GemvConfig(*tile[1:5])
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
@@ -186,17 +234,21 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         ACC_K=accumulator_width(block_n, block_k, num_warps, gated) if m == 1 else block_k,
         EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push.world if push else 0,
-        W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, num_warps=num_warps, num_stages=num_stages,
-        **pdl_args(weight, "gemv"), **prefetch_args(weight, weight.shape[1], "gemv"))
+        W_SCALE=weight_scale is not None, GELU_TANH=gelu_tanh, QUANT_X=quant_x, num_warps=num_warps,
+        num_stages=num_stages, **pdl_args(weight, "gemv"), **prefetch_args(weight, weight.shape[1], "gemv"))
     return push if push is not None else out
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
              norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None, int4_group: int = 0, gelu_tanh: bool = False) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, int4_group: int = 0, gelu_tanh: bool = False,
+             quant_x: bool = False) -> torch.Tensor:
     h = x.float()
     if norm is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1]) * norm[0].float()
+    if quant_x:  # as the RMSNorm's output (in x's dtype) quantized per token
+        h_q, h_scale = per_token_quant_fp8_ref(h.to(x.dtype))
+        h = h_q.float() * h_scale
     if int4_group:
         w = dequantize_packed_ref(weight, weight_scale, int4_group)
     else:

@@ -91,13 +91,14 @@ class Fp8LinearMethod:
         layer.weight_scale.data[rows] = scale
 
     def gemv_weights(self, layer: nn.Module) -> dict | None:
-        """Weight-only FP8 with per-tensor or per-channel scales takes the matrix-vector kernel (batch-1 decode,
-        kernels/gemv.py). W8A8 does not: its x is quantized once, by the kernel before the layer (Fp8Rows), and
-        scaled_mm's matrix-vector form reads it."""
+        """Per-tensor or per-channel weight scales take the matrix-vector kernel (batch-1 decode,
+        kernels/gemv.py): weight-only FP8 with x as it is, W8A8 with dynamic per-token activations quantizing x
+        inside it (the RMSNorm before the layer folded in, as for 16-bit weights). Block-wise weights and static
+        activation scales do not."""
         s = self.scheme
-        if s.block is not None or s.activations is not None:
+        if s.block is not None or s.activations not in (None, "token") or s.static_activations:
             return None
-        return {"weight": layer.weight, "weight_scale": layer.weight_scale}
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale, "quant_x": s.activations == "token"}
 
     def takes_fp8_rows(self) -> bool:
         """Dynamic per-token activations: the kernel before the layer may quantize them (apply takes Fp8Rows)."""

@@ -1,13 +1,14 @@
-"""The matrix-vector kernel with quantized weights. FP8 weight-only (W8A16), with RMSNorm, SiLU-and-mul and the
-residual add folded in (W8A8 takes scaled_mm's matrix-vector form: test_fp8.py). INT4 packed along K
-(compressed-tensors): against int4_mm's reference, groups across and inside K tiles."""
+"""The matrix-vector kernel with quantized weights. FP8 weight-only (W8A16) and W8A8 with x quantized per token
+inside it, with RMSNorm, SiLU-and-mul and the residual add folded in. INT4 packed along K (compressed-tensors):
+against int4_mm's reference, groups across and inside K tiles."""
 import pytest
 import torch
 
 from engine.kernels.fp8 import FP8, quantize_fp8
 from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
 from engine.kernels.int4 import dequantize_packed_ref, int4_mm_ref
-from engine.kernels.rms_norm import rms_norm_ref
+from engine.kernels.rms_norm import rms_norm_quant_fp8, rms_norm_ref
+from engine.kernels.scaled_mm import scaled_mm
 
 
 def _fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +42,42 @@ def test_w8a16_gemv_multiplies_x_with_the_dequantized_weight(device):
     w_q, w_scale = _fp8_weight(37, 200, device)
     out = gemv(x, w_q, None, GemvConfig(8, 64, 4, 2), weight_scale=w_scale)
     torch.testing.assert_close(out, x @ (w_q.float() * w_scale[:, None]).t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k, config", [(200, GemvConfig(16, 64, 4, 2)),  # K tiles with a ragged last one
+                                       (256, GemvConfig(8, 256, 4, 2))])
+def test_w8a8_gemv_quantizes_x_as_the_norm_quantize_kernel_and_scaled_mm_do(device, k, config):
+    """W8A8 with dynamic per-token activations (batch-1 decode): x normalized, rounded to bf16 and quantized to FP8
+    inside the kernel gives the bytes and scale of the fused RMSNorm-quantize kernel, so the product equals
+    scaled_mm's on them; and without a norm, the per-token quantization of x itself, with the residual added."""
+    torch.manual_seed(3)
+    n = 37
+    x = (3 * torch.randn(1, k, device=device)).to(torch.bfloat16)
+    norm = ((1 + 0.1 * torch.randn(k, device=device)).to(torch.bfloat16), 1e-5)
+    w_q, w_scale = _fp8_weight(n, k, device)
+    out = gemv(x, w_q, None, config, norm=norm, weight_scale=w_scale, quant_x=True)
+    x_q, x_scale = rms_norm_quant_fp8(x, *norm)
+    expected = scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16)
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+    assert (out.float() - (rms_norm_ref(x.float(), norm[0].float(), norm[1]) @ (w_q.float() * w_scale[:, None]).t())
+            ).abs().max() > 1e-3  # x quantized: not the weight-only product
+    residual = torch.randn(1, n, device=device).to(torch.bfloat16)
+    expected = residual.float() + gemv_ref(x, w_q, None, False, None, None, w_scale, quant_x=True).float()
+    out = gemv(x, w_q, None, config, residual=residual, weight_scale=w_scale, quant_x=True)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_w8a8_gemv_folds_the_gate_after_quantized_x(device):
+    """silu(gate) * up of [gate; up] (each half with its own scales) on the RMSNorm-quantize kernel's FP8 x."""
+    torch.manual_seed(4)
+    k, n = 192, 2 * 24
+    x = torch.randn(1, k, device=device).to(torch.bfloat16)
+    norm = ((1 + 0.1 * torch.randn(k, device=device)).to(torch.bfloat16), 1e-6)
+    w_q, w_scale = _fp8_weight(n, k, device)
+    out = gemv(x, w_q, None, GemvConfig(8, 64, 4, 2), gated=True, norm=norm, weight_scale=w_scale, quant_x=True)
+    x_q, x_scale = rms_norm_quant_fp8(x, *norm)
+    gate, up = (x_q.float() * x_scale @ (w_q.float() * w_scale[:, None]).t()).chunk(2, dim=-1)
+    torch.testing.assert_close(out.float(), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2)
 
 
 def test_an_fp8_weight_needs_its_scales(device):
