@@ -54,10 +54,8 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
         if ONE_ROW:
             for part in tl.static_range(BLOCK_K // ACC_K):
                 k = k0 + part * ACC_K + ks
-                # x loaded once for each weight row, from L1: in the weights' layout, not converted to it
-                # through shared memory (a barrier a part)
-                x = load_rows(a_row + 0 * cols[:, None], k, K, n_mask, EVEN_K)
-                row_products = add_products(row_products, x, load_rows(b_row, k, K, n_mask, EVEN_K))
+                row_products = add_products(row_products, load_rows(a_row, k, K, m_mask, EVEN_K),
+                                            load_rows(b_row, k, K, n_mask, EVEN_K))
         else:
             part = product(load_rows(a_row, k0 + ks, K, m_mask, EVEN_K), load_rows(b_row, k0 + ks, K, n_mask, EVEN_K),
                            DOT, PRECISE)
