@@ -7,7 +7,8 @@
 # Device tool: carry the pydantic wheels (WHEELS, default .whl) and the other checkout's engine/ and benchmarks/
 # (OLD, default .ab-old), then: STRATA_COMMIT=<commit> OLD_COMMIT=<its commit> bash benchmarks/gpu_onerow_ab.sh
 #   env: VARIANTS=bf16,fp8,w4a16 (bf16 first: the others are quantized from it)  TUNE_GEMV_SECONDS=12
-#        BUDGET_S=570
+#        OLD_TUNE=0: the other checkout keeps its committed tiles (its current ones are not timed alone)
+#        TESTS="pytest paths": run last, in what is left of BUDGET_S (default 570)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
 OUT=${OUT:-benchmarks/results}
@@ -23,7 +24,7 @@ HERE=$PWD
 left() { echo $((BUDGET_S - SECONDS)); }
 
 if [ ! -f "$RESULTS/tuned" ]; then
-  (cd "$OLD" && PYTHONPATH=/tmp/site:$PWD STRATA_COMMIT=${OLD_COMMIT:-old} timeout -k 10 120 python3 \
+  [ "${OLD_TUNE:-1}" = 0 ] || (cd "$OLD" && PYTHONPATH=/tmp/site:$PWD STRATA_COMMIT=${OLD_COMMIT:-old} timeout -k 10 120 python3 \
      benchmarks/quant_tuning.py --dtypes fp8_w8a8 int4_w4a16 --rows 1 --gemv-seconds 0.5 --out-dir "$RESULTS/old" \
      2>&1 | grep -v "^  ")
   PYTHONPATH=/tmp/site:$HERE timeout -k 10 "$(left)" python3 benchmarks/quant_tuning.py --dtypes fp8_w8a8 \
@@ -63,6 +64,9 @@ for v in ${VARIANTS//,/ }; do
   done
 done
 
+if [ -n "${TESTS:-}" ]; then  # shellcheck disable=SC2086  # TESTS splits into paths on purpose
+  TRITON_INTERPRET=0 timeout -k 10 "$(left)" python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -12
+fi
 python3 - "$RESULTS" "$OUT" <<'EOF'
 """Each kernel alone (old tiles, new sweep's best) and W1 / the batch-1 step of each variant and tree."""
 import json, sys

@@ -68,8 +68,12 @@ def candidates(m: int, dtype: str, norm: bool = False):
 
     if m == 1 and dtype == "fp8_w8a8":  # the folded matrix-vector kernel quantizing x itself (gemv.py QUANT_X):
         # rows of weights a program, K tile, warps, stages; likeliest first. Wide row tiles share x's
-        # quantization among more rows; narrow ones give the narrow layers (o, down: N 4,096) more programs
-        grid = itertools.product([1], [16, 32, 8, 64], [1024, 2048, 512], [4, 8], [2, 3])
+        # quantization among more rows; narrow ones give the narrow layers (o, down: N 4,096) more programs.
+        # Taken in turns with tensor-core tiles (fp8_one_row.py: 15 of 16 rows padding, the quantization and
+        # folds as kernels of their own), which read gate/up's weights faster on an H100
+        folded = itertools.product([1], [16, 8, 32, 64], [1024, 512, 2048], [8, 4], [2, 3])
+        tiles = itertools.product([16], [32, 64, 128], [128, 256], [4, 8], [3, 4])
+        grid = [c for pair in itertools.zip_longest(folded, tiles) for c in pair if c is not None]
     elif m == 1 and dtype == "bf16":  # the 16-bit gemv, with a shape's RMSNorm folded in or run before it
         grid = itertools.product([1], [4, 8, 2, 16], [1024, 2048, 512], [4, 8], [2, 3, 4], [True, False] if norm
                                  else [True])
@@ -117,8 +121,8 @@ def make_case(dtype: str, name: str, n: int, k: int, copies: int):
             if norm and not cfg.fold_norm:  # as gemv does with such a tuned entry
                 return gemv(rms_norm(x, *norm), w, None, GemvConfig(*cfg[1:5]), gated=gated, residual=residual,
                             out=out)
-            return gemv(x, w, None, GemvConfig(*cfg[1:5]), gated=gated, norm=norm, residual=residual, out=out,
-                        **quant)
+            tiles = cfg if dtype == "fp8_w8a8" else GemvConfig(*cfg[1:5])  # FP8: its tensor-core route too
+            return gemv(x, w, None, tiles, gated=gated, norm=norm, residual=residual, out=out, **quant)
         return [lambda cfg, w=w: call(cfg, w) for w in ws], gemv_ref(x, ws[0], None, gated, norm, residual, **quant)
 
     def calls_for(m: int):
@@ -150,7 +154,7 @@ def write_tiles(path: Path, best: dict) -> None:
 
 
 def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: float) -> tuple[dict, dict]:
-    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, default_config, tile_config, tuned_tile
+    from engine.kernels.quant_tile_configs import MAX_GEMV_ROWS, TileConfig, tile_config, tuned_tile
 
     n, k = SHAPES_BY_NAME[name]
     weight_bytes = n * k * {"fp8_w8a8": 1, "bf16": 2}.get(dtype, 0.5)
@@ -163,8 +167,6 @@ def tune(dtype: str, name: str, rows: list[int], seconds: float, gemv_seconds: f
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         cublas = graph_ms([lambda w=w: F.linear(x, w) for w in bf16])
         current = tile_config(m, n, k, dtype, torch.device("cuda"))
-        if m == 1 and current.block_m > 1:  # a tensor-core entry from before FP8's one row took the gemv
-            current = default_config(1, k, dtype)
         if dtype == "bf16":
             from engine.kernels.gemv import gemv_config
             fusion = DECODE_FUSIONS.get(name.split("@")[0], {})

@@ -19,11 +19,12 @@ import torch
 
 from ._triton import next_pow2, pdl_args, prefetch_args, tl, triton, use_triton
 from .fp8 import FP8, fp8_scale, fp8_value, per_token_quant_fp8_ref
+from .fp8_one_row import fp8_one_row_in_tiles
 from .gemv_int4 import launch_int4_gemv
 from .gemv_parts import (accumulator_width, add_products, dot_rows, finish_rows, load_rows, load_vector, load_x,
                          start_rows)
 from .int4 import dequantize_packed_ref
-from .quant_tile_configs import default_config, tile_config, tuned_tile
+from .quant_tile_configs import TileConfig, default_config, tile_config, tuned_tile
 from .reduce_site import ReduceSite
 from .rms_norm import rms_norm
 
@@ -157,7 +158,7 @@ def gemv_config(m: int, norm: bool = False, gated: bool = False) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, gated: bool = False,
+         config: GemvConfig | TileConfig | None = None, gated: bool = False,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | ReduceSite | None = None,
          out: torch.Tensor | None = None, push: ReduceSite | None = None, weight_scale: torch.Tensor | None = None,
          int4_group: int = 0, gelu_tanh: bool = False, quant_x: bool = False) -> torch.Tensor | ReduceSite:
@@ -165,6 +166,9 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     weight_scale: [N] float32 with an FP8 weight (w = weight * weight_scale per row; weight-only, W8A16).
     quant_x (FP8 weight): x, normalized first with norm, is quantized to FP8 per token (W8A8, dynamic per-token
     activations, as fp8.per_token_quant_fp8).
+    config: the tiles, or a quantized weight's TileConfig (quant_tile_configs; by default its tuned entry for the
+    shape): a tensor-core entry (block_m >= 16) sends W8A8 with x a tensor to fp8_one_row.py, which quantizes x
+    and adds the folds as kernels of their own.
     int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
     pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
@@ -213,10 +217,11 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
         return out
     if config is None and weight_scale is not None:  # quant_tile_configs' matrix-vector entry for M rows
         dtype = "int4_w4a16" if int4_group else "fp8_w8a8"
-        tile = tile_config(m, weight.shape[0], k, dtype, weight.device)
-        if tile.block_m >= 16:  # a tensor-core entry (scaled_mm's, from before FP8's one row took this kernel)
-            tile = default_config(m, k, dtype)
-        config = GemvConfig(*tile[1:5])
+        config = tile_config(m, weight.shape[0], k, dtype, weight.device)
+    if isinstance(config, TileConfig):  # a quantized weight's tile: GemvConfig's fields after block_m
+        if config.block_m >= 16 and quant_x and x_site is None and push is None:
+            return fp8_one_row_in_tiles(x, weight, weight_scale, config, bias, gated, norm, residual, out, gelu_tanh)
+        config = GemvConfig(*(default_config(m, k, "fp8_w8a8") if config.block_m >= 16 else config)[1:5])
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)

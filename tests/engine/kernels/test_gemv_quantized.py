@@ -7,6 +7,7 @@ import torch
 from engine.kernels.fp8 import FP8, quantize_fp8
 from engine.kernels.gemv import GemvConfig, gemv, gemv_ref
 from engine.kernels.int4 import dequantize_packed_ref, int4_mm_ref
+from engine.kernels.quant_tile_configs import TileConfig
 from engine.kernels.rms_norm import rms_norm_quant_fp8, rms_norm_ref
 from engine.kernels.scaled_mm import scaled_mm
 
@@ -78,6 +79,25 @@ def test_w8a8_gemv_folds_the_gate_after_quantized_x(device):
     x_q, x_scale = rms_norm_quant_fp8(x, *norm)
     gate, up = (x_q.float() * x_scale @ (w_q.float() * w_scale[:, None]).t()).chunk(2, dim=-1)
     torch.testing.assert_close(out.float(), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2)
+
+
+def test_w8a8_one_row_in_tensor_core_tiles_equals_the_folded_kernel(device):
+    """A tensor-core tile for one row of W8A8 (fp8_one_row.py: the quantization, the gate and the residual add as
+    kernels of their own) gives the folded kernel's result."""
+    torch.manual_seed(5)
+    k, n = 192, 2 * 24
+    x = torch.randn(1, k, device=device).to(torch.bfloat16)
+    norm = ((1 + 0.1 * torch.randn(k, device=device)).to(torch.bfloat16), 1e-6)
+    w_q, w_scale = _fp8_weight(n, k, device)
+    tiles, folded = TileConfig(16, 32, 64, 4, 2), GemvConfig(8, 64, 4, 2)
+    out = gemv(x, w_q, None, tiles, gated=True, norm=norm, weight_scale=w_scale, quant_x=True)
+    torch.testing.assert_close(out, gemv(x, w_q, None, folded, gated=True, norm=norm, weight_scale=w_scale,
+                                         quant_x=True), atol=1e-2, rtol=1e-2)
+    residual = torch.randn(1, n, device=device).to(torch.bfloat16)
+    expected = gemv(x, w_q, None, folded, residual=residual.clone(), weight_scale=w_scale, quant_x=True)
+    out = gemv(x, w_q, None, tiles, residual=residual, weight_scale=w_scale, quant_x=True)
+    assert out.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=1e-2)
 
 
 def test_an_fp8_weight_needs_its_scales(device):
