@@ -9,26 +9,6 @@ import pytest  # noqa: E402
 
 from tests.support.ray_cluster import local_serve, shutdown_ray  # noqa: E402
 
-# `make test` runs the suite in pytest-xdist workers (--dist loadgroup). What shares the host's Ray and Serve (port
-# 8000), or builds hosts in network namespaces and containers, runs in one worker each, in order; the rest spreads
-# over the workers. Each worker keeps its Ray sessions under a temp dir of its own.
-SERIAL_GROUPS = {
-    "serve": ("tests/cluster/", "tests/reliability/", "tests/deploy/test_grafana_dashboard.py",
-              "tests/deploy/test_load_balancer.py", "tests/benchmarks/test_experiments.py"),
-    "hosts": ("tests/deploy/multinode/", "tests/deploy/test_images.py"),
-}
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
-
-
-def pytest_collection_modifyitems(config, items):
-    root = str(config.rootpath) + "/"
-    for item in items:
-        path = str(item.path).removeprefix(root)
-        for group, prefixes in SERIAL_GROUPS.items():
-            if path.startswith(prefixes):
-                item.add_marker(pytest.mark.xdist_group(group))
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _ray_shut_down_at_the_end():

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import httpx
 import openai
 import pytest
 
 from cluster.config import ClusterConfig, ModelConfig
-from tests.support.hosts import apt_install
 from tests.support.polling import wait_for
 from tests.support.serve_app import deploy
 
@@ -31,7 +31,11 @@ def chromium_and_driver() -> tuple[str, str]:
         return shutil.which("chromium"), shutil.which("chromedriver")
 
     if None in found() and shutil.which("apt-get") and os.geteuid() == 0:
-        apt_install(["chromium", "chromium-driver"], "--no-install-recommends")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+            subprocess.run(install, env=env, capture_output=True, timeout=900)
     browser, driver = found()
     if browser is None or driver is None:
         pytest.skip("needs Debian's chromium and chromium-driver, which apt-get could not install here")

@@ -46,23 +46,12 @@ def ensure_packages() -> None:
     """apt-get install the Debian packages whose commands are missing (CI is a clean Debian run as root)."""
     missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not shutil.which(cmd, path=f"/usr/sbin:/sbin:"
                                                                                         f"{os.environ['PATH']}")})
-    if missing and not apt_install(missing):
-        raise RuntimeError(f"apt-get could not install {missing}")
-
-
-def apt_install(packages: list[str], *options: str, timeout: float = 900) -> bool:
-    """apt-get install (after an update if the first try fails); one install at a time on this machine, as test
-    workers may ask at once and apt takes a lock of its own. True if it succeeded."""
-    import fcntl
-
+    if not missing:
+        return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", *options, *packages]
-    with open("/tmp/strata-tests-apt.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if subprocess.run(install, env=env, capture_output=True, timeout=timeout).returncode == 0:
-            return True
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        return subprocess.run(install, env=env, capture_output=True, timeout=timeout).returncode == 0
+    if subprocess.run(["apt-get", "install", "-y", "-q", *missing], env=env, capture_output=True).returncode:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], env=env, check=True, capture_output=True)
 
 
 @dataclass
