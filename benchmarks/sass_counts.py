@@ -50,6 +50,12 @@ def cases(kernels) -> dict:
                 dict(INT4_GROUP=128)
         out[f"INT4 gemv {bn}x{bk}, 4 warps"] = (kernel, pointers, dict(GEMV_FLAGS, BLOCK_N=bn, BLOCK_K=bk, **flags),
                                                 4, 2, bn * bk, 0.5)
+    for bn, bk, warps in ((16, 1024, 8), (8, 1024, 8)):  # W8A8 batch-1 decode: x quantized inside (QUANT_X)
+        if "QUANT_X" in gemv._gemv_kernel.arg_names:
+            out[f"FP8 W8A8 gemv, x quantized inside, {bn}x{bk}, {warps} warps"] = (
+                gemv._gemv_kernel, dict(GEMV_POINTERS, w_ptr="*fp8e4nv", w_scale_ptr="*fp32"),
+                dict(GEMV_FLAGS, BLOCK_N=bn, BLOCK_K=bk, W_SCALE=True, QUANT_X=True,
+                     ACC_K=_acc_k(kernels, bn, bk, warps)), warps, 2, bn * bk, 1)
     for bn, bk, warps in ((16, 1024, 8), (8, 2048, 4)):
         out[f"FP8 W8A8 one row {bn}x{bk}, {warps} warps"] = (scaled_mm._scaled_mm_kernel, {
             "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
