@@ -64,16 +64,10 @@ def scaled_mm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w
 
 
 @triton.jit
-def round_to_e4m3(v):
-    """fp32 (within +-448) -> e4m3, rounding to nearest even like torch. The rounding is done here in fp32 (the
-    nearest multiple of the value's e4m3 spacing, via the 1.5 * 2^23 trick), so the cast only drops zero bits:
-    Triton's interpreter truncates where a value rounds up into the next binade."""
-    return e4m3_value(v).to(tl.float8e4nv)
-
-
-@triton.jit
 def e4m3_value(v):
-    """round_to_e4m3's rounding, kept in fp32: the e4m3 value nearest v (within +-448), as a float32."""
+    """The e4m3 value nearest v (fp32 within +-448), rounding to nearest even like torch, as a float32: the
+    nearest multiple of v's e4m3 spacing, via the 1.5 * 2^23 trick, so that a cast to FP8 only drops zero bits
+    (Triton's interpreter truncates where a value rounds up into the next binade)."""
     bits = v.to(tl.int32, bitcast=True)
     spacing_exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3  # 3 mantissa bits; subnormals below 2^-6
     spacing = ((spacing_exp + 127) << 23).to(tl.float32, bitcast=True)
@@ -91,12 +85,12 @@ def fp8_scale(abs_max):
 @triton.jit
 def to_fp8(x, scale):
     """x / scale, saturated to e4m3's range and rounded to FP8."""
-    return round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
+    return fp8_value(x, scale).to(tl.float8e4nv)
 
 
 @triton.jit
 def fp8_value(x, scale):
-    """to_fp8's FP8 value, as a float32."""
+    """x / scale, saturated to e4m3's range and rounded to the nearest FP8 value, kept as a float32."""
     return e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
 
 

@@ -11,7 +11,8 @@ Norm, gate and residual fold in as for 16-bit weights. W8A8 layers with dynamic 
 (quant_x) quantize x inside each program, as fp8.per_token_quant_fp8 would after the RMSNorm: passes over x before
 the product find 1/rms and the FP8 scale, and each K tile is quantized as it is read. That repeats the
 quantization N / BLOCK_N times (an IEEE division and a rounding an element of x a program), which wide row tiles
-amortize; it saves the quantization kernels before the layer's four projections.
+amortize; it saves the quantization kernel before each projection that takes it (a shape whose tuned tile is a
+tensor-core one takes fp8_one_row.py instead).
 """
 from typing import NamedTuple
 
