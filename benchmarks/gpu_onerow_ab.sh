@@ -7,6 +7,7 @@
 # Device tool: carry the pydantic wheels (WHEELS, default .whl) and the other checkout's engine/ and benchmarks/
 # (OLD, default .ab-old), then: STRATA_COMMIT=<commit> OLD_COMMIT=<its commit> bash benchmarks/gpu_onerow_ab.sh
 #   env: VARIANTS=bf16,fp8,w4a16 (bf16 first: the others are quantized from it)  TUNE_GEMV_SECONDS=12
+#        TUNE_DTYPES="fp8_w8a8 int4_w4a16" (the formats whose one-row tiles are timed and swept)
 #        OLD_TUNE=0: the other checkout keeps its committed tiles (its current ones are not timed alone)
 #        TESTS="pytest paths": run last, in what is left of BUDGET_S (default 570)
 set -uo pipefail
@@ -16,6 +17,7 @@ ROOT=${ROOT:-/root}
 OLD=${OLD:-.ab-old}
 VARIANTS=${VARIANTS:-bf16,fp8,w4a16}
 BUDGET_S=${BUDGET_S:-570}
+TUNE_DTYPES=${TUNE_DTYPES:-fp8_w8a8 int4_w4a16}
 RESULTS=$ROOT/onerow-results
 mkdir -p "$OUT" "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"
@@ -25,10 +27,10 @@ left() { echo $((BUDGET_S - SECONDS)); }
 
 if [ ! -f "$RESULTS/tuned" ]; then
   [ "${OLD_TUNE:-1}" = 0 ] || (cd "$OLD" && PYTHONPATH=/tmp/site:$PWD STRATA_COMMIT=${OLD_COMMIT:-old} timeout -k 10 120 python3 \
-     benchmarks/quant_tuning.py --dtypes fp8_w8a8 int4_w4a16 --rows 1 --gemv-seconds 0.5 --out-dir "$RESULTS/old" \
+     benchmarks/quant_tuning.py --dtypes $TUNE_DTYPES --rows 1 --gemv-seconds 0.5 --out-dir "$RESULTS/old" \
      2>&1 | grep -v "^  ")
-  PYTHONPATH=/tmp/site:$HERE timeout -k 10 "$(left)" python3 benchmarks/quant_tuning.py --dtypes fp8_w8a8 \
-    int4_w4a16 --rows 1 --gemv-seconds "${TUNE_GEMV_SECONDS:-12}" --out-dir "$RESULTS/new" 2>&1 | grep -v "^  "
+  PYTHONPATH=/tmp/site:$HERE timeout -k 10 "$(left)" python3 benchmarks/quant_tuning.py --dtypes $TUNE_DTYPES \
+    --rows 1 --gemv-seconds "${TUNE_GEMV_SECONDS:-12}" --out-dir "$RESULTS/new" 2>&1 | grep -v "^  "
   mkdir -p "$OUT/configs" && cp engine/kernels/configs/N=*dtype=*.json "$OUT/configs/" 2>/dev/null
   touch "$RESULTS/tuned"
 fi

@@ -5,15 +5,16 @@
 # asked into L2 ahead. Writes pdl-ab-<gpu>-<commit>.json under $OUT.
 # Device tool: carry the pydantic wheels (WHEELS, default .whl), then: STRATA_COMMIT=<commit> bash benchmarks/gpu_pdl.sh
 #   env: VARIANTS=bf16,fp8,w4a16 (checkpoints as benchmarks/gpu_quant.sh makes them under $ROOT; moe48: a random
-#        Qwen3-30B-A3B, 48 layers, under /dev/shm)  SETTINGS="0:0 1:0 1:4096" (STRATA_PDL:STRATA_PDL_PREFETCH bytes;
-#        STRATA_PDL noint4: every family but the INT4 gemv)
+#        Qwen3-30B-A3B, 48 layers, under /dev/shm)  SETTINGS="0:0 default:0 all:0 all:4096" (STRATA_PDL:
+#        STRATA_PDL_PREFETCH bytes; STRATA_PDL 0: none, default: unset (kernels/_triton.PDL_FAMILIES), all: every
+#        family, else a comma list of families)
 #        TESTS=1: first the GPU tests that run with it on (needs pytest; TESTS=pdl: test_pdl.py only)  BUDGET_S=540
 set -uo pipefail
 export PYTHONUNBUFFERED=1 STRATA_CACHE_DIR=/tmp/strata-cache
 OUT=${OUT:-benchmarks/results}
 ROOT=${ROOT:-/root}
 VARIANTS=${VARIANTS:-bf16,fp8,w4a16}
-SETTINGS=${SETTINGS:-0:0 1:0 1:4096}
+SETTINGS=${SETTINGS:-0:0 default:0 all:0 all:4096}
 BUDGET_S=${BUDGET_S:-540}
 RESULTS=$ROOT/pdl-results
 mkdir -p "$OUT" "$RESULTS"
@@ -49,8 +50,9 @@ for v in ${VARIANTS//,/ }; do
     [ -f "$dir/done" ] && continue
     [ "$(left)" -lt 40 ] && { echo "SKIPPED $v $s: $(left) s left, run again"; continue; }
     t=$SECONDS; rm -rf "$dir"
-    pdl=${s%%:*}; pdl=${pdl/#noint4/gemv,mm,moe,small}
-    if STRATA_PDL=$pdl STRATA_PDL_PREFETCH=${s##*:} timeout -k 10 "$(left)" python3 -m benchmarks.throughput \
+    pdl=${s%%:*}; pdl=${pdl/#all/gemv,int4,mm,moe,small}
+    if [ "$pdl" = default ]; then unset STRATA_PDL; else export STRATA_PDL=$pdl; fi
+    if STRATA_PDL_PREFETCH=${s##*:} timeout -k 10 "$(left)" python3 -m benchmarks.throughput \
          --model "$ckpt" --workloads W1 --hf-baseline 0 --max-num-seqs 1 --decode-roofline --decode-batch 1 \
          --decode-context 512 --out-dir "$dir" 2>"$OUT/stderr-pdl-$v.log" | grep -E "tok/s|per step"; then
       touch "$dir/done"; echo "$v PDL ${s%%:*} prefetch ${s##*:}: done in $((SECONDS - t)) s"

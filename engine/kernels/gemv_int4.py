@@ -7,12 +7,13 @@ Each program streams BLOCK_N weight rows for one row of x. A K tile is taken as 
 row a thread, and x as eight nibble planes (plane i: x at K columns 8c + i), so nibble i of every int32 meets its x
 without unpacking anything along K. The weights, their scales and x's planes are all loaded one element a thread
 (`unit` hides the int32s' contiguity from Triton, which would otherwise give the weights 16-byte vectors and x
-another layout): they then share one layout and no tile passes through shared memory inside the loop (the
-vectorized form before spent 22 barriers a K tile on such conversions for Hopper). A nibble becomes a float with no
-int-to-float conversion (quarter rate on Hopper): masked where it sits and OR-ed into the mantissa of 2^23, it reads
-2^23 + q * 2^s, and subtracting 2^23 + 8 * 2^s leaves (q - 8) * 2^s exactly, with x scaled by 2^-s instead (exact
-too). A float's 23 mantissa bits hold nibbles 0-4 in place; nibbles 5-7 are shifted down 12 bits first. The groups'
-scales multiply each int32's partial sum, not each value.
+another layout): they then share one layout and no tile passes through shared memory inside the loop (the vectorized
+form before spent 22 barriers a K tile on such conversions for Hopper). A nibble becomes a float with one mask-and-
+OR, half a shift and no int-to-float conversion (quarter rate on Hopper): shifted to bit s = 12 or 16 (nibbles 2j
+and 2j + 1 share a shift), masked and OR-ed into the mantissa of 2^23, it reads 2^23 + q * 2^s, which multiplies x
+scaled by 2^-s; what x contributes beyond (q - 8) x, (2^(23 - s) + 8) x, is summed once per int32 column for all its
+rows and taken off before the group's scale multiplies each int32's partial sum. Bits 12 and 16 leave 11 and 7 bits
+above the nibble, so the float32 products keep the low bits (lower places would lose them to 2^23).
 """
 from __future__ import annotations
 
@@ -25,29 +26,36 @@ from .reduce_site import load_part_sum
 
 
 @triton.jit
-def _plane(packed, magic, SHIFT: tl.constexpr):
-    """(q - 8) * 2^SHIFT for the nibble q at bits [SHIFT, SHIFT + 4) of each int32 (see the module doc)."""
-    bits = (packed & (0xF << SHIFT)) | magic
-    return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
+def _moved(packed, I: tl.constexpr):
+    """The int32s shifted so that nibble I sits at bit 12 (I even) or 16 (I odd): nibbles 2j and 2j + 1 share a
+    shift."""
+    if I < 2:
+        return packed << 12
+    elif I < 4:
+        return packed << 4
+    elif I < 6:
+        return packed >> 4
+    else:
+        return packed >> 12
 
 
 @triton.jit
-def _nibble(packed, high, magic, I: tl.constexpr):
-    """(q - 8) * 2^s for nibble I of each int32: nibbles 0-4 in place (s = 4 I), 5-7 from `high`, the int32s shifted
-    down 12 bits (s = 4 I - 12)."""
-    if I < 5:
-        return _plane(packed, magic, 4 * I)
-    else:
-        return _plane(high, magic, 4 * I - 12)
+def _nibble_float(moved, magic, I: tl.constexpr):
+    """2^23 + q * 2^s for the nibble q of `moved` at bit s (12 or 16, see _moved), OR-ed into the mantissa of 2^23."""
+    s: tl.constexpr = 12 + 4 * (I % 2)
+    return ((moved & (0xF << s)) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _x_scale(I: tl.constexpr):
-    """2^-s for nibble I (see _nibble)."""
-    if I < 5:
-        return 1.0 / (1 << (4 * I))
-    else:
-        return 1.0 / (1 << (4 * I - 12))
+    """2^-s for nibble I: x times it makes (2^23 + q 2^s) x 2^-s = q x + 2^(23-s) x."""
+    return 1.0 / (1 << (12 + 4 * (I % 2)))
+
+
+@triton.jit
+def _x_offset(I: tl.constexpr):
+    """2^(23-s) + 8 for nibble I: what x (times 2^-s already undone) contributes beyond (q - 8) x."""
+    return (1 << (11 - 4 * (I % 2))) + 8.0
 
 
 @triton.jit
@@ -98,21 +106,25 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
         if GATED:
             packed_up = tl.load(w_row + up_offset + packed_k[:, None], mask=w_mask, other=0)
             scales_up = tl.load(s_row + up_s_offset + groups[:, None], mask=w_mask, other=0.0).to(tl.float32)
-            high_up = packed_up >> 12
-        high = packed >> 12  # nibbles 5-7 where a float's mantissa holds them
         total = tl.zeros([C, BLOCK_N], tl.float32)
         total_up = tl.zeros([C, BLOCK_N], tl.float32)
+        offset = tl.zeros([C], tl.float32)
         for i in tl.static_range(8):
             x_raw, x = _x_plane(x_ptr, x_stride, row, norm_w_ptr, k0 + 8 * ints + i, K, EVEN_K, NORM, X_PARTS)
             if NORM:
                 sum_sq += x_raw * x_raw
+            offset += x * _x_offset(i)
             x = (x * _x_scale(i))[:, None]
-            total += _nibble(packed, high, magic, i) * x
+            if i % 2 == 0:
+                moved = _moved(packed, i)
+                if GATED:
+                    moved_up = _moved(packed_up, i)
+            total += _nibble_float(moved, magic, i) * x
             if GATED:
-                total_up += _nibble(packed_up, high_up, magic, i) * x
-        acc += total * scales
+                total_up += _nibble_float(moved_up, magic, i) * x
+        acc += (total - offset[:, None]) * scales
         if GATED:
-            acc_up += total_up * scales_up
+            acc_up += (total_up - offset[:, None]) * scales_up
     out = tl.sum(acc, 0)[None, :]
     out_up = tl.sum(acc_up, 0)[None, :]
     if NORM:
