@@ -59,6 +59,15 @@ def _x_offset(I: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptrs, k_mask, EVEN_K: tl.constexpr):
+    """A [int32s, rows] tile of weights or scales; zeros past K. No row mask: rows past N are clamped (the loop
+    then has no predicated loads and no zero fill of them)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=k_mask[:, None], other=0)
+
+
+@triton.jit
 def _x_plane(x_ptr, x_stride, row, norm_w_ptr, k, K, EVEN_K: tl.constexpr, NORM: tl.constexpr,
              X_PARTS: tl.constexpr):
     """x at the K columns k (one nibble plane of a tile), float32, times the norm's weights where NORM."""
@@ -90,8 +99,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     # `unit` (1) hides that a row's int32s are contiguous: loaded one an int32 a thread, the weights, their scales
     # and x's nibble planes all take one layout, and nothing passes through shared memory in the loop
     ints = tl.arange(0, C) * unit
-    w_row = w_ptr + rows_n.to(tl.int64)[None, :] * w_stride
-    s_row = scale_ptr + rows_n.to(tl.int64)[None, :] * scale_stride
+    safe_rows = tl.minimum(rows_n, N - 1).to(tl.int64)[None, :]  # rows past N read row N - 1, whose sums are dropped
+    w_row = w_ptr + safe_rows * w_stride
+    s_row = scale_ptr + safe_rows * scale_stride
     up_offset = N * w_stride
     up_s_offset = N * scale_stride
     acc = tl.zeros([C, BLOCK_N], tl.float32)  # reduced once after the loop
@@ -99,13 +109,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     sum_sq = tl.zeros([C], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         packed_k = k0 // 8 + ints
-        w_mask = n_mask[None, :] if EVEN_K else n_mask[None, :] & (packed_k < K // 8)[:, None]
         groups = (k0 + 8 * ints) // GROUP
-        packed = tl.load(w_row + packed_k[:, None], mask=w_mask, other=0)
-        scales = tl.load(s_row + groups[:, None], mask=w_mask, other=0.0).to(tl.float32)
+        packed = _load_tile(w_row + packed_k[:, None], packed_k < K // 8, EVEN_K)
+        scales = _load_tile(s_row + groups[:, None], packed_k < K // 8, EVEN_K).to(tl.float32)
         if GATED:
-            packed_up = tl.load(w_row + up_offset + packed_k[:, None], mask=w_mask, other=0)
-            scales_up = tl.load(s_row + up_s_offset + groups[:, None], mask=w_mask, other=0.0).to(tl.float32)
+            packed_up = _load_tile(w_row + up_offset + packed_k[:, None], packed_k < K // 8, EVEN_K)
+            scales_up = _load_tile(s_row + up_s_offset + groups[:, None], packed_k < K // 8, EVEN_K).to(tl.float32)
         total = tl.zeros([C, BLOCK_N], tl.float32)
         total_up = tl.zeros([C, BLOCK_N], tl.float32)
         offset = tl.zeros([C], tl.float32)
