@@ -9,11 +9,12 @@ without unpacking anything along K. The weights, their scales and x's planes are
 (`unit` hides the int32s' contiguity from Triton, which would otherwise give the weights 16-byte vectors and x
 another layout): they then share one layout and no tile passes through shared memory inside the loop (the vectorized
 form before spent 22 barriers a K tile on such conversions for Hopper). A nibble becomes a float with one mask-and-
-OR, half a shift and no int-to-float conversion (quarter rate on Hopper): shifted to bit s = 12 or 16 (nibbles 2j
-and 2j + 1 share a shift), masked and OR-ed into the mantissa of 2^23, it reads 2^23 + q * 2^s, which multiplies x
-scaled by 2^-s; what x contributes beyond (q - 8) x, (2^(23 - s) + 8) x, is summed once per int32 column for all its
-rows and taken off before the group's scale multiplies each int32's partial sum. Bits 12 and 16 leave 11 and 7 bits
-above the nibble, so the float32 products keep the low bits (lower places would lose them to 2^23).
+OR and half a shift, no int-to-float conversion (quarter rate on Hopper) and no subtraction: shifted to bit s = 12
+or 16 (nibbles 2j and 2j + 1 share a shift) and OR-ed into the mantissa of a float whose bit s is worth 1 (2^11 or
+2^7), it reads 2^(23 - s) + q and multiplies x as it is. What x contributes beyond (q - 8) x, (2^(23 - s) + 8) x, is
+summed once per int32 column for all its rows and taken off before the group's scale multiplies each int32's partial
+sum. Bits 12 and 16 leave 11 and 7 bits above the nibble, so the float32 products keep their low bits (a nibble
+lower down would lose them to the float's leading bit).
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ import torch
 
 from ._triton import pdl_args, prefetch_args, tl, triton
 from .gemv_parts import finish_rows, load_vector, start_rows
-from .int4 import MAGIC
 from .reduce_site import load_part_sum
+
+# 2^11 as float32 bits: a nibble q OR-ed in at bit 12 of its mantissa reads 2^11 + q. A kernel argument, not a
+# literal, so that it sits in a register (the one for bit 16, 2^7, is derived from it once).
+MAGIC_12 = 0x45000000
 
 
 @triton.jit
@@ -40,21 +44,17 @@ def _moved(packed, I: tl.constexpr):
 
 
 @triton.jit
-def _nibble_float(moved, magic, I: tl.constexpr):
-    """2^23 + q * 2^s for the nibble q of `moved` at bit s (12 or 16, see _moved), OR-ed into the mantissa of 2^23."""
-    s: tl.constexpr = 12 + 4 * (I % 2)
-    return ((moved & (0xF << s)) | magic).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _x_scale(I: tl.constexpr):
-    """2^-s for nibble I: x times it makes (2^23 + q 2^s) x 2^-s = q x + 2^(23-s) x."""
-    return 1.0 / (1 << (12 + 4 * (I % 2)))
+def _nibble_float(moved, magic_12, magic_16, I: tl.constexpr):
+    """2^(23 - s) + q for the nibble q of `moved` at bit s (12 or 16, see _moved): OR-ed into the mantissa of a
+    float whose bit s is worth 1."""
+    if I % 2 == 0:
+        return ((moved & 0xF000) | magic_12).to(tl.float32, bitcast=True)
+    return ((moved & 0xF0000) | magic_16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _x_offset(I: tl.constexpr):
-    """2^(23-s) + 8 for nibble I: what x (times 2^-s already undone) contributes beyond (q - 8) x."""
+    """2^(23 - s) + 8 for nibble I: what x contributes beyond (q - 8) x."""
     return (1 << (11 - 4 * (I % 2))) + 8.0
 
 
@@ -83,7 +83,7 @@ def _x_plane(x_ptr, x_stride, row, norm_w_ptr, k, K, EVEN_K: tl.constexpr, NORM:
 @triton.jit(do_not_specialize=["M", "rank", "unit"])
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, residual_ptr, M, N, K, x_stride,
                       w_stride, scale_stride, out_stride, residual_stride, eps, x_count_ptr, previous_count_ptr,
-                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic, unit, GROUP: tl.constexpr,
+                      peer_parts_ptr, peer_counts_ptr, ticket_ptr, rank, magic_12, unit, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       GATED: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr,
                       RESIDUAL_PARTS: tl.constexpr, PUSH: tl.constexpr, GELU_TANH: tl.constexpr,
@@ -107,6 +107,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     acc = tl.zeros([C, BLOCK_N], tl.float32)  # reduced once after the loop
     acc_up = tl.zeros([C, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([C], tl.float32)
+    magic_16 = magic_12 - (4 << 23)  # 2^7
     for k0 in range(0, K, BLOCK_K):
         packed_k = k0 // 8 + ints
         groups = (k0 + 8 * ints) // GROUP
@@ -123,14 +124,14 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
             if NORM:
                 sum_sq += x_raw * x_raw
             offset += x * _x_offset(i)
-            x = (x * _x_scale(i))[:, None]
+            x = x[:, None]
             if i % 2 == 0:
                 moved = _moved(packed, i)
                 if GATED:
                     moved_up = _moved(packed_up, i)
-            total += _nibble_float(moved, magic, i) * x
+            total += _nibble_float(moved, magic_12, magic_16, i) * x
             if GATED:
-                total_up += _nibble_float(moved_up, magic, i) * x
+                total_up += _nibble_float(moved_up, magic_12, magic_16, i) * x
         acc += (total - offset[:, None]) * scales
         if GATED:
             acc_up += (total_up - offset[:, None]) * scales_up
@@ -155,7 +156,7 @@ def launch_int4_gemv(x_rows: torch.Tensor, weight: torch.Tensor, weight_scale: t
     _int4_gemv_kernel[(triton.cdiv(n, block_n), m)](
         x_rows, weight, weight_scale, bias if bias is not None else weight, out, norm[0] if norm else weight, added,
         m, n, k, x_rows.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), added.stride(0),
-        norm[1] if norm else 0.0, *waits, *pushes, MAGIC, 1, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        norm[1] if norm else 0.0, *waits, *pushes, MAGIC_12, 1, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None, ADD_RESIDUAL=add_residual,
         X_PARTS=x_parts, RESIDUAL_PARTS=residual_parts, PUSH=push_world, GELU_TANH=gelu_tanh, num_warps=num_warps,
         num_stages=num_stages, **pdl_args(weight, "int4"),
