@@ -30,8 +30,11 @@ import pytest  # noqa: E402
 import triton  # noqa: E402,F401
 
 import engine.kernels  # noqa: E402,F401  (decorates every kernel now, while the variable is set)
+from tests.support.triton_interpreter import skip_repeated_patching  # noqa: E402
 
 assert not INTERPRET or _built_for_interpreter()
+if INTERPRET:
+    skip_repeated_patching()
 if _previous is None:
     del os.environ["TRITON_INTERPRET"]
 

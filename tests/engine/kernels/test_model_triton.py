@@ -14,6 +14,8 @@ import textwrap
 import pytest
 import torch
 
+from tests.support.paths import ROOT
+
 ON_GPU = torch.cuda.is_available()
 # Both paths in float32, so their tokens and logprobs agree; on a GPU a small KV cache and batch, so the second
 # engine fits beside whatever the first left there, and few CUDA graphs are captured.
@@ -22,6 +24,8 @@ OPTIONS = dict(device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=8)
 SCRIPT = textwrap.dedent("""
     import json, sys
     from engine import LLM, SamplingParams
+    from tests.support.triton_interpreter import skip_repeated_patching
+    skip_repeated_patching()
     path, prompts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
     out = {}
@@ -37,7 +41,8 @@ SCRIPT = textwrap.dedent("""
 
 def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]], **options) -> None:
     """Run `script` on the model and prompts; its "triton" outputs equal its "torch" ones."""
-    env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1")
+    # PYTHONPATH: the script and its Ray workers import tests.support
+    env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts),
                            json.dumps(OPTIONS | options)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -70,9 +75,12 @@ TP_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from engine import LLM, SamplingParams
+    from tests.support.triton_interpreter import skip_repeated_patching
     path, prompts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    skip_repeated_patching()
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": skip_repeated_patching})  # the workers interpret too
     out = {}
     for backend, tp in (("torch", 1), ("triton", 2)):
         llm = LLM(path, attention_backend=backend, tensor_parallel_size=tp, block_size=16, **options)
