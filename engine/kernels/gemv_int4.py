@@ -110,12 +110,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, norm_w_ptr, re
     magic_16 = magic_12 - (4 << 23)  # 2^7
     for k0 in range(0, K, BLOCK_K):
         packed_k = k0 // 8 + ints
+        k_mask = packed_k < K // 8
         groups = (k0 + 8 * ints) // GROUP
-        packed = _load_tile(w_row + packed_k[:, None], packed_k < K // 8, EVEN_K)
-        scales = _load_tile(s_row + groups[:, None], packed_k < K // 8, EVEN_K).to(tl.float32)
+        packed = _load_tile(w_row + packed_k[:, None], k_mask, EVEN_K)
+        scales = _load_tile(s_row + groups[:, None], k_mask, EVEN_K).to(tl.float32)
         if GATED:
-            packed_up = _load_tile(w_row + up_offset + packed_k[:, None], packed_k < K // 8, EVEN_K)
-            scales_up = _load_tile(s_row + up_s_offset + groups[:, None], packed_k < K // 8, EVEN_K).to(tl.float32)
+            packed_up = _load_tile(w_row + up_offset + packed_k[:, None], k_mask, EVEN_K)
+            scales_up = _load_tile(s_row + up_s_offset + groups[:, None], k_mask, EVEN_K).to(tl.float32)
         total = tl.zeros([C, BLOCK_N], tl.float32)
         total_up = tl.zeros([C, BLOCK_N], tl.float32)
         offset = tl.zeros([C], tl.float32)
