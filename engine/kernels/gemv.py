@@ -170,8 +170,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     config: the tiles, or a quantized weight's TileConfig (quant_tile_configs; by default its tuned entry for the
     shape): a tensor-core entry (block_m >= 16) sends W8A8 with x a tensor to fp8_one_row.py, which quantizes x
     and adds the folds as kernels of their own.
-    int4_group > 0: weight is int32 [N, K / 8] of 4-bit values along K, stored + 8 (compressed-tensors
-    pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
+    int4_group > 0 (a multiple of 16): weight is int32 [N, K / 8] of 4-bit values along K, stored + 8
+    (compressed-tensors pack-quantized), and weight_scale [N, K / int4_group] their scales (W4A16).
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up, [M, N / 2] (SwiGLU's
     SiluAndMul folded in: one kernel instead of two); gelu_tanh: GELU's tanh form for the gate instead of SiLU.
     norm: (weight [K], eps): multiply rms_norm(x) * weight instead of x (the RMSNorm before a projection).
@@ -199,7 +199,8 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
     assert m <= MAX_ROWS and weight.shape[1] * (8 if int4_group else 1) == k and weight.stride(-1) == 1
     assert (weight.dtype == FP8 or int4_group > 0) == (weight_scale is not None)
     assert not quant_x or weight.dtype == FP8
-    assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1)
+    assert not int4_group or (weight.dtype == torch.int32 and k % int4_group == 0 and weight_scale.stride(-1) == 1
+                              and int4_group % 16 == 0 and weight.stride(0) % 2 == 0 and weight.data_ptr() % 8 == 0)
     x_rows = x_site.parts if x_site else x
     assert x_rows.stride(-1) == 1
     residual_rows = residual_site.parts if residual_site else residual

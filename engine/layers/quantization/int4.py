@@ -49,8 +49,9 @@ class Int4LinearMethod:
 
     def gemv_weights(self, layer: nn.Module) -> dict | None:
         """compressed-tensors' packing runs along K, as the matrix-vector kernel (batch-1 decode, kernels/gemv.py)
-        streams weight rows; AWQ packs along N and keeps int4_mm."""
-        if self.packing == "awq":
+        streams weight rows, two int32s at a time within a group (a group of a multiple of 16); AWQ packs along N
+        and keeps int4_mm."""
+        if self.packing == "awq" or self.group % 16:
             return None
         return {"weight": layer.weight_packed, "weight_scale": layer.weight_scale, "int4_group": self.group}
 
