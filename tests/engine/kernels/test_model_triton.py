@@ -41,8 +41,10 @@ SCRIPT = textwrap.dedent("""
 
 def assert_triton_equals_torch(script: str, model_dir, prompts: list[list[int]], **options) -> None:
     """Run `script` on the model and prompts; its "triton" outputs equal its "torch" ones."""
-    # PYTHONPATH: the script and its Ray workers import tests.support
-    env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1", PYTHONPATH=str(ROOT))
+    # PYTHONPATH: the script and its Ray workers import tests.support (and keep what the caller had, e.g. a
+    # GPU machine's wheels directory)
+    env = dict(os.environ, TRITON_INTERPRET="0" if ON_GPU else "1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(prompts),
                            json.dumps(OPTIONS | options)],
                           capture_output=True, text=True, env=env, timeout=600)
