@@ -225,6 +225,7 @@ def gemv(x: torch.Tensor | ReduceSite, weight: torch.Tensor, bias: torch.Tensor 
             return fp8_one_row_in_tiles(x, weight, weight_scale, config, bias, gated, norm, residual, out, gelu_tanh)
         config = GemvConfig(*(default_config(m, k, "fp8_w8a8") if config.block_m >= 16 else config)[1:5])
     block_n, block_k, num_warps, num_stages = config or gemv_config(m, norm is not None, gated)
+    block_k = min(block_k, max(16, next_pow2(k)))  # a K tile past K's next power of two would only be masked off
     waits = (x_site.count, x_site.previous_count) if x_site else (weight, weight)  # unused pointers: any tensor
     pushes = (push.peer_parts, push.peer_counts, push.ticket, push.rank) if push else (weight, weight, weight, 0)
     x_parts, residual_parts = x_site.world if x_site else 0, residual_site.world if residual_site else 0
