@@ -85,7 +85,9 @@ TP_SCRIPT = textwrap.dedent("""
              runtime_env={"worker_process_setup_hook": skip_repeated_patching})  # the workers interpret too
     out = {}
     for backend, tp in (("torch", 1), ("triton", 2)):
-        llm = LLM(path, attention_backend=backend, tensor_parallel_size=tp, block_size=16, **options)
+        # a small token budget: the workers' start profiles a step of that many tokens, interpreted on CPU
+        llm = LLM(path, attention_backend=backend, tensor_parallel_size=tp, block_size=16, max_num_batched_tokens=24,
+                  **options)
         res = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # one at a time: batch-1 decode
         out[backend] = [[o.outputs[0].token_ids, [max(lp.values()) for lp in o.outputs[0].logprobs]] for o in res]
         llm.shutdown()
