@@ -84,8 +84,11 @@ def fp8_scale(abs_max):
 
 @triton.jit
 def to_fp8(x, scale):
-    """x / scale, saturated to e4m3's range and rounded to FP8."""
-    return fp8_value(x, scale).to(tl.float8e4nv)
+    """x / scale, saturated to e4m3's range and rounded to FP8, with x's sign kept where it rounds to zero (-0, as
+    torch's cast gives)."""
+    sign = x.to(tl.float32).to(tl.int32, bitcast=True) & -2147483648
+    value = fp8_value(x, scale).to(tl.int32, bitcast=True) | sign
+    return value.to(tl.float32, bitcast=True).to(tl.float8e4nv)
 
 
 @triton.jit

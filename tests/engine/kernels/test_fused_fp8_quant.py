@@ -11,7 +11,8 @@ from engine.kernels.rms_norm import fused_add_rms_norm, rms_norm, rms_norm_quant
 def _assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor]):
     torch.testing.assert_close(got[1], expected[1])
     assert got[1].shape == expected[1].shape
-    torch.testing.assert_close(got[0].float(), expected[0].float(), rtol=0, atol=0)  # equal; names where they differ
+    # the same bytes, -0 included; assert_close names how many differ and where
+    torch.testing.assert_close(got[0].view(torch.uint8), expected[0].view(torch.uint8), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
