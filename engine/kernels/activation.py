@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import pdl_args, row_warps, tl, triton, use_triton, wait_for_previous_kernel
-from .fp8 import FP8, per_token_quant_fp8, per_token_quant_fp8_ref, store_per_token_fp8
+from .fp8 import FP8, fp8_scale, per_token_quant_fp8_ref, store_per_token_fp8, to_fp8
 
-ONE_PASS_MAX = 16384  # the widest row the fused FP8 activation keeps in registers (14336 for Llama-3-8B)
+ONE_PASS_MAX = 16384  # the widest row the FP8 activation keeps in registers (14336 for Llama-3-8B)
 
 
 @triton.jit
@@ -35,15 +35,30 @@ def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.c
 
 @triton.jit
 def _act_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, inter, BLOCK: tl.constexpr,
-                              GELU_TANH: tl.constexpr, PDL: tl.constexpr = False):
-    """One program a row, the whole row in one BLOCK: it stays in registers between its absolute maximum and its
-    FP8 values. Values rounded to x's dtype first, as the unfused path stores them; the scale and bytes of
-    fp8.per_token_quant_fp8."""
+                              GELU_TANH: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+    """One program a row. ONE_PASS (the row fits in one BLOCK): the row stays in registers between its absolute
+    maximum and its FP8 values. Otherwise two passes, the activation recomputed in the second. Values rounded to
+    x's dtype first, as the unfused path stores them; the scale and bytes of fp8.per_token_quant_fp8."""
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    y = _gated_row(x_ptr + row * x_stride, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty)
-    store_per_token_fp8(y.to(tl.float32), q_ptr + row * q_stride + cols, cols < inter, scale_ptr + row)
+    row_ptr = x_ptr + row * x_stride
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+        store_per_token_fp8(y, q_ptr + row * q_stride + cols, cols < inter, scale_ptr + row)
+    else:
+        abs_max = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, inter, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            y = _gated_row(row_ptr, cols, cols < inter, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+            abs_max = tl.maximum(abs_max, tl.abs(y))
+        scale = fp8_scale(tl.max(abs_max, 0))
+        tl.store(scale_ptr + row, scale)
+        for c0 in range(0, inter, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < inter
+            y = _gated_row(row_ptr, cols, mask, inter, GELU_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(q_ptr + row * q_stride + cols, to_fp8(y, scale), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -74,19 +89,19 @@ def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
 
 def act_and_mul_quant_fp8(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, 2*I] -> (FP8 rows of silu_and_mul(x), or gelu_tanh_and_mul(x), and their scales [M, 1]):
-    per_token_quant_fp8 of the activation, in one kernel where a row fits in one program (ONE_PASS_MAX), else in
-    those two kernels."""
+    per_token_quant_fp8 of the activation, in one kernel."""
     if not use_triton(x):
         return per_token_quant_fp8_ref(gelu_tanh_and_mul_ref(x) if gelu_tanh else silu_and_mul_ref(x))
     inter = x.shape[-1] // 2
-    block = triton.next_power_of_2(inter)
-    if block > ONE_PASS_MAX:
-        return per_token_quant_fp8(_act_and_mul(x, gelu_tanh))
     q = torch.empty(x.shape[0], inter, dtype=FP8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if x.shape[0]:
+        whole_row = triton.next_power_of_2(inter)
+        one_pass = whole_row <= ONE_PASS_MAX
+        block = whole_row if one_pass else 2048
         _act_and_mul_quant_kernel[(x.shape[0],)](x, q, scale, x.stride(0), q.stride(0), inter, BLOCK=block,
-                                                 GELU_TANH=gelu_tanh, num_warps=row_warps(block), **pdl_args(x))
+                                                 GELU_TANH=gelu_tanh, ONE_PASS=one_pass,
+                                                 num_warps=row_warps(block), **pdl_args(x))
     return q, scale
 
 

@@ -70,8 +70,10 @@ COMPILE = textwrap.dedent(r"""
     cases["RMSNorm into FP8 rows, residual added"] = (_rms_norm_kernel, {
         "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
         dict(ADD_RESIDUAL=True, QUANT_FP8=True, BLOCK=4096))
-    cases["SiLU-and-mul into FP8 rows"] = (_act_and_mul_quant_kernel, {
-        "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, dict(BLOCK=16384, GELU_TANH=False))
+    for one_pass in (False, True):
+        cases[f"SiLU-and-mul into FP8 rows, one_pass={one_pass}"] = (_act_and_mul_quant_kernel, {
+            "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+            dict(BLOCK=16384 if one_pass else 2048, GELU_TANH=False, ONE_PASS=one_pass))
     for norm in (False, True):
         cases[f"FP8 weight-only gemv, norm={norm}"] = (_gemv_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
@@ -114,7 +116,7 @@ COMPILE = textwrap.dedent(r"""
         "out_ptr": "*bf16"}, dict(TOP_K=8, HAS_MAP=True, BLOCK_N=2, BLOCK_K=1024, EVEN_K=False, ADD_RESIDUAL=True))
     for name in ("rotary into a bf16 cache, qk_norm=True", "FP8 quantization, static=False",
                  "FP8 scaled_mm, one row, K tiles in parts", "RMSNorm into FP8 rows, residual added",
-                 "SiLU-and-mul into FP8 rows", "FP8 weight-only gemv, norm=True",
+                 "SiLU-and-mul into FP8 rows, one_pass=True", "FP8 weight-only gemv, norm=True",
                  "INT4 gemv, gated with norm=True, ReduceSite parts=0", "few-token MoE gate/up",
                  "few-token MoE down, residual added"):  # programmatic dependent launch, weights asked into L2
         kernel, pointers, constexprs = cases[name]

@@ -38,7 +38,7 @@ def test_rms_norm_quant_adds_the_residual_in_place_first(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("inter", [48, 2500, 17000])  # in one kernel; 17000: wider than ONE_PASS_MAX, in two
+@pytest.mark.parametrize("inter", [48, 2500, 17000])  # in one pass (48, 2500), or two over ragged blocks
 @pytest.mark.parametrize("gelu_tanh", [False, True])
 def test_act_and_mul_quant_equals_activation_then_quantize(device, dtype, inter, gelu_tanh):
     torch.manual_seed(2)
