@@ -15,14 +15,21 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor: an all-zero row gets a finite scale
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def divide(x: torch.Tensor, divisor: torch.Tensor | float) -> torch.Tensor:
+    """x / divisor as IEEE division rounds it on every device, as the kernels' div_rn: CUDA divides by a Python
+    number (or a CPU scalar) as a multiplication by its reciprocal, 1 ulp off for some quotients, which moves the
+    values that fall halfway between two FP8 values."""
+    return x / torch.as_tensor(divisor, dtype=torch.float32, device=x.device)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x / scale, saturated to the e4m3 range and rounded to FP8; scale broadcasts against x."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return divide(x.float(), scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization: x [M, K] -> (x_q [M, K] FP8, scale [M, 1] float32)."""
-    scale = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = divide(x.float().abs().amax(-1, keepdim=True), FP8_MAX).clamp(min=MIN_SCALE)
     return quantize_fp8(x, scale), scale
 
 
@@ -32,7 +39,7 @@ def per_token_group_quant_fp8_ref(x: torch.Tensor, group: int) -> tuple[torch.Te
     m, k = x.shape
     groups = -(-k // group)
     padded = torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
-    scale = (padded.abs().amax(-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = divide(padded.abs().amax(-1), FP8_MAX).clamp(min=MIN_SCALE)
     return quantize_fp8(x, expand_blocks(scale, 1, group, k)), scale
 
 

@@ -3,7 +3,7 @@ stores x / scale in e4m3 (vLLM's kv_cache_dtype fp8, per-tensor k/v scales)."""
 import torch
 
 from ._triton import next_pow2, pdl_args, tl, triton, use_triton, wait_for_previous_kernel
-from .fp8 import FP8, FP8_MAX, to_fp8
+from .fp8 import FP8, quantize_fp8, to_fp8
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def cache_values(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> tor
     """x as a cache of `cache_dtype` stores it: an FP8 cache holds x / scale, saturated."""
     if cache_dtype != FP8:
         return x
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantize_fp8(x, scale)
 
 
 def cached_values(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
